@@ -1,0 +1,215 @@
+#pragma once
+// The contracts of the four pipeline stages and of experts (DESIGN.md §2). A policy that misses
+// a requirement is reported by the diagnose_* functions: one static_assert naming what to add,
+// instead of a page of template noise (Router and MoELayer fall back to them).
+#include <concepts>
+#include <span>
+#include <string_view>
+#include <utility>
+
+#include "moe/core/tensor.hpp"
+#include "moe/routing.hpp"
+
+namespace moe {
+
+// What a selector reads: the logits, the gate's scores (combine weights come from these) and
+// the values it ranks by (the scores themselves unless the gate ranks differently).
+template <class S>
+struct SelectorInput {
+  MatrixIn<S> logits;
+  MatrixIn<S> scores;
+  MatrixIn<S> rank;
+  const TokenInputs<S>& tokens;
+};
+
+// What a loss term reads.
+template <class S>
+struct LossInput {
+  MatrixIn<S> logits;
+  MatrixIn<S> scores;
+  const SparseRouting<S>& routing;
+  const TokenInputs<S>& tokens;
+};
+
+namespace detail {
+// Stand-in for an optimizer's visitor: (name, parameter, its gradient).
+template <class S>
+struct parameter_probe {
+  void operator()(std::string_view, MatrixOut<S>, MatrixOut<S>) const {}
+};
+
+template <class P>
+concept has_scalar = requires { typename P::scalar_type; } && scalar<typename P::scalar_type>;
+
+template <class P, class S = typename P::scalar_type>
+concept has_parameters = requires(P& p) { p.for_each_parameter(parameter_probe<S>{}); };
+}  // namespace detail
+
+template <class P>
+concept scorer = detail::has_scalar<P> && detail::has_parameters<P> &&
+    requires(P& p, const P& cp, MatrixIn<typename P::scalar_type> in,
+             MatrixOut<typename P::scalar_type> out, const TokenInputs<typename P::scalar_type>& tok) {
+      { cp.input_dim() } -> std::convertible_to<Index>;
+      { cp.num_experts() } -> std::convertible_to<Index>;
+      p.forward(in, tok, out);
+      p.backward(in, tok, in, out);
+    };
+
+template <class P>
+concept gate = detail::has_scalar<P> &&
+    requires(P& p, MatrixIn<typename P::scalar_type> in, MatrixOut<typename P::scalar_type> out) {
+      p.forward(in, out);
+      p.backward(in, in, in, out);
+    };
+
+template <class P>
+concept selector = detail::has_scalar<P> &&
+    requires(P& p, const SelectorInput<typename P::scalar_type>& in,
+             typename P::routing_type& r, std::span<const typename P::scalar_type> dw,
+             MatrixOut<typename P::scalar_type> out) {
+      p.forward(in, r);
+      p.backward(in, std::as_const(r), dw, out, out);
+    };
+
+template <class P>
+concept loss_term = detail::has_scalar<P> &&
+    requires(const P& p, const LossInput<typename P::scalar_type>& in,
+             MatrixOut<typename P::scalar_type> out) {
+      { p.forward(in) } -> std::convertible_to<typename P::scalar_type>;
+      { p.coefficient() } -> std::convertible_to<typename P::scalar_type>;
+      p.backward(in, out, out);
+    };
+
+template <class P>
+concept experts = detail::has_scalar<P> && detail::has_parameters<P> &&
+    requires(P& p, const P& cp, MatrixIn<typename P::scalar_type> in,
+             MatrixOut<typename P::scalar_type> out, std::span<const Index> offsets) {
+      { cp.num_experts() } -> std::convertible_to<Index>;
+      { cp.input_dim() } -> std::convertible_to<Index>;
+      { cp.output_dim() } -> std::convertible_to<Index>;
+      p.forward(in, offsets, out);
+      p.backward(in, in, out);
+    };
+
+// ---- diagnosis: the first missing requirement, in words -----------------------------------
+
+namespace detail {
+template <class P>
+consteval bool diagnose_scalar() {
+  static_assert(requires { typename P::scalar_type; },
+                "moe policy: add `using scalar_type = float;` (or double) to the policy");
+  if constexpr (requires { typename P::scalar_type; })
+    static_assert(scalar<typename P::scalar_type>,
+                  "moe policy: `scalar_type` must be float or double");
+  return has_scalar<P>;
+}
+
+template <class P>
+consteval bool diagnose_parameters() {
+  static_assert(has_parameters<P>,
+                "moe policy: add `template <class F> void for_each_parameter(F&& visit)` calling "
+                "visit(name, parameter, gradient) for each parameter (an empty body if none)");
+  return true;
+}
+}  // namespace detail
+
+template <class P>
+consteval bool diagnose_scorer() {
+  if constexpr (detail::diagnose_scalar<P>()) {
+    using S = typename P::scalar_type;
+    static_assert(requires(const P& p) { { p.input_dim() } -> std::convertible_to<Index>; },
+                  "moe::scorer: add `Index input_dim() const`");
+    static_assert(requires(const P& p) { { p.num_experts() } -> std::convertible_to<Index>; },
+                  "moe::scorer: add `Index num_experts() const`");
+    static_assert(requires(P& p, MatrixIn<S> x, const TokenInputs<S>& tok, MatrixOut<S> l) {
+                    p.forward(x, tok, l);
+                  },
+                  "moe::scorer: add `void forward(MatrixIn<S> x, const TokenInputs<S>&, "
+                  "MatrixOut<S> logits)`");
+    static_assert(requires(P& p, MatrixIn<S> x, const TokenInputs<S>& tok, MatrixOut<S> dx) {
+                    p.backward(x, tok, x, dx);
+                  },
+                  "moe::scorer: add `void backward(MatrixIn<S> x, const TokenInputs<S>&, "
+                  "MatrixIn<S> dlogits, MatrixOut<S> dx)`");
+    detail::diagnose_parameters<P>();
+  }
+  return scorer<P>;
+}
+
+template <class P>
+consteval bool diagnose_gate() {
+  if constexpr (detail::diagnose_scalar<P>()) {
+    using S = typename P::scalar_type;
+    static_assert(requires(P& p, MatrixIn<S> l, MatrixOut<S> s) { p.forward(l, s); },
+                  "moe::gate: add `void forward(MatrixIn<S> logits, MatrixOut<S> scores)`");
+    static_assert(requires(P& p, MatrixIn<S> in, MatrixOut<S> dl) { p.backward(in, in, in, dl); },
+                  "moe::gate: add `void backward(MatrixIn<S> logits, MatrixIn<S> scores, "
+                  "MatrixIn<S> dscores, MatrixOut<S> dlogits)` (adds into dlogits)");
+  }
+  return gate<P>;
+}
+
+template <class P>
+consteval bool diagnose_selector() {
+  if constexpr (detail::diagnose_scalar<P>()) {
+    using S = typename P::scalar_type;
+    static_assert(requires { typename P::routing_type; },
+                  "moe::selector: add `using routing_type = SparseRouting<S>;`");
+    if constexpr (requires { typename P::routing_type; }) {
+      using R = typename P::routing_type;
+      static_assert(requires(P& p, const SelectorInput<S>& in, R& r) { p.forward(in, r); },
+                    "moe::selector: add `void forward(const SelectorInput<S>&, routing_type&)`");
+      static_assert(requires(P& p, const SelectorInput<S>& in, const R& r, std::span<const S> dw,
+                             MatrixOut<S> d) { p.backward(in, r, dw, d, d); },
+                    "moe::selector: add `void backward(const SelectorInput<S>&, const "
+                    "routing_type&, std::span<const S> dslot_weight, MatrixOut<S> dscores, "
+                    "MatrixOut<S> dlogits)` (adds into dscores and dlogits)");
+    }
+  }
+  return selector<P>;
+}
+
+template <class P>
+consteval bool diagnose_loss_term() {
+  if constexpr (detail::diagnose_scalar<P>()) {
+    using S = typename P::scalar_type;
+    static_assert(requires(const P& p, const LossInput<S>& in) {
+                    { p.forward(in) } -> std::convertible_to<S>;
+                  },
+                  "moe::loss_term: add `S forward(const LossInput<S>&) const` returning the "
+                  "loss value");
+    static_assert(requires(const P& p) { { p.coefficient() } -> std::convertible_to<S>; },
+                  "moe::loss_term: add `S coefficient() const` (the weight used in backward)");
+    static_assert(requires(const P& p, const LossInput<S>& in, MatrixOut<S> d) {
+                    p.backward(in, d, d);
+                  },
+                  "moe::loss_term: add `void backward(const LossInput<S>&, MatrixOut<S> "
+                  "dlogits, MatrixOut<S> dscores) const` (adds coefficient * gradient)");
+  }
+  return loss_term<P>;
+}
+
+template <class P>
+consteval bool diagnose_experts() {
+  if constexpr (detail::diagnose_scalar<P>()) {
+    using S = typename P::scalar_type;
+    static_assert(requires(const P& p) { { p.num_experts() } -> std::convertible_to<Index>; },
+                  "moe::experts: add `Index num_experts() const`");
+    static_assert(requires(const P& p) { { p.input_dim() } -> std::convertible_to<Index>; },
+                  "moe::experts: add `Index input_dim() const`");
+    static_assert(requires(const P& p) { { p.output_dim() } -> std::convertible_to<Index>; },
+                  "moe::experts: add `Index output_dim() const`");
+    static_assert(requires(P& p, MatrixIn<S> x, std::span<const Index> off, MatrixOut<S> y) {
+                    p.forward(x, off, y);
+                  },
+                  "moe::experts: add `void forward(MatrixIn<S> blocks, std::span<const Index> "
+                  "expert_offsets, MatrixOut<S> out_blocks)`");
+    static_assert(requires(P& p, MatrixIn<S> x, MatrixOut<S> dx) { p.backward(x, x, dx); },
+                  "moe::experts: add `void backward(MatrixIn<S> blocks, MatrixIn<S> dout_blocks, "
+                  "MatrixOut<S> dblocks)` (accumulates parameter gradients)");
+    detail::diagnose_parameters<P>();
+  }
+  return experts<P>;
+}
+
+}  // namespace moe

@@ -1,0 +1,40 @@
+#pragma once
+// Tensor aliases (DESIGN.md §1): a routing group is a row-major [T, D] matrix, one token a row.
+#include <Eigen/Core>
+#include <concepts>
+#include <cstdint>
+#include <span>
+
+namespace moe {
+
+using Index = Eigen::Index;
+
+template <class S>
+using Matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class S>
+using Vector = Eigen::Matrix<S, Eigen::Dynamic, 1>;
+
+// Views: inputs are read through MatrixIn, outputs written through MatrixOut. Both accept a
+// moe::Matrix, a block of one, or an Eigen::Map over a user buffer without copying.
+template <class S>
+using MatrixIn = Eigen::Ref<const Matrix<S>>;
+template <class S>
+using MatrixOut = Eigen::Ref<Matrix<S>>;
+
+template <class S>
+concept scalar = std::same_as<S, float> || std::same_as<S, double>;
+
+// Optional per-token inputs that travel with a batch (DESIGN.md §1). Empty spans mean "absent".
+template <class S>
+struct TokenInputs {
+  // 1 = a real token, 0 = padding: never routed, never counted in capacity or in a loss.
+  std::span<const std::uint8_t> valid{};
+  // Which sequence / task each token belongs to (sequence-level losses, task routers).
+  std::span<const std::int32_t> segment{};
+  // Caller-provided random draws, row-major [T, E] (noisy gates, random capacity order).
+  std::span<const S> noise{};
+
+  bool is_valid(Index t) const { return valid.empty() || valid[static_cast<std::size_t>(t)] != 0; }
+};
+
+}  // namespace moe

@@ -1,0 +1,48 @@
+#pragma once
+// Checks shared by every public entry point, run before anything is written (DESIGN.md §7).
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <string_view>
+
+#include "moe/core/tensor.hpp"
+#include "moe/errors.hpp"
+
+namespace moe::detail {
+
+// The shapes a matrix argument must have.
+template <class M>
+void check_shape(std::string_view where, std::string_view name, const M& m, Index rows, Index cols) {
+  if (m.rows() == rows && m.cols() == cols) return;
+  std::ostringstream value, rule;
+  value << "[" << m.rows() << " x " << m.cols() << "]";
+  rule << "shape [" << rows << " x " << cols << "]";
+  fail<shape_error>(where, name, value.str(), rule.str());
+}
+
+// Optional per-token inputs: each either absent or one entry per token.
+template <class S>
+void check_tokens(std::string_view where, const TokenInputs<S>& in, Index tokens, Index experts) {
+  const auto check = [&](std::string_view name, std::size_t size, Index want) {
+    if (size != 0 && Index(size) != want)
+      fail<shape_error>(where, name, size, "length 0 (absent) or " + std::to_string(want));
+  };
+  check("tokens.valid", in.valid.size(), tokens);
+  check("tokens.segment", in.segment.size(), tokens);
+  check("tokens.noise", in.noise.size(), tokens * experts);
+}
+
+// NaN or Inf in a matrix the routing depends on.
+template <class S>
+void check_finite(std::string_view where, std::string_view name, MatrixIn<S> m) {
+  if (m.allFinite()) return;
+  for (Index t = 0; t < m.rows(); ++t)
+    for (Index e = 0; e < m.cols(); ++e)
+      if (!std::isfinite(m(t, e))) {
+        std::ostringstream value;
+        value << m(t, e) << " at (" << t << ", " << e << ")";
+        fail<value_error>(where, name, value.str(), "every entry finite (no NaN or Inf)");
+      }
+}
+
+}  // namespace moe::detail

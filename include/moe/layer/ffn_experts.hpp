@@ -1,0 +1,106 @@
+#pragma once
+// E feed-forward experts y = act(x W1_e) W2_e (Switch/GShard FFN, no biases as in T5/Mixtral),
+// run as one GEMM per expert on the expert's contiguous block of dispatched rows.
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "moe/core/gemm.hpp"
+#include "moe/core/rng.hpp"
+#include "moe/core/tensor.hpp"
+#include "moe/core/workspace.hpp"
+#include "moe/errors.hpp"
+#include "moe/layer/activation.hpp"
+
+namespace moe {
+
+namespace detail {
+// Weights drawn from N(0, 1/fan_in) by the counter-based generator: `lane` separates matrices.
+template <class S>
+void init_normal(Matrix<S>& m, Index fan_in, std::uint64_t seed, std::uint64_t lane) {
+  const CounterRng rng(seed, lane);
+  const double std_dev = 1.0 / std::sqrt(double(fan_in));
+  for (Index i = 0; i < m.rows(); ++i)
+    for (Index j = 0; j < m.cols(); ++j) m(i, j) = S(std_dev * rng.normal(i, j));
+}
+
+inline void check_expert_dims(std::string_view where, Index experts, Index dim, Index hidden) {
+  require<config_error>(experts >= 1, where, "num_experts", experts, "num_experts >= 1");
+  require<config_error>(dim >= 1, where, "dim", dim, "dim >= 1");
+  require<config_error>(hidden >= 1, where, "hidden", hidden, "hidden >= 1");
+}
+}  // namespace detail
+
+template <scalar S>
+class FFNExperts {
+public:
+  using scalar_type = S;
+
+  FFNExperts(Index num_experts, Index dim, Index hidden, Activation act = Activation::gelu,
+             std::uint64_t seed = 1)
+      : experts_(num_experts), dim_(dim), hidden_(hidden), act_(act) {
+    detail::check_expert_dims("FFNExperts", num_experts, dim, hidden);
+    w1_.resize(num_experts * dim, hidden);
+    w2_.resize(num_experts * hidden, dim);
+    detail::init_normal(w1_, dim, seed, 1);
+    detail::init_normal(w2_, hidden, seed, 2);
+    w1_grad_.setZero(w1_.rows(), w1_.cols());
+    w2_grad_.setZero(w2_.rows(), w2_.cols());
+  }
+
+  Index num_experts() const { return experts_; }
+  Index input_dim() const { return dim_; }
+  Index output_dim() const { return dim_; }
+  Index hidden_dim() const { return hidden_; }
+  auto w1(Index e) { return w1_.middleRows(e * dim_, dim_); }     // [D, H]
+  auto w2(Index e) { return w2_.middleRows(e * hidden_, hidden_); }  // [H, D]
+
+  void forward(MatrixIn<S> x, std::span<const Index> offsets, MatrixOut<S> y) {
+    offsets_.assign(offsets.begin(), offsets.end());
+    fit(pre_, x.rows(), hidden_);
+    fit(act_out_, x.rows(), hidden_);
+    for (Index e = 0; e < experts_; ++e) {
+      const Index lo = offsets[e], n = offsets[e + 1] - lo;
+      if (n == 0) continue;
+      gemm_.run(x.middleRows(lo, n), w1(e), pre_.middleRows(lo, n));
+      act_out_.middleRows(lo, n) =
+          pre_.middleRows(lo, n).unaryExpr([a = act_](S v) { return detail::activate(a, v); });
+      gemm_.run(act_out_.middleRows(lo, n), w2(e), y.middleRows(lo, n));
+    }
+  }
+
+  void backward(MatrixIn<S> x, MatrixIn<S> dy, MatrixOut<S> dx) {
+    fit(dpre_, x.rows(), hidden_);
+    for (Index e = 0; e < experts_; ++e) {
+      const Index lo = offsets_[e], n = offsets_[e + 1] - lo;
+      if (n == 0) continue;
+      auto dpre = dpre_.middleRows(lo, n);
+      gemm_.template run<true, false>(act_out_.middleRows(lo, n), dy.middleRows(lo, n),
+                                      w2_grad_.middleRows(e * hidden_, hidden_), S(1), true);
+      gemm_.template run<false, true>(dy.middleRows(lo, n), w2(e), dpre);
+      dpre.array() *= pre_.middleRows(lo, n).unaryExpr([a = act_](S v) {
+        return detail::activate_grad(a, v);
+      }).array();
+      gemm_.template run<true, false>(x.middleRows(lo, n), dpre,
+                                      w1_grad_.middleRows(e * dim_, dim_), S(1), true);
+      gemm_.template run<false, true>(dpre, w1(e), dx.middleRows(lo, n));
+    }
+  }
+
+  template <class F>
+  void for_each_parameter(F&& visit) {
+    visit(std::string_view("experts.w1"), MatrixOut<S>(w1_), MatrixOut<S>(w1_grad_));
+    visit(std::string_view("experts.w2"), MatrixOut<S>(w2_), MatrixOut<S>(w2_grad_));
+  }
+
+private:
+  Index experts_, dim_, hidden_;
+  Activation act_;
+  Matrix<S> w1_, w2_, w1_grad_, w2_grad_;
+  // saved by forward for backward, and scratch
+  std::vector<Index> offsets_;
+  Matrix<S> pre_, act_out_, dpre_;
+  Gemm<S> gemm_;
+};
+
+}  // namespace moe

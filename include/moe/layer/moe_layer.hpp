@@ -1,0 +1,141 @@
+#pragma once
+// moe::MoELayer<Router, Experts, Shared> (DESIGN.md §4): route, dispatch each expert's tokens
+// into one contiguous block, one GEMM per block, combine the weighted rows back per token; an
+// optional shared expert sees every token. Backward runs the same arrows in reverse.
+#include <array>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "moe/concepts.hpp"
+#include "moe/core/validate.hpp"
+#include "moe/core/workspace.hpp"
+#include "moe/kernels/dispatch.hpp"
+
+namespace moe {
+
+// The default third argument: no shared expert.
+struct NoSharedExpert {};
+
+template <class Router, class Experts, class Shared = NoSharedExpert>
+class MoELayer {
+  static_assert(diagnose_experts<Experts>(), "moe::MoELayer: see the error above for what to add");
+};
+
+template <class Router, class Experts, class Shared>
+  requires experts<Experts> && (std::same_as<Shared, NoSharedExpert> || experts<Shared>) &&
+           std::same_as<typename Router::scalar_type, typename Experts::scalar_type>
+class MoELayer<Router, Experts, Shared> {
+public:
+  using scalar_type = typename Router::scalar_type;
+  using S = scalar_type;
+  static constexpr bool has_shared = !std::same_as<Shared, NoSharedExpert>;
+
+  MoELayer(Router router, Experts experts, Shared shared = {})
+      : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)) {
+    constexpr std::string_view where = "MoELayer";
+    detail::require<shape_error>(experts_.num_experts() == router_.num_experts(), where,
+                                 "experts.num_experts", experts_.num_experts(),
+                                 "equal to the router's number of experts (" +
+                                     std::to_string(router_.num_experts()) + ")");
+    detail::require<shape_error>(experts_.input_dim() == router_.input_dim(), where,
+                                 "experts.input_dim", experts_.input_dim(),
+                                 "equal to the router's input width (" +
+                                     std::to_string(router_.input_dim()) + ")");
+    if constexpr (has_shared) {
+      detail::require<shape_error>(shared_.num_experts() == 1, where, "shared.num_experts",
+                                   shared_.num_experts(), "a shared expert is one expert");
+      detail::require<shape_error>(shared_.input_dim() == input_dim() &&
+                                       shared_.output_dim() == output_dim(),
+                                   where, "shared.input_dim", shared_.input_dim(),
+                                   "the shared expert has the routed experts' widths");
+    }
+  }
+
+  Index input_dim() const { return router_.input_dim(); }
+  Index output_dim() const { return experts_.output_dim(); }
+
+  // y [T, D_out] = sum of the weighted expert outputs (+ the shared expert). `tokens` is copied,
+  // so its buffers need not outlive the call. On a bad argument nothing is written.
+  void forward(MatrixIn<S> x, MatrixOut<S> y, const TokenInputs<S>& tokens = {}) {
+    constexpr std::string_view where = "MoELayer::forward";
+    detail::check_shape(where, "x", x, x.rows(), input_dim());
+    detail::check_shape(where, "y", y, x.rows(), output_dim());
+    const auto& r = router_.forward(x, tokens);  // validates tokens and logits
+    keep_tokens(tokens);
+    fit(x_, x.rows(), x.cols());
+    x_ = x;
+    fit(blocks_in_, r.num_slots(), input_dim());
+    fit(blocks_out_, r.num_slots(), output_dim());
+    kernels::gather_rows<S>(x, r.slot_token, blocks_in_);
+    experts_.forward(blocks_in_, r.expert_offsets, blocks_out_);
+    kernels::combine_rows<S>(r, r.slot_weight, blocks_out_, y, false);
+    if constexpr (has_shared) {
+      fit(shared_out_, x.rows(), output_dim());
+      all_tokens_ = {0, x.rows()};
+      shared_.forward(x, all_tokens_, shared_out_);
+      y += shared_out_;
+    }
+  }
+
+  // dy [T, D_out] -> dx [T, D]; adds every parameter's gradient. Uses the last forward's state.
+  void backward(MatrixIn<S> dy, MatrixOut<S> dx) {
+    constexpr std::string_view where = "MoELayer::backward";
+    detail::check_shape(where, "dy", dy, x_.rows(), output_dim());
+    detail::check_shape(where, "dx", dx, x_.rows(), input_dim());
+    const auto& r = router_.routing();
+    // d(expert outputs) = w_s dy_t, d(w_s) = <dy_t, expert output s>
+    fit(dblocks_out_, r.num_slots(), output_dim());
+    kernels::gather_rows<S>(dy, r.slot_token, dblocks_out_, r.slot_weight);
+    fit(dslot_weight_, r.num_slots());
+    for (Index s = 0; s < r.num_slots(); ++s)
+      dslot_weight_[s] = r.slot_token[s] < 0 ? S(0) : dy.row(r.slot_token[s]).dot(blocks_out_.row(s));
+    fit(dblocks_in_, r.num_slots(), input_dim());
+    experts_.backward(blocks_in_, dblocks_out_, dblocks_in_);
+    router_.backward(x_, tokens_view(), dslot_weight_, dx);
+    kernels::combine_rows<S>(r, {}, dblocks_in_, dx, true);
+    if constexpr (has_shared) {
+      fit(dshared_in_, x_.rows(), input_dim());
+      shared_.backward(x_, dy, dshared_in_);
+      dx += dshared_in_;
+    }
+  }
+
+  // Router, expert and shared-expert parameters with their gradients, for an optimizer.
+  template <class F>
+  void for_each_parameter(F&& visit) {
+    router_.for_each_parameter(visit);
+    experts_.for_each_parameter(visit);
+    if constexpr (has_shared) shared_.for_each_parameter(visit);
+  }
+
+  Router& router() { return router_; }
+  Experts& experts() { return experts_; }
+  Shared& shared_expert() requires has_shared { return shared_; }
+  const auto& routing() const { return router_.routing(); }
+
+private:
+  void keep_tokens(const TokenInputs<S>& t) {
+    valid_.assign(t.valid.begin(), t.valid.end());
+    segment_.assign(t.segment.begin(), t.segment.end());
+    noise_.assign(t.noise.begin(), t.noise.end());
+  }
+  TokenInputs<S> tokens_view() const { return {valid_, segment_, noise_}; }
+
+  Router router_;
+  Experts experts_;
+  [[no_unique_address]] Shared shared_;
+  // state of the last forward, and scratch
+  Matrix<S> x_, blocks_in_, blocks_out_, dblocks_out_, dblocks_in_, shared_out_, dshared_in_;
+  std::vector<S> dslot_weight_, noise_;
+  std::vector<std::uint8_t> valid_;
+  std::vector<std::int32_t> segment_;
+  std::array<Index, 2> all_tokens_{};
+};
+
+template <class Router, class Experts>
+MoELayer(Router, Experts) -> MoELayer<Router, Experts>;
+template <class Router, class Experts, class Shared>
+MoELayer(Router, Experts, Shared) -> MoELayer<Router, Experts, Shared>;
+
+}  // namespace moe

@@ -1,0 +1,95 @@
+#pragma once
+// E SwiGLU experts y = (silu(x Wg_e) * (x Wu_e)) Wd_e (Shazeer 2020; Mixtral, DeepSeek), one
+// GEMM per projection on each expert's contiguous block.
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "moe/layer/ffn_experts.hpp"
+
+namespace moe {
+
+template <scalar S>
+class SwiGLUExperts {
+public:
+  using scalar_type = S;
+
+  SwiGLUExperts(Index num_experts, Index dim, Index hidden, std::uint64_t seed = 1)
+      : experts_(num_experts), dim_(dim), hidden_(hidden) {
+    detail::check_expert_dims("SwiGLUExperts", num_experts, dim, hidden);
+    wg_.resize(num_experts * dim, hidden);
+    wu_.resize(num_experts * dim, hidden);
+    wd_.resize(num_experts * hidden, dim);
+    detail::init_normal(wg_, dim, seed, 1);
+    detail::init_normal(wu_, dim, seed, 2);
+    detail::init_normal(wd_, hidden, seed, 3);
+    wg_grad_.setZero(wg_.rows(), wg_.cols());
+    wu_grad_.setZero(wu_.rows(), wu_.cols());
+    wd_grad_.setZero(wd_.rows(), wd_.cols());
+  }
+
+  Index num_experts() const { return experts_; }
+  Index input_dim() const { return dim_; }
+  Index output_dim() const { return dim_; }
+  Index hidden_dim() const { return hidden_; }
+
+  void forward(MatrixIn<S> x, std::span<const Index> offsets, MatrixOut<S> y) {
+    offsets_.assign(offsets.begin(), offsets.end());
+    fit(g_, x.rows(), hidden_);
+    fit(u_, x.rows(), hidden_);
+    fit(h_, x.rows(), hidden_);
+    for (Index e = 0; e < experts_; ++e) {
+      const Index lo = offsets[e], n = offsets[e + 1] - lo;
+      if (n == 0) continue;
+      gemm_.run(x.middleRows(lo, n), in_block(wg_, e), g_.middleRows(lo, n));
+      gemm_.run(x.middleRows(lo, n), in_block(wu_, e), u_.middleRows(lo, n));
+      h_.middleRows(lo, n).array() =
+          g_.middleRows(lo, n).unaryExpr([](S v) { return v * detail::sigmoid(v); }).array() *
+          u_.middleRows(lo, n).array();
+      gemm_.run(h_.middleRows(lo, n), out_block(wd_, e), y.middleRows(lo, n));
+    }
+  }
+
+  void backward(MatrixIn<S> x, MatrixIn<S> dy, MatrixOut<S> dx) {
+    fit(dg_, x.rows(), hidden_);
+    fit(du_, x.rows(), hidden_);
+    for (Index e = 0; e < experts_; ++e) {
+      const Index lo = offsets_[e], n = offsets_[e + 1] - lo;
+      if (n == 0) continue;
+      auto dh = dg_.middleRows(lo, n);  // holds dh, then dg in place
+      auto du = du_.middleRows(lo, n);
+      gemm_.template run<true, false>(h_.middleRows(lo, n), dy.middleRows(lo, n),
+                                      out_block(wd_grad_, e), S(1), true);
+      gemm_.template run<false, true>(dy.middleRows(lo, n), out_block(wd_, e), dh);
+      for (Index i = 0; i < n; ++i)
+        for (Index j = 0; j < hidden_; ++j) {
+          const S g = g_(lo + i, j), sig = detail::sigmoid(g);
+          du(i, j) = dh(i, j) * g * sig;                                   // d/du
+          dh(i, j) *= u_(lo + i, j) * sig * (S(1) + g * (S(1) - sig));     // d/dg: silu'(g) u
+        }
+      gemm_.template run<true, false>(x.middleRows(lo, n), dh, in_block(wg_grad_, e), S(1), true);
+      gemm_.template run<true, false>(x.middleRows(lo, n), du, in_block(wu_grad_, e), S(1), true);
+      gemm_.template run<false, true>(dh, in_block(wg_, e), dx.middleRows(lo, n));
+      gemm_.template run<false, true>(du, in_block(wu_, e), dx.middleRows(lo, n), S(1), true);
+    }
+  }
+
+  template <class F>
+  void for_each_parameter(F&& visit) {
+    visit(std::string_view("experts.w_gate"), MatrixOut<S>(wg_), MatrixOut<S>(wg_grad_));
+    visit(std::string_view("experts.w_up"), MatrixOut<S>(wu_), MatrixOut<S>(wu_grad_));
+    visit(std::string_view("experts.w_down"), MatrixOut<S>(wd_), MatrixOut<S>(wd_grad_));
+  }
+
+private:
+  auto in_block(Matrix<S>& m, Index e) { return m.middleRows(e * dim_, dim_); }      // [D, H]
+  auto out_block(Matrix<S>& m, Index e) { return m.middleRows(e * hidden_, hidden_); }  // [H, D]
+
+  Index experts_, dim_, hidden_;
+  Matrix<S> wg_, wu_, wd_, wg_grad_, wu_grad_, wd_grad_;
+  std::vector<Index> offsets_;
+  Matrix<S> g_, u_, h_, dg_, du_;
+  Gemm<S> gemm_;
+};
+
+}  // namespace moe

@@ -1,0 +1,86 @@
+#pragma once
+// Load-balancing auxiliary loss, L = c * sum_e f_e P_e (ROUTERS.md §1.5). f_e is the fraction of
+// routed (token, choice) pairs that chose expert e before capacity dropping, P_e the mean gate
+// score of e; the references differ only in which choices count and how they normalise, so each
+// is a named variant. Padding tokens count nowhere. Gradient flows through P only.
+#include <algorithm>
+#include <vector>
+
+#include "moe/concepts.hpp"
+#include "moe/core/workspace.hpp"
+#include "moe/errors.hpp"
+
+namespace moe {
+
+enum class BalanceNorm {
+  switch_top1,     // E * sum f P, f from first choices (Switch, DeepSpeed top-1/top-2, fairseq,
+                   // vmoe _gshard_auxiliary_loss): 1 at perfect balance
+  topk_mean,       // (E/k) * sum f P, f from all k choices (DeepSpeed top-k): 1 at balance
+  megatron,        // E * sum f P, f = count / (k T) (Megatron switch_load_balancing): 1
+  flaxformer,      // E * sum f P, f from all k choices, not divided by k (flaxformer, HF
+                   // Mixtral): k at balance
+  fastmoe_balance, // E * sum f P with f = count/(T k), P = sum g/(T k) (HyperRouter/VQMoE): 1/k
+};
+
+template <scalar S>
+class LoadBalanceLoss {
+public:
+  using scalar_type = S;
+
+  explicit LoadBalanceLoss(BalanceNorm norm = BalanceNorm::switch_top1, S coefficient = S(1e-2))
+      : norm_(norm), coefficient_(coefficient) {
+    detail::require<config_error>(coefficient >= 0, "LoadBalanceLoss", "coefficient", coefficient,
+                                  "coefficient >= 0");
+  }
+
+  BalanceNorm norm() const { return norm_; }
+  S coefficient() const { return coefficient_; }
+
+  S forward(const LossInput<S>& in) const {
+    const auto [f, p_scale] = fractions(in);
+    S value = 0;
+    for (Index e = 0; e < in.scores.cols(); ++e) {
+      S p = 0;
+      for (Index t = 0; t < in.scores.rows(); ++t)
+        if (in.tokens.is_valid(t)) p += in.scores(t, e);
+      value += f[e] * p * p_scale;
+    }
+    return value;
+  }
+
+  // dL/dscores[t, e] = c * f_e * p_scale for every real token t.
+  void backward(const LossInput<S>& in, MatrixOut<S>, MatrixOut<S> dscores) const {
+    const auto [f, p_scale] = fractions(in);
+    for (Index t = 0; t < in.scores.rows(); ++t)
+      if (in.tokens.is_valid(t))
+        for (Index e = 0; e < in.scores.cols(); ++e) dscores(t, e) += coefficient_ * f[e] * p_scale;
+  }
+
+private:
+  // E-scaled f_e (into f_) and the factor that turns sum_t g[t, e] into P_e.
+  std::pair<const std::vector<S>&, S> fractions(const LossInput<S>& in) const {
+    const auto& r = in.routing;
+    const Index experts = in.scores.cols();
+    const S tokens = S(std::max<Index>(r.num_valid_tokens, 1));  // all padded: no division by 0
+    const S k = r.num_valid_tokens > 0 ? S(r.num_choices()) / S(r.num_valid_tokens) : S(1);
+    fit(f_, experts);
+    std::fill(f_.begin(), f_.end(), S(0));
+    const bool first_only = norm_ == BalanceNorm::switch_top1;
+    for (Index t = 0; t < r.num_tokens; ++t) {
+      const Index lo = r.token_offsets[t], hi = first_only ? std::min(lo + 1, r.token_offsets[t + 1])
+                                                           : r.token_offsets[t + 1];
+      for (Index c = lo; c < hi; ++c) f_[r.choice_expert[c]] += S(1);
+    }
+    S f_scale = S(experts) / tokens, p_scale = S(1) / tokens;
+    if (norm_ == BalanceNorm::topk_mean || norm_ == BalanceNorm::megatron) f_scale /= k;
+    if (norm_ == BalanceNorm::fastmoe_balance) f_scale /= k, p_scale /= k;
+    for (auto& v : f_) v *= f_scale;
+    return {f_, p_scale};
+  }
+
+  BalanceNorm norm_;
+  S coefficient_;
+  mutable std::vector<S> f_;  // scratch
+};
+
+}  // namespace moe

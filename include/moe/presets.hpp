@@ -1,0 +1,78 @@
+#pragma once
+// Named routers (DESIGN.md §2): each preset is an alias of moe::Router plus a make_ function
+// that fills in the reference's defaults (ROUTERS.md §1). Nothing here is a new class.
+#include "moe/gates/softmax.hpp"
+#include "moe/losses/load_balance.hpp"
+#include "moe/losses/z_loss.hpp"
+#include "moe/router.hpp"
+#include "moe/scorers/linear.hpp"
+#include "moe/selectors/top_k.hpp"
+
+namespace moe {
+
+// Switch Transformer (Fedus et al. 2021): top-1, raw softmax weight, capacity ceil(cf T/E),
+// first-come slots, Switch load-balancing loss (alpha 1e-2), router init scale 0.1.
+template <scalar S>
+using SwitchRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S, 1>, LoadBalanceLoss<S>>;
+
+// GShard (Lepikhin et al. 2020) top-2 with the deterministic second expert (fairseq policy
+// 'all'): capacity ceil(2 cf T/E), all first choices before any second one, weights
+// renormalised over the surviving choices (fairseq default), loss from first choices.
+template <scalar S>
+using GShardRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S, 2>, LoadBalanceLoss<S>>;
+
+// Generic dropless top-k as in Mixtral: softmax over the k kept logits, Megatron-normalised
+// load-balancing loss (1e-2) and router z-loss (1e-3, ST-MoE).
+template <scalar S>
+using TopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>, ZLoss<S>>;
+
+// DeepSpeed `topkgating`: capacity max(ceil(k cf T/E), 8), overflow by weight, token-order
+// slots, weights renormalised over the survivors, loss (E/k) sum f P over all choices.
+// (DeepSpeed ranks overflow by the raw logit; we rank by the combine weight, its intent.)
+template <scalar S>
+using DeepSpeedTopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>>;
+
+template <scalar S>
+SwitchRouter<S> make_switch_router(Index dim, Index experts, double capacity_factor = 1.25,
+                                   std::uint64_t seed = 0) {
+  return {LinearScorer<S>(dim, experts, {.bias = false, .init_scale = 0.1, .seed = seed}),
+          SoftmaxGate<S>{},
+          TopKSelector<S, 1>({.weighting = Weighting::raw,
+                              .capacity = {.factor = capacity_factor,
+                                           .overflow = OverflowOrder::rank_major,
+                                           .slot_order = SlotOrder::priority}}),
+          LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2))};
+}
+
+template <scalar S>
+GShardRouter<S> make_gshard_router(Index dim, Index experts, double capacity_factor = 1.0,
+                                   std::uint64_t seed = 0) {
+  return {LinearScorer<S>(dim, experts, {.seed = seed}), SoftmaxGate<S>{},
+          TopKSelector<S, 2>({.weighting = Weighting::renormalize_after_drop,
+                              .capacity = {.factor = capacity_factor,
+                                           .overflow = OverflowOrder::rank_major,
+                                           .slot_order = SlotOrder::priority}}),
+          LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2))};
+}
+
+template <scalar S>
+TopKRouter<S> make_topk_router(Index dim, Index experts, Index k = 2, std::uint64_t seed = 0) {
+  return {LinearScorer<S>(dim, experts, {.seed = seed}), SoftmaxGate<S>{},
+          TopKSelector<S>(k, {.weighting = Weighting::softmax_of_kept_logits}),
+          LoadBalanceLoss<S>(BalanceNorm::megatron, S(1e-2)), ZLoss<S>(S(1e-3))};
+}
+
+template <scalar S>
+DeepSpeedTopKRouter<S> make_deepspeed_topk_router(Index dim, Index experts, Index k = 2,
+                                                  double capacity_factor = 1.0,
+                                                  Index min_capacity = 8, std::uint64_t seed = 0) {
+  return {LinearScorer<S>(dim, experts, {.seed = seed}), SoftmaxGate<S>{},
+          TopKSelector<S>(k, {.weighting = Weighting::renormalize_after_drop,
+                              .capacity = {.factor = capacity_factor,
+                                           .minimum = min_capacity,
+                                           .overflow = OverflowOrder::by_weight,
+                                           .slot_order = SlotOrder::token}}),
+          LoadBalanceLoss<S>(BalanceNorm::topk_mean, S(1e-2))};
+}
+
+}  // namespace moe

@@ -1,0 +1,145 @@
+#pragma once
+// moe::Router<Scorer, Gate, Selector, Losses...> (DESIGN.md §2): the composition of the four
+// stages, forward and backward. A policy that does not model its stage's concept selects the
+// diagnosing primary template below, which names the missing member in one static_assert.
+#include <array>
+#include <span>
+#include <tuple>
+
+#include "moe/concepts.hpp"
+#include "moe/core/validate.hpp"
+#include "moe/core/workspace.hpp"
+
+namespace moe {
+
+// Diagnosing fallback: only reached when some policy misses a requirement.
+template <class Scorer, class Gate, class Selector, class... Losses>
+class Router {
+  static_assert(diagnose_scorer<Scorer>() && diagnose_gate<Gate>() &&
+                    diagnose_selector<Selector>() && (diagnose_loss_term<Losses>() && ...),
+                "moe::Router: see the first error above for what to add");
+  static_assert(!(scorer<Scorer> && gate<Gate> && selector<Selector> && (loss_term<Losses> && ...)),
+                "moe::Router: the scorer, gate, selector and losses must share one scalar_type");
+};
+
+template <class Scorer, class Gate, class Selector, class... Losses>
+concept router_parts =
+    scorer<Scorer> && gate<Gate> && selector<Selector> && (loss_term<Losses> && ...) &&
+    std::same_as<typename Gate::scalar_type, typename Scorer::scalar_type> &&
+    std::same_as<typename Selector::scalar_type, typename Scorer::scalar_type> &&
+    (std::same_as<typename Losses::scalar_type, typename Scorer::scalar_type> && ...);
+
+template <class Scorer, class Gate, class Selector, class... Losses>
+  requires router_parts<Scorer, Gate, Selector, Losses...>
+class Router<Scorer, Gate, Selector, Losses...> {
+public:
+  using scalar_type = typename Scorer::scalar_type;
+  using S = scalar_type;
+  using routing_type = typename Selector::routing_type;
+  static constexpr std::size_t num_losses = sizeof...(Losses);
+
+  Router(Scorer scorer, Gate gate, Selector selector, Losses... losses)
+      : scorer_(std::move(scorer)), gate_(std::move(gate)), selector_(std::move(selector)),
+        losses_(std::move(losses)...) {}
+
+  Index input_dim() const { return scorer_.input_dim(); }
+  Index num_experts() const { return scorer_.num_experts(); }
+
+  // x [T, D] -> routing. Validates everything before the routing is touched; on error the
+  // previous routing and loss values stay as they were.
+  const routing_type& forward(MatrixIn<S> x, const TokenInputs<S>& tokens = {}) {
+    detail::check_shape("Router::forward", "x", x, x.rows(), input_dim());
+    detail::check_tokens("Router::forward", tokens, x.rows(), num_experts());
+    fit(logits_, x.rows(), num_experts());
+    scorer_.forward(x, tokens, logits_);
+    return route_logits(logits_, tokens);
+  }
+
+  // Routing from logits the caller already has ([T, E]); the scorer is skipped.
+  const routing_type& route(MatrixIn<S> logits, const TokenInputs<S>& tokens = {}) {
+    detail::check_shape("Router::route", "logits", logits, logits.rows(), num_experts());
+    detail::check_tokens("Router::route", tokens, logits.rows(), num_experts());
+    fit(logits_, logits.rows(), num_experts());
+    logits_ = logits;
+    return route_logits(logits_, tokens);
+  }
+
+  // Backward from d(loss)/d(slot weight) [num_slots]: adds the router parameters' gradients
+  // (combine path plus coefficient-weighted aux losses) and writes d(loss)/dx into dx [T, D].
+  // Needs the x and tokens of the last forward.
+  void backward(MatrixIn<S> x, const TokenInputs<S>& tokens, std::span<const S> dslot_weight,
+                MatrixOut<S> dx) {
+    backward_logits(tokens, dslot_weight);
+    scorer_.backward(x, tokens, dlogits_, dx);
+  }
+
+  // The same without a scorer: d(loss)/d(logits) of the last forward or route.
+  const Matrix<S>& backward_logits(const TokenInputs<S>& tokens, std::span<const S> dslot_weight) {
+    fit(dscores_, logits_.rows(), logits_.cols());
+    fit(dlogits_, logits_.rows(), logits_.cols());
+    dscores_.setZero();
+    dlogits_.setZero();
+    const SelectorInput<S> sel{logits_, scores_, rank_view(), tokens};
+    selector_.backward(sel, routing_, dslot_weight, dscores_, dlogits_);
+    const LossInput<S> li{logits_, scores_, routing_, tokens};
+    std::apply([&](auto&... l) { (l.backward(li, dlogits_, dscores_), ...); }, losses_);
+    gate_.backward(logits_, scores_, dscores_, dlogits_);
+    return dlogits_;
+  }
+
+  const routing_type& routing() const { return routing_; }
+  const Matrix<S>& logits() const { return logits_; }
+  const Matrix<S>& scores() const { return scores_; }
+  // Raw values of the aux losses of the last forward, in the order of Losses...
+  const std::array<S, num_losses>& loss_values() const { return loss_values_; }
+  // sum of coefficient * value: the term backward differentiates.
+  S aux_loss() const {
+    S sum = 0;
+    std::size_t i = 0;
+    std::apply([&](const auto&... l) { ((sum += l.coefficient() * loss_values_[i++]), ...); }, losses_);
+    return sum;
+  }
+
+  Scorer& scorer() { return scorer_; }
+  Gate& gate() { return gate_; }
+  Selector& selector() { return selector_; }
+  template <std::size_t I>
+  auto& loss() { return std::get<I>(losses_); }
+
+  template <class F>
+  void for_each_parameter(F&& visit) { scorer_.for_each_parameter(visit); }
+
+private:
+  static constexpr bool gate_ranks = requires(Gate& g, MatrixIn<S> in, const TokenInputs<S>& tok,
+                                              MatrixOut<S> out) { g.rank(in, in, tok, out); };
+
+  MatrixIn<S> rank_view() const {
+    if constexpr (gate_ranks) return rank_; else return scores_;
+  }
+
+  const routing_type& route_logits(const Matrix<S>& logits, const TokenInputs<S>& tokens) {
+    detail::check_finite<S>("Router", "logits", logits);
+    fit(scores_, logits.rows(), logits.cols());
+    gate_.forward(logits, scores_);
+    if constexpr (gate_ranks) {
+      fit(rank_, logits.rows(), logits.cols());
+      gate_.rank(logits, scores_, tokens, rank_);
+    }
+    selector_.forward(SelectorInput<S>{logits, scores_, rank_view(), tokens}, routing_);
+    const LossInput<S> li{logits, scores_, routing_, tokens};
+    std::size_t i = 0;
+    std::apply([&](const auto&... l) { ((loss_values_[i++] = l.forward(li)), ...); }, losses_);
+    return routing_;
+  }
+
+  Scorer scorer_;
+  Gate gate_;
+  Selector selector_;
+  std::tuple<Losses...> losses_;
+  // workspace, reused across calls
+  Matrix<S> logits_, scores_, rank_, dscores_, dlogits_;
+  routing_type routing_;
+  std::array<S, num_losses> loss_values_{};
+};
+
+}  // namespace moe

@@ -1,0 +1,73 @@
+#pragma once
+// Linear scorer: logits = x W^T (+ b), W in R^{E x D} (every token-choice router; ROUTERS.md §0).
+// Initialised from N(0, init_scale / D) by the counter-based generator, so a seed fixes it.
+#include <cmath>
+#include <string_view>
+
+#include "moe/core/gemm.hpp"
+#include "moe/core/rng.hpp"
+#include "moe/core/tensor.hpp"
+#include "moe/errors.hpp"
+
+namespace moe {
+
+template <scalar S>
+class LinearScorer {
+public:
+  using scalar_type = S;
+
+  struct Options {
+    bool bias = false;
+    double init_scale = 1.0;  // variance of W is init_scale / D (Switch uses 0.1)
+    std::uint64_t seed = 0;
+  };
+
+  LinearScorer(Index input_dim, Index num_experts) : LinearScorer(input_dim, num_experts, Options{}) {}
+  LinearScorer(Index input_dim, Index num_experts, Options opt)
+      : bias_enabled_(opt.bias) {
+    detail::require<config_error>(input_dim >= 1, "LinearScorer", "input_dim", input_dim, "input_dim >= 1");
+    detail::require<config_error>(num_experts >= 1, "LinearScorer", "num_experts", num_experts,
+                                  "num_experts >= 1 (an empty expert set cannot be routed to)");
+    detail::require<config_error>(opt.init_scale >= 0, "LinearScorer", "init_scale", opt.init_scale,
+                                  "init_scale >= 0");
+    weight_.resize(num_experts, input_dim);
+    const CounterRng rng(opt.seed);
+    const double std_dev = std::sqrt(opt.init_scale / double(input_dim));
+    for (Index e = 0; e < num_experts; ++e)
+      for (Index j = 0; j < input_dim; ++j) weight_(e, j) = S(std_dev * rng.normal(e, j));
+    bias_.setZero(1, num_experts);
+    weight_grad_.setZero(num_experts, input_dim);
+    bias_grad_.setZero(1, num_experts);
+  }
+
+  Index input_dim() const { return weight_.cols(); }
+  Index num_experts() const { return weight_.rows(); }
+  Matrix<S>& weight() { return weight_; }
+  Matrix<S>& bias() { return bias_; }
+  const Matrix<S>& weight() const { return weight_; }
+
+  void forward(MatrixIn<S> x, const TokenInputs<S>&, MatrixOut<S> logits) {
+    gemm_.template run<false, true>(x, weight_, logits);
+    if (bias_enabled_) logits.rowwise() += bias_.row(0);
+  }
+
+  // dW += dlogits^T x, db += column sums of dlogits, dx = dlogits W.
+  void backward(MatrixIn<S> x, const TokenInputs<S>&, MatrixIn<S> dlogits, MatrixOut<S> dx) {
+    gemm_.template run<true, false>(dlogits, x, weight_grad_, S(1), true);
+    if (bias_enabled_) bias_grad_.row(0) += dlogits.colwise().sum();
+    gemm_.run(dlogits, weight_, dx);
+  }
+
+  template <class F>
+  void for_each_parameter(F&& visit) {
+    visit(std::string_view("router.weight"), MatrixOut<S>(weight_), MatrixOut<S>(weight_grad_));
+    if (bias_enabled_) visit(std::string_view("router.bias"), MatrixOut<S>(bias_), MatrixOut<S>(bias_grad_));
+  }
+
+private:
+  bool bias_enabled_;
+  Matrix<S> weight_, bias_, weight_grad_, bias_grad_;
+  Gemm<S> gemm_;
+};
+
+}  // namespace moe

@@ -1,0 +1,76 @@
+#pragma once
+// Capacity of token-choice routers (ROUTERS.md §0.1, §1.4): how many slots each expert has,
+// which (token, choice) pairs win them when an expert overflows, and in which order the winners
+// sit in the expert's buffer. Every reference rule is one setting of this struct:
+//   GShard/fairseq/vmoe: {.factor = cf, .times_k = true, .multiple_of = 4 (vmoe)}, rank_major
+//   DeepSpeed top-k:     {.factor = cf, .times_k = true, .minimum = 8}, by_weight, token slots
+//   flaxformer:          {.factor = cf, .times_k = false, .rounding = round, .minimum = 4}
+//   Megatron:            {.factor = cf, .times_k = true}, by_weight or token_major, pad optional
+#include <cmath>
+#include <optional>
+#include <string>
+
+#include "moe/core/tensor.hpp"
+#include "moe/errors.hpp"
+
+namespace moe {
+
+enum class Rounding { ceil, round, floor };
+
+// Which pairs win the slots of an overflowing expert (ROUTERS.md §1.4).
+enum class OverflowOrder {
+  rank_major,      // all first choices (token order), then all second choices, ... (GShard)
+  token_major,     // token order over all its choices (DeepSpeed/Megatron 'position')
+  by_weight,       // highest pre-drop combine weight first, ties to the lower token (Megatron 'probs')
+  batch_priority,  // rank-major with tokens by descending top score, stable (BPR, V-MoE)
+};
+
+// Position of a kept token inside its expert's buffer (the output y does not depend on it).
+enum class SlotOrder {
+  token,     // ascending token index (DeepSpeed, Megatron)
+  priority,  // the order in which the slots were won (GShard, flaxformer, vmoe)
+};
+
+struct Capacity {
+  std::optional<double> factor{};  // absent: dropless, every choice is kept
+  bool times_k = true;             // C counts k choices per token (all but flaxformer)
+  Rounding rounding = Rounding::ceil;
+  Index minimum = 0;               // DeepSpeed min_capacity, flaxformer min_expert_capacity
+  Index multiple_of = 1;           // vmoe capacity_multiple_of (rounded up)
+  bool pad = false;                // every expert gets exactly C slots; empty ones carry weight 0
+  OverflowOrder overflow = OverflowOrder::rank_major;
+  SlotOrder slot_order = SlotOrder::token;
+
+  bool limited() const { return factor.has_value(); }
+
+  // Throws config_error for a rule no batch could satisfy.
+  void validate(std::string_view where) const {
+    if (factor)
+      detail::require<config_error>(std::isfinite(*factor) && *factor > 0, where,
+                                    "capacity.factor", *factor, "capacity factor > 0 and finite");
+    detail::require<config_error>(minimum >= 0, where, "capacity.minimum", minimum, "minimum >= 0");
+    detail::require<config_error>(multiple_of >= 1, where, "capacity.multiple_of", multiple_of,
+                                  "multiple_of >= 1");
+    detail::require<config_error>(!pad || factor.has_value(), where, "capacity.pad", "true",
+                                  "pad-to-capacity needs a capacity factor (dropless has no C)");
+  }
+
+  // C for `tokens` real tokens, `experts` experts and k choices per token; -1 when dropless.
+  Index slots(Index tokens, Index experts, Index k, std::string_view where) const {
+    if (!factor) return -1;
+    if (tokens == 0) return 0;
+    const double base = double(tokens) * double(times_k ? k : 1) * *factor / double(experts);
+    double c = rounding == Rounding::ceil    ? std::ceil(base)
+               : rounding == Rounding::round ? std::round(base)
+                                             : std::floor(base);
+    Index cap = std::max(Index(c), minimum);
+    cap = (cap + multiple_of - 1) / multiple_of * multiple_of;
+    detail::require<config_error>(
+        cap >= 1, where, "capacity.factor", *factor,
+        "capacity >= 1 slot per expert; " + std::to_string(tokens) + " tokens over " +
+            std::to_string(experts) + " experts round to 0 (raise the factor or set a minimum)");
+    return cap;
+  }
+};
+
+}  // namespace moe

@@ -1,0 +1,259 @@
+#pragma once
+// Token-choice top-k selector (Switch k=1, GShard k=2, generic k; ROUTERS.md §1.1-1.4, §1.10).
+// Each real token picks the k experts with the largest rank values (ties to the lower expert),
+// then capacity decides which (token, choice) pairs keep a slot, in the overflow order of
+// ROUTERS.md §1.4. Combine weights follow one of the reference normalisations below.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "moe/concepts.hpp"
+#include "moe/core/validate.hpp"
+#include "moe/core/workspace.hpp"
+#include "moe/kernels/top_k.hpp"
+#include "moe/selectors/capacity.hpp"
+
+namespace moe {
+
+// k chosen at run time (TopKSelector<S>) instead of compile time (TopKSelector<S, 2>).
+inline constexpr int dynamic_k = 0;
+
+enum class Weighting {
+  raw,                      // the gate score itself (Switch, DeepSpeed top-1, flaxformer, vmoe)
+  renormalize_before_drop,  // over the k choices, then zeroed if dropped (GShard paper, Megatron)
+  renormalize_after_drop,   // over the surviving choices (fairseq/DeepSpeed top-2, DeepSpeed top-k)
+  softmax_of_kept_logits,   // softmax over the k chosen logits (Shazeer KeepTopK, Mixtral)
+};
+
+template <scalar S, int K = dynamic_k>
+class TopKSelector {
+  static_assert(K >= 0, "moe::TopKSelector: K must be >= 1 (or moe::dynamic_k)");
+
+public:
+  using scalar_type = S;
+  using routing_type = SparseRouting<S>;
+
+  struct Options {
+    Weighting weighting = Weighting::raw;
+    double scale = 1.0;  // multiplies every combine weight (DeepSeek-V3 route_scale 2.5)
+    Capacity capacity{};
+  };
+
+  explicit TopKSelector(Options opt = {}) requires(K != dynamic_k) : TopKSelector(K, opt, 0) {}
+  explicit TopKSelector(Index k, Options opt = {}) requires(K == dynamic_k) : TopKSelector(k, opt, 0) {}
+
+  Index k() const { return k_; }
+  const Options& options() const { return opt_; }
+
+  void forward(const SelectorInput<S>& in, routing_type& r) {
+    const Index tokens = in.scores.rows(), experts = in.scores.cols();
+    validate(in, tokens, experts);
+    Index valid = 0;
+    for (Index t = 0; t < tokens; ++t) valid += in.tokens.is_valid(t);
+    const Index cap = opt_.capacity.slots(valid, experts, k_, "TopKSelector");
+
+    r.reset(tokens, experts);
+    r.num_valid_tokens = valid;
+    r.capacity = cap;
+    const Index choices = valid * k_;
+    fit(r.choice_expert, choices);
+    fit(r.choice_slot, choices);
+    fit(choice_token_, choices);
+    fit(pre_weight_, choices);
+
+    // 1. each real token's top-k, in rank order, and its pre-drop combine weights
+    for (Index t = 0, c = 0; t < tokens; ++t) {
+      r.token_offsets[t] = c;
+      if (!in.tokens.is_valid(t)) continue;
+      kernels::top_k_row(in.rank.row(t).data(), experts, k_, &r.choice_expert[c]);
+      for (Index j = 0; j < k_; ++j) choice_token_[c + j] = std::int32_t(t);
+      pre_drop_weights(in, t, &r.choice_expert[c], &pre_weight_[c]);
+      c += k_;
+    }
+    r.token_offsets[tokens] = choices;
+
+    // 2. the priority sequence, then each expert keeps its first C entries of it
+    priority_sequence(in, r);
+    fit(count_, experts);
+    std::fill(count_.begin(), count_.end(), 0);
+    for (const auto c : order_) {
+      auto& n = count_[r.choice_expert[c]];
+      const bool keep = cap < 0 || n < cap;
+      r.choice_slot[c] = keep ? 0 : -1;  // marks kept; the slot index comes in step 3
+      n += keep;
+    }
+
+    // 3. counting sort into the expert-grouped slots, in the requested slot order
+    for (Index e = 0; e < experts; ++e) {
+      r.expert_count[e] = count_[e];
+      r.expert_offsets[e + 1] = r.expert_offsets[e] + (opt_.capacity.pad ? cap : count_[e]);
+    }
+    const Index slots = r.expert_offsets[experts];
+    r.slot_token.assign(std::size_t(slots), -1);
+    r.slot_weight.assign(std::size_t(slots), S(0));
+    std::copy_n(r.expert_offsets.begin(), experts, count_.begin());  // reused as cursors
+    const auto place = [&](Index c) {
+      if (r.choice_slot[c] < 0) return;
+      const auto slot = count_[r.choice_expert[c]]++;
+      r.choice_slot[c] = std::int32_t(slot);
+      r.slot_token[slot] = choice_token_[c];
+    };
+    if (opt_.capacity.slot_order == SlotOrder::token)
+      for (Index c = 0; c < choices; ++c) place(c);
+    else
+      for (const auto c : order_) place(c);
+
+    // 4. final combine weights: the pre-drop ones, or renormalised over the survivors
+    const bool after = opt_.weighting == Weighting::renormalize_after_drop;
+    for (Index t = 0; t < tokens; ++t) {
+      const Index lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
+      S kept = 0;
+      if (after)
+        for (Index c = lo; c < hi; ++c)
+          if (r.choice_slot[c] >= 0) kept += in.scores(t, r.choice_expert[c]);
+      const S z = std::max(kept, floor());
+      for (Index c = lo; c < hi; ++c)
+        if (const auto s = r.choice_slot[c]; s >= 0)
+          r.slot_weight[s] = after ? S(opt_.scale) * in.scores(t, r.choice_expert[c]) / z : pre_weight_[c];
+    }
+  }
+
+  // d(slot weights) -> d(scores) and, for softmax_of_kept_logits, d(logits); both accumulated.
+  void backward(const SelectorInput<S>& in, const routing_type& r, std::span<const S> dslot_weight,
+                MatrixOut<S> dscores, MatrixOut<S> dlogits) {
+    const S scale = S(opt_.scale);
+    for (Index t = 0; t < r.num_tokens; ++t) {
+      const Index lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
+      const auto dw = [&](Index c) { return r.choice_slot[c] >= 0 ? dslot_weight[r.choice_slot[c]] : S(0); };
+      const auto p = [&](Index c) { return in.scores(t, r.choice_expert[c]); };
+      switch (opt_.weighting) {
+        case Weighting::raw:
+          for (Index c = lo; c < hi; ++c) dscores(t, r.choice_expert[c]) += scale * dw(c);
+          break;
+        case Weighting::renormalize_before_drop:
+        case Weighting::renormalize_after_drop: {
+          const bool after = opt_.weighting == Weighting::renormalize_after_drop;
+          S z = 0, inner = 0;  // w_c = scale p_c / max(z, floor) for the kept c
+          for (Index c = lo; c < hi; ++c) {
+            if (!after || r.choice_slot[c] >= 0) z += p(c);
+            inner += dw(c) * p(c);
+          }
+          const bool clamped = z < floor();
+          const S zc = clamped ? floor() : z;
+          for (Index c = lo; c < hi; ++c) {
+            S g = dw(c) / zc;
+            if (!clamped && (!after || r.choice_slot[c] >= 0)) g -= inner / (zc * zc);
+            dscores(t, r.choice_expert[c]) += scale * g;
+          }
+          break;
+        }
+        case Weighting::softmax_of_kept_logits: {
+          S inner = 0;  // q_c = pre_weight / scale, recomputed from the logits
+          const S top = max_logit(in, r, t);
+          S sum = 0;
+          for (Index c = lo; c < hi; ++c) sum += std::exp(in.logits(t, r.choice_expert[c]) - top);
+          for (Index c = lo; c < hi; ++c)
+            inner += dw(c) * std::exp(in.logits(t, r.choice_expert[c]) - top) / sum;
+          for (Index c = lo; c < hi; ++c) {
+            const S q = std::exp(in.logits(t, r.choice_expert[c]) - top) / sum;
+            dlogits(t, r.choice_expert[c]) += scale * q * (dw(c) - inner);
+          }
+          break;
+        }
+      }
+    }
+  }
+
+private:
+  TopKSelector(Index k, Options opt, int) : k_(k), opt_(opt) {
+    detail::require<config_error>(k >= 1, "TopKSelector", "k", k, "k >= 1");
+    detail::require<config_error>(std::isfinite(opt.scale), "TopKSelector", "scale", opt.scale,
+                                  "finite");
+    opt_.capacity.validate("TopKSelector");
+  }
+
+  // fairseq/DeepSpeed clamp the renormalisation denominator at float epsilon.
+  static constexpr S floor() { return S(std::numeric_limits<float>::epsilon()); }
+
+  void validate(const SelectorInput<S>& in, Index tokens, Index experts) const {
+    detail::require<config_error>(k_ <= experts, "TopKSelector", "k", k_,
+                                  "k <= number of experts (" + std::to_string(experts) + ")");
+    detail::check_shape("TopKSelector", "rank", in.rank, tokens, experts);
+    detail::check_shape("TopKSelector", "logits", in.logits, tokens, experts);
+    detail::check_tokens("TopKSelector", in.tokens, tokens, experts);
+  }
+
+  S max_logit(const SelectorInput<S>& in, const routing_type& r, Index t) const {
+    S top = -std::numeric_limits<S>::infinity();
+    for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c)
+      top = std::max(top, in.logits(t, r.choice_expert[c]));
+    return top;
+  }
+
+  void pre_drop_weights(const SelectorInput<S>& in, Index t, const std::int32_t* e, S* w) const {
+    const S scale = S(opt_.scale);
+    if (opt_.weighting == Weighting::softmax_of_kept_logits) {
+      S top = in.logits(t, e[0]), sum = 0;
+      for (Index j = 1; j < k_; ++j) top = std::max(top, in.logits(t, e[j]));
+      for (Index j = 0; j < k_; ++j) sum += (w[j] = std::exp(in.logits(t, e[j]) - top));
+      for (Index j = 0; j < k_; ++j) w[j] *= scale / sum;
+      return;
+    }
+    S z = S(1);
+    if (opt_.weighting != Weighting::raw) {
+      z = 0;
+      for (Index j = 0; j < k_; ++j) z += in.scores(t, e[j]);
+      z = std::max(z, floor());
+    }
+    for (Index j = 0; j < k_; ++j) w[j] = scale * in.scores(t, e[j]) / z;
+  }
+
+  void priority_sequence(const SelectorInput<S>& in, const routing_type& r) {
+    const Index choices = r.num_choices(), valid = r.num_valid_tokens;
+    fit(order_, choices);
+    switch (opt_.capacity.overflow) {
+      case OverflowOrder::token_major:
+        std::iota(order_.begin(), order_.end(), 0);
+        break;
+      case OverflowOrder::by_weight:
+        // a total order (weight, then token and rank), so the in-place sort is deterministic
+        std::iota(order_.begin(), order_.end(), 0);
+        std::sort(order_.begin(), order_.end(), [&](auto a, auto b) {
+          return pre_weight_[a] != pre_weight_[b] ? pre_weight_[a] > pre_weight_[b] : a < b;
+        });
+        break;
+      case OverflowOrder::rank_major:
+      case OverflowOrder::batch_priority: {
+        // the valid tokens by their first choice index (choice c = first + rank)
+        fit(token_order_, valid);
+        for (Index i = 0; i < valid; ++i) token_order_[i] = std::int32_t(i * k_);
+        if (opt_.capacity.overflow == OverflowOrder::batch_priority) {
+          // priority = the token's top score; ties keep token order (a stable sort, done as a
+          // total order so the in-place sort needs no buffer)
+          fit(token_priority_, valid);
+          for (Index i = 0; i < valid; ++i)
+            token_priority_[i] = in.scores.row(choice_token_[i * k_]).maxCoeff();
+          std::sort(token_order_.begin(), token_order_.end(), [&](auto a, auto b) {
+            const S pa = token_priority_[a / k_], pb = token_priority_[b / k_];
+            return pa != pb ? pa > pb : a < b;
+          });
+        }
+        for (Index rank = 0, i = 0; rank < k_; ++rank)
+          for (Index j = 0; j < valid; ++j) order_[i++] = std::int32_t(token_order_[j] + rank);
+        break;
+      }
+    }
+  }
+
+  Index k_;
+  Options opt_;
+  // scratch, sized once per shape
+  std::vector<std::int32_t> choice_token_, order_, token_order_;
+  std::vector<S> pre_weight_, token_priority_;
+  std::vector<Index> count_;
+};
+
+}  // namespace moe
