@@ -20,6 +20,10 @@ class Router {
                 "moe::Router: see the first error above for what to add");
   static_assert(!(scorer<Scorer> && gate<Gate> && selector<Selector> && (loss_term<Losses> && ...)),
                 "moe::Router: the scorer, gate, selector and losses must share one scalar_type");
+
+public:
+  template <class... Args>
+  explicit Router(Args&&...) {}  // absorbs the construction so only the diagnosis is printed
 };
 
 template <class Scorer, class Gate, class Selector, class... Losses>
@@ -141,5 +145,8 @@ private:
   routing_type routing_;
   std::array<S, num_losses> loss_values_{};
 };
+
+template <class Scorer, class Gate, class Selector, class... Losses>
+Router(Scorer, Gate, Selector, Losses...) -> Router<Scorer, Gate, Selector, Losses...>;
 
 }  // namespace moe

@@ -19,7 +19,15 @@ struct NoSharedExpert {};
 
 template <class Router, class Experts, class Shared = NoSharedExpert>
 class MoELayer {
-  static_assert(diagnose_experts<Experts>(), "moe::MoELayer: see the error above for what to add");
+  static_assert(diagnose_experts<Experts>() &&
+                    (std::same_as<Shared, NoSharedExpert> || diagnose_experts<Shared>()),
+                "moe::MoELayer: see the error above for what to add");
+  static_assert(!(experts<Experts> && (std::same_as<Shared, NoSharedExpert> || experts<Shared>)),
+                "moe::MoELayer: the router and the experts must share one scalar_type");
+
+public:
+  template <class... Args>
+  explicit MoELayer(Args&&...) {}  // absorbs the construction so only the diagnosis is printed
 };
 
 template <class Router, class Experts, class Shared>

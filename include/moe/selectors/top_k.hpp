@@ -117,7 +117,7 @@ public:
       const S z = std::max(kept, floor());
       for (Index c = lo; c < hi; ++c)
         if (const auto s = r.choice_slot[c]; s >= 0)
-          r.slot_weight[s] = after ? S(opt_.scale) * in.scores(t, r.choice_expert[c]) / z : pre_weight_[c];
+          r.slot_weight[s] = after ? S(opt_.scale) * (in.scores(t, r.choice_expert[c]) / z) : pre_weight_[c];
     }
   }
 
@@ -199,7 +199,7 @@ private:
       S top = in.logits(t, e[0]), sum = 0;
       for (Index j = 1; j < k_; ++j) top = std::max(top, in.logits(t, e[j]));
       for (Index j = 0; j < k_; ++j) sum += (w[j] = std::exp(in.logits(t, e[j]) - top));
-      for (Index j = 0; j < k_; ++j) w[j] *= scale / sum;
+      for (Index j = 0; j < k_; ++j) w[j] = scale * (w[j] / sum);
       return;
     }
     S z = S(1);
@@ -208,7 +208,8 @@ private:
       for (Index j = 0; j < k_; ++j) z += in.scores(t, e[j]);
       z = std::max(z, floor());
     }
-    for (Index j = 0; j < k_; ++j) w[j] = scale * in.scores(t, e[j]) / z;
+    // scale * (p / z): p / p is exactly 1, so equal weights stay equal for the by-weight order
+    for (Index j = 0; j < k_; ++j) w[j] = scale * (in.scores(t, e[j]) / z);
   }
 
   void priority_sequence(const SelectorInput<S>& in, const routing_type& r) {

@@ -1,0 +1,64 @@
+#pragma once
+// Shared test helpers: deterministic data, named tolerances and central finite differences.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <moe/moe.hpp>
+
+namespace moe_test {
+
+using moe::Index;
+using moe::Matrix;
+
+// Entries drawn from N(0, sigma^2) keyed by (seed, row, col): the same data on every run.
+template <class S>
+Matrix<S> random_matrix(Index rows, Index cols, std::uint64_t seed, double sigma = 1.0) {
+  const moe::CounterRng rng(seed, 7);
+  Matrix<S> m(rows, cols);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) m(i, j) = S(sigma * rng.normal(i, j));
+  return m;
+}
+
+// Forward results vs an oracle: a few roundings per term of a length-n reduction.
+template <class S>
+S forward_tol(Index n) {
+  return S(8) * S(std::max<Index>(n, 1)) * std::numeric_limits<S>::epsilon();
+}
+
+// Central differences in double: truncation O(h^2) and rounding O(eps/h) balance near
+// h = eps^(1/3) ~ 6e-6; the gradient then agrees to about 1e-9 relative for smooth functions.
+inline constexpr double fd_step = 1e-6;
+inline constexpr double fd_rel_tol = 1e-6;
+
+// d f / d p for every entry of p, by central differences (p is restored afterwards).
+template <class M>
+Matrix<double> numeric_gradient(M& p, const std::function<double()>& f, double h = fd_step) {
+  Matrix<double> g(p.rows(), p.cols());
+  for (Index i = 0; i < p.rows(); ++i)
+    for (Index j = 0; j < p.cols(); ++j) {
+      const double keep = p(i, j);
+      p(i, j) = keep + h;
+      const double up = f();
+      p(i, j) = keep - h;
+      const double down = f();
+      p(i, j) = keep;
+      g(i, j) = (up - down) / (2 * h);
+    }
+  return g;
+}
+
+// Analytic vs numeric gradient: max abs error relative to the largest gradient entry.
+inline void require_gradient_close(const Matrix<double>& analytic, const Matrix<double>& numeric,
+                                   double rel_tol = fd_rel_tol) {
+  REQUIRE(analytic.rows() == numeric.rows());
+  REQUIRE(analytic.cols() == numeric.cols());
+  const double scale = std::max(1.0, numeric.cwiseAbs().maxCoeff());
+  const double err = (analytic - numeric).cwiseAbs().maxCoeff();
+  INFO("max |analytic - numeric| = " << err << ", scale " << scale);
+  REQUIRE(err <= rel_tol * scale);
+}
+
+}  // namespace moe_test

@@ -1,0 +1,619 @@
+// Gates, the token-choice selector with every capacity rule, the losses and the Router presets,
+// each checked against a reference written from ROUTERS.md §1 (not from the code under test),
+// plus finite-difference gradients in double and the bad-input contract.
+#include <algorithm>
+#include <cfloat>
+#include <map>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "support.hpp"
+
+using namespace moe_test;
+using moe::BalanceNorm;
+using moe::Capacity;
+using moe::OverflowOrder;
+using moe::SlotOrder;
+using moe::Weighting;
+
+namespace {
+
+// ---- reference top-k routing, straight from ROUTERS.md §1.3-1.4 ------------------------------
+
+struct RefChoice {
+  int token, rank, expert;
+  bool kept = false;
+  Index slot_in_expert = -1;  // position inside the expert's buffer
+  double weight = 0;          // final combine weight (0 when dropped)
+};
+
+struct RefRouting {
+  Index capacity = -1;
+  std::vector<RefChoice> choices;  // every (token, rank) of the real tokens
+};
+
+// Every (token, rank) of the real tokens: top-k by stable sort (ties to the lower expert),
+// the priority sequence by explicit sort keys, first C per expert, weights by the formulas.
+template <class S>
+RefRouting reference_route(const Matrix<S>& logits, const Matrix<S>& scores, Index k,
+                           const typename moe::TopKSelector<S>::Options& opt,
+                           const std::vector<std::uint8_t>& valid = {}) {
+  const Index T = scores.rows(), E = scores.cols();
+  const auto is_valid = [&](Index t) { return valid.empty() || valid[t]; };
+  RefRouting out;
+  std::vector<std::vector<int>> top(T);
+  Index n_valid = 0;
+  for (Index t = 0; t < T; ++t) {
+    if (!is_valid(t)) continue;
+    ++n_valid;
+    std::vector<int> idx(E);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return scores(t, a) > scores(t, b); });
+    top[t].assign(idx.begin(), idx.begin() + k);
+    for (int r = 0; r < k; ++r) out.choices.push_back({int(t), r, top[t][r]});
+  }
+  // pre-drop weight of a choice, as the chosen weighting defines it
+  const auto pre = [&](const RefChoice& c) -> double {
+    const auto& e = top[c.token];
+    if (opt.weighting == Weighting::raw) return opt.scale * scores(c.token, c.expert);
+    if (opt.weighting == Weighting::softmax_of_kept_logits) {
+      // max-subtracted, so that mathematically equal weights (k = 1) are equal in floating point
+      double z = 0, top = logits(c.token, e[0]);
+      for (int j : e) top = std::max(top, double(logits(c.token, j)));
+      for (int j : e) z += std::exp(double(logits(c.token, j)) - top);
+      return opt.scale * (std::exp(double(logits(c.token, c.expert)) - top) / z);
+    }
+    double z = 0;
+    for (int j : e) z += scores(c.token, j);
+    return opt.scale * (scores(c.token, c.expert) / std::max(z, double(FLT_EPSILON)));
+  };
+  const auto& cap = opt.capacity;
+  if (cap.factor) {
+    const double base = double(n_valid) * double(cap.times_k ? k : 1) * *cap.factor / double(E);
+    double c = cap.rounding == moe::Rounding::ceil    ? std::ceil(base)
+               : cap.rounding == moe::Rounding::round ? std::round(base)
+                                                      : std::floor(base);
+    Index C = std::max(Index(c), cap.minimum);
+    out.capacity = (C + cap.multiple_of - 1) / cap.multiple_of * cap.multiple_of;
+  }
+  // the priority sequence of §1.4 as sort keys
+  std::vector<std::size_t> seq(out.choices.size());
+  std::iota(seq.begin(), seq.end(), 0);
+  const auto key = [&](std::size_t i) {
+    const auto& c = out.choices[i];
+    const double top1 = scores.row(c.token).maxCoeff();
+    switch (cap.overflow) {
+      case OverflowOrder::rank_major: return std::make_tuple(double(c.rank), 0.0, double(c.token), 0.0);
+      case OverflowOrder::token_major: return std::make_tuple(double(c.token), double(c.rank), 0.0, 0.0);
+      case OverflowOrder::by_weight: return std::make_tuple(-pre(c), double(c.token), double(c.rank), 0.0);
+      case OverflowOrder::batch_priority: return std::make_tuple(double(c.rank), -top1, double(c.token), 0.0);
+    }
+    return std::make_tuple(0.0, 0.0, 0.0, 0.0);
+  };
+  std::stable_sort(seq.begin(), seq.end(), [&](auto a, auto b) { return key(a) < key(b); });
+  std::map<int, Index> taken;
+  std::vector<std::size_t> kept_in_priority;
+  for (auto i : seq) {
+    auto& c = out.choices[i];
+    if (out.capacity < 0 || taken[c.expert] < out.capacity) {
+      c.kept = true;
+      ++taken[c.expert];
+      kept_in_priority.push_back(i);
+    }
+  }
+  // slot inside the expert: by token, or by the order the slots were won
+  std::map<int, Index> next;
+  if (cap.slot_order == SlotOrder::token) {
+    for (auto& c : out.choices)  // choices are listed in token order already
+      if (c.kept) c.slot_in_expert = next[c.expert]++;
+  } else {
+    for (auto i : kept_in_priority) out.choices[i].slot_in_expert = next[out.choices[i].expert]++;
+  }
+  for (auto& c : out.choices) {
+    if (!c.kept) continue;
+    if (opt.weighting != Weighting::renormalize_after_drop) {
+      c.weight = pre(c);
+      continue;
+    }
+    double z = 0;
+    for (const auto& o : out.choices)
+      if (o.token == c.token && o.kept) z += scores(o.token, o.expert);
+    c.weight = opt.scale * (scores(c.token, c.expert) / std::max(z, double(FLT_EPSILON)));
+  }
+  return out;
+}
+
+// The library's routing agrees with the reference choice by choice.
+template <class S>
+void require_matches(const moe::SparseRouting<S>& r, const RefRouting& ref, bool pad) {
+  REQUIRE(r.capacity == ref.capacity);
+  REQUIRE(r.num_choices() == Index(ref.choices.size()));
+  for (Index c = 0; c < r.num_choices(); ++c) {
+    const auto& want = ref.choices[c];
+    INFO("token " << want.token << " rank " << want.rank);
+    REQUIRE(r.token_offsets[want.token] + want.rank == c);
+    REQUIRE(r.choice_expert[c] == want.expert);
+    REQUIRE((r.choice_slot[c] >= 0) == want.kept);
+    if (!want.kept) continue;
+    const auto slot = r.choice_slot[c];
+    REQUIRE(slot - r.expert_offsets[want.expert] == want.slot_in_expert);
+    REQUIRE(r.slot_token[slot] == want.token);
+    REQUIRE(r.slot_weight[slot] == Approx(want.weight).epsilon(forward_tol<S>(8)).margin(0));
+  }
+  for (Index e = 0; e < r.num_experts; ++e) {
+    const auto kept = std::count_if(ref.choices.begin(), ref.choices.end(),
+                                    [&](const RefChoice& c) { return c.kept && c.expert == e; });
+    REQUIRE(r.expert_count[e] == kept);
+    REQUIRE(r.slots_of(e) == (pad ? ref.capacity : Index(kept)));
+  }
+}
+
+// Invariants every token-choice routing keeps, whatever the configuration.
+template <class S>
+void require_invariants(const moe::SparseRouting<S>& r, const std::vector<std::uint8_t>& valid) {
+  REQUIRE(r.expert_offsets.front() == 0);
+  REQUIRE(r.expert_offsets.back() == r.num_slots());
+  for (Index e = 0; e < r.num_experts; ++e) {
+    if (r.capacity >= 0) REQUIRE(r.slots_of(e) <= r.capacity);
+    std::vector<int> seen;
+    for (Index s = r.expert_offsets[e]; s < r.expert_offsets[e + 1]; ++s)
+      if (r.slot_token[s] >= 0) seen.push_back(r.slot_token[s]);
+      else REQUIRE(r.slot_weight[s] == S(0));  // padding slots carry nothing
+    std::sort(seen.begin(), seen.end());
+    REQUIRE(std::adjacent_find(seen.begin(), seen.end()) == seen.end());  // no token twice
+    REQUIRE(Index(seen.size()) == r.expert_count[e]);
+    for (int t : seen) REQUIRE((valid.empty() || valid[t]));  // masked tokens never routed
+  }
+  for (Index t = 0; t < r.num_tokens; ++t)
+    if (!valid.empty() && !valid[t]) REQUIRE(r.token_offsets[t] == r.token_offsets[t + 1]);
+}
+
+template <class S>
+moe::SelectorInput<S> input_of(const Matrix<S>& logits, const Matrix<S>& scores,
+                               const moe::TokenInputs<S>& tokens) {
+  return {logits, scores, scores, tokens};
+}
+
+const std::vector<Weighting> all_weightings = {Weighting::raw, Weighting::renormalize_before_drop,
+                                               Weighting::renormalize_after_drop,
+                                               Weighting::softmax_of_kept_logits};
+const std::vector<OverflowOrder> all_overflows = {OverflowOrder::rank_major, OverflowOrder::token_major,
+                                                  OverflowOrder::by_weight, OverflowOrder::batch_priority};
+
+}  // namespace
+
+// ---- gates ------------------------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("gates match their formulas", "[gate]", float, double) {
+  using S = TestType;
+  Matrix<S> logits = random_matrix<S>(5, 7, 1, 3.0);
+  logits(0, 0) = S(800);  // far outside exp's range: the stable forms must still be finite
+  logits(1, 1) = S(-800);
+  Matrix<S> p(5, 7);
+  const S tol = forward_tol<S>(7);
+  SECTION("softmax") {
+    moe::SoftmaxGate<S>{}.forward(logits, p);
+    for (Index t = 0; t < 5; ++t) {
+      const double m = logits.row(t).maxCoeff();
+      double z = 0;
+      for (Index e = 0; e < 7; ++e) z += std::exp(double(logits(t, e)) - m);
+      for (Index e = 0; e < 7; ++e)
+        REQUIRE(double(p(t, e)) == Approx(std::exp(double(logits(t, e)) - m) / z).margin(tol));
+    }
+  }
+  SECTION("sigmoid") {
+    moe::SigmoidGate<S>{}.forward(logits, p);
+    for (Index t = 0; t < 5; ++t)
+      for (Index e = 0; e < 7; ++e)
+        REQUIRE(double(p(t, e)) == Approx(1 / (1 + std::exp(-double(logits(t, e))))).margin(tol));
+  }
+  SECTION("sqrt-softplus") {
+    moe::SqrtSoftplusGate<S>{}.forward(logits, p);
+    for (Index t = 0; t < 5; ++t)
+      for (Index e = 0; e < 7; ++e) {
+        const double l = logits(t, e);
+        const double want = std::sqrt(l > 30 ? l : std::log1p(std::exp(l)));
+        REQUIRE(double(p(t, e)) == Approx(want).epsilon(tol).margin(tol));
+      }
+  }
+}
+
+template <class Gate>
+void check_gate_gradient() {
+  Matrix<double> logits = random_matrix<double>(4, 6, 2, 2.0);
+  const Matrix<double> weight = random_matrix<double>(4, 6, 3);
+  Gate gate;
+  Matrix<double> p(4, 6), dlogits = Matrix<double>::Zero(4, 6);
+  gate.forward(logits, p);
+  gate.backward(logits, p, weight, dlogits);
+  const auto numeric = numeric_gradient(logits, [&] {
+    Matrix<double> q(4, 6);
+    Gate{}.forward(logits, q);
+    return q.cwiseProduct(weight).sum();
+  });
+  require_gradient_close(dlogits, numeric);
+}
+
+TEST_CASE("gate backward matches finite differences", "[gate][gradient]") {
+  check_gate_gradient<moe::SoftmaxGate<double>>();
+  check_gate_gradient<moe::SigmoidGate<double>>();
+  check_gate_gradient<moe::SqrtSoftplusGate<double>>();
+}
+
+// ---- the selector on a hand-worked case ---------------------------------------------------
+
+// Four tokens, two experts, C = 2 (factor 0.5 x k=2 x 4 tokens / 2 experts). Worked by hand:
+// rank-major:     t0->e0, t1->e0, t2->e1, t3->e0 full;  t0->e1, rest full
+// token-major:    t0->e0, t0->e1, t1->e0, t1->e1; t2, t3 find both full
+// by weight:      e0 keeps t3 (.9), t0 (.7); e1 keeps t2 (.8), t1 (.4)
+// batch priority: t3->e0, t2->e1, t0->e0, t1 dropped; then t3->e1, the rest full
+TEST_CASE("top-2 capacity orders on a hand-worked case", "[selector]") {
+  Matrix<double> scores(4, 2);
+  scores << 0.7, 0.3, 0.6, 0.4, 0.2, 0.8, 0.9, 0.1;
+  const Matrix<double> logits = scores.array().log().matrix();
+  const moe::TokenInputs<double> tokens;
+  const auto run = [&](OverflowOrder order) {
+    moe::TopKSelector<double, 2> sel({.weighting = Weighting::renormalize_after_drop,
+                                      .capacity = {.factor = 0.5, .overflow = order}});
+    moe::SparseRouting<double> r;
+    sel.forward(input_of(logits, scores, tokens), r);
+    REQUIRE(r.capacity == 2);
+    // kept (token, expert) pairs with their weights
+    std::map<std::pair<int, int>, double> kept;
+    for (Index t = 0; t < 4; ++t)
+      for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c)
+        if (r.choice_slot[c] >= 0) kept[{int(t), r.choice_expert[c]}] = r.slot_weight[r.choice_slot[c]];
+    return kept;
+  };
+  using K = std::map<std::pair<int, int>, double>;
+  CHECK(run(OverflowOrder::rank_major) == K{{{0, 0}, 0.7}, {{0, 1}, 0.3}, {{1, 0}, 1.0}, {{2, 1}, 1.0}});
+  CHECK(run(OverflowOrder::token_major) == K{{{0, 0}, 0.7}, {{0, 1}, 0.3}, {{1, 0}, 0.6}, {{1, 1}, 0.4}});
+  CHECK(run(OverflowOrder::by_weight) == K{{{3, 0}, 1.0}, {{0, 0}, 1.0}, {{2, 1}, 1.0}, {{1, 1}, 1.0}});
+  CHECK(run(OverflowOrder::batch_priority) == K{{{3, 0}, 0.9}, {{3, 1}, 0.1}, {{2, 1}, 1.0}, {{0, 0}, 1.0}});
+}
+
+// ---- the selector against the reference, every configuration ------------------------------
+
+TEMPLATE_TEST_CASE("top-k selector matches the reference for every capacity rule", "[selector]",
+                   float, double) {
+  using S = TestType;
+  const Index T = 37, E = 6;
+  const Matrix<S> logits = random_matrix<S>(T, E, 11, 2.0);
+  Matrix<S> scores(T, E);
+  moe::SoftmaxGate<S>{}.forward(logits, scores);
+  std::vector<std::uint8_t> valid(T, 1);
+  for (Index t = 0; t < T; t += 5) valid[t] = 0;
+  const Capacity rules[] = {
+      {},                                                                      // dropless
+      {.factor = 1.0},                                                         // Megatron
+      {.factor = 0.8, .minimum = 3},                                           // DeepSpeed-like
+      {.factor = 1.0, .times_k = false, .rounding = moe::Rounding::round, .minimum = 4},  // flaxformer
+      {.factor = 0.7, .multiple_of = 4},                                       // vmoe
+      {.factor = 0.6, .rounding = moe::Rounding::floor, .pad = true},          // padded
+  };
+  for (const Index k : {1, 2, 3, 6})
+    for (auto rule : rules)
+      for (auto overflow : all_overflows)
+        for (auto slot_order : {SlotOrder::token, SlotOrder::priority})
+          for (auto weighting : all_weightings)
+            for (bool masked : {false, true}) {
+              rule.overflow = overflow;
+              rule.slot_order = slot_order;
+              const typename moe::TopKSelector<S>::Options opt{.weighting = weighting, .scale = 1.5, .capacity = rule};
+              const auto mask = masked ? valid : std::vector<std::uint8_t>{};
+              const moe::TokenInputs<S> tokens{.valid = mask};
+              moe::TopKSelector<S> sel(k, opt);
+              moe::SparseRouting<S> r;
+              sel.forward(input_of(logits, scores, tokens), r);
+              INFO("k " << k << " factor " << rule.factor.value_or(-1) << " overflow " << int(overflow)
+                        << " slots " << int(slot_order) << " weighting " << int(weighting) << " masked " << masked);
+              require_matches(r, reference_route(logits, scores, k, opt, mask), rule.pad);
+              require_invariants(r, mask);
+            }
+}
+
+TEST_CASE("weights sum as the weighting promises", "[selector]") {
+  const Index T = 50, E = 8, k = 3;
+  const Matrix<double> logits = random_matrix<double>(T, E, 5, 2.0);
+  Matrix<double> scores(T, E);
+  moe::SoftmaxGate<double>{}.forward(logits, scores);
+  const moe::TokenInputs<double> tokens;
+  const double tol = forward_tol<double>(k);
+  const auto sums = [&](Weighting w, Capacity cap) {
+    moe::TopKSelector<double> sel(k, {.weighting = w, .scale = 2.0, .capacity = cap});
+    moe::SparseRouting<double> r;
+    sel.forward(input_of(logits, scores, tokens), r);
+    std::vector<std::pair<double, Index>> out;  // (sum of kept weights, kept count)
+    for (Index t = 0; t < T; ++t) {
+      double s = 0;
+      Index kept = 0;
+      for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c)
+        if (r.choice_slot[c] >= 0) s += r.slot_weight[r.choice_slot[c]], ++kept;
+      out.push_back({s, kept});
+    }
+    return out;
+  };
+  for (auto [s, kept] : sums(Weighting::softmax_of_kept_logits, {})) REQUIRE(s == Approx(2.0).margin(tol));
+  for (auto [s, kept] : sums(Weighting::renormalize_before_drop, {})) REQUIRE(s == Approx(2.0).margin(tol));
+  Index partial = 0;
+  for (auto [s, kept] : sums(Weighting::renormalize_after_drop, {.factor = 0.5}))
+    if (kept > 0) REQUIRE(s == Approx(2.0).margin(tol)); else ++partial;
+  for (auto [s, kept] : sums(Weighting::renormalize_before_drop, {.factor = 0.5})) {
+    REQUIRE(s <= 2.0 + tol);
+    partial += s < 2.0 - tol;
+  }
+  REQUIRE(partial > 0);  // the factor really dropped something, so the checks above had teeth
+}
+
+// ---- losses -----------------------------------------------------------------------------------
+
+namespace {
+// L = factor * sum_e f_e P_e with f, P and factor per ROUTERS.md §1.5, from the dense top-k form.
+double reference_balance(BalanceNorm norm, const Matrix<double>& scores,
+                         const moe::SparseRouting<double>& r, const std::vector<std::uint8_t>& valid) {
+  moe::IndexMatrix experts;
+  Matrix<double> w;
+  moe::to_topk_form(r, experts, w);
+  const Index E = scores.cols();
+  double T = 0, k = double(experts.cols());
+  std::vector<double> count(E, 0), top1(E, 0), psum(E, 0);
+  for (Index t = 0; t < scores.rows(); ++t) {
+    if (!valid.empty() && !valid[t]) continue;
+    T += 1;
+    for (Index e = 0; e < E; ++e) psum[e] += scores(t, e);
+    top1[experts(t, 0)] += 1;
+    for (Index j = 0; j < experts.cols(); ++j) count[experts(t, j)] += 1;
+  }
+  double sum = 0;
+  for (Index e = 0; e < E; ++e) {
+    const double P = psum[e] / T;
+    switch (norm) {
+      case BalanceNorm::switch_top1: sum += E * (top1[e] / T) * P; break;
+      case BalanceNorm::topk_mean: sum += (E / k) * (count[e] / T) * P; break;
+      case BalanceNorm::megatron: sum += E * (count[e] / (k * T)) * P; break;
+      case BalanceNorm::flaxformer: sum += E * (count[e] / T) * P; break;
+      case BalanceNorm::fastmoe_balance: sum += E * (count[e] / (T * k)) * (psum[e] / (T * k)); break;
+    }
+  }
+  return sum;
+}
+
+const std::vector<BalanceNorm> all_norms = {BalanceNorm::switch_top1, BalanceNorm::topk_mean,
+                                            BalanceNorm::megatron, BalanceNorm::flaxformer,
+                                            BalanceNorm::fastmoe_balance};
+}  // namespace
+
+TEST_CASE("load-balancing loss: every normalisation, and its value at perfect balance", "[loss]") {
+  const Index E = 4, k = 2;
+  SECTION("random routing with a mask, against the reference") {
+    const Index T = 30;
+    const Matrix<double> logits = random_matrix<double>(T, E, 21, 1.5);
+    Matrix<double> scores(T, E);
+    moe::SoftmaxGate<double>{}.forward(logits, scores);
+    std::vector<std::uint8_t> valid(T, 1);
+    valid[3] = valid[17] = 0;
+    const moe::TokenInputs<double> tokens{.valid = valid};
+    moe::TopKSelector<double> sel(k, {.capacity = {.factor = 0.5}});  // drops must not change f
+    moe::SparseRouting<double> r;
+    sel.forward(input_of(logits, scores, tokens), r);
+    REQUIRE(r.num_dropped() > 0);
+    for (auto norm : all_norms) {
+      const moe::LoadBalanceLoss<double> loss(norm, 1.0);
+      const double got = loss.forward({logits, scores, r, tokens});
+      REQUIRE(got == Approx(reference_balance(norm, scores, r, valid)).epsilon(forward_tol<double>(T * E)));
+    }
+  }
+  SECTION("perfect balance gives each reference's documented value") {
+    // 8 tokens, uniform scores; token t picks experts t%4 and (t+1)%4: every count equal
+    const Index T = 8;
+    Matrix<double> scores = Matrix<double>::Constant(T, E, 0.25);
+    for (Index t = 0; t < T; ++t) scores(t, t % E) += 1e-3, scores(t, (t + 1) % E) += 5e-4;
+    const Matrix<double> uniform = Matrix<double>::Constant(T, E, 0.25);
+    const moe::TokenInputs<double> tokens;
+    moe::TopKSelector<double> sel(k);
+    moe::SparseRouting<double> r;
+    sel.forward(input_of(scores, scores, tokens), r);
+    const auto value = [&](BalanceNorm n) { return moe::LoadBalanceLoss<double>(n, 1.0).forward({uniform, uniform, r, tokens}); };
+    const double tol = forward_tol<double>(T * E);
+    CHECK(value(BalanceNorm::switch_top1) == Approx(1.0).epsilon(tol));
+    CHECK(value(BalanceNorm::topk_mean) == Approx(1.0).epsilon(tol));
+    CHECK(value(BalanceNorm::megatron) == Approx(1.0).epsilon(tol));
+    CHECK(value(BalanceNorm::flaxformer) == Approx(double(k)).epsilon(tol));
+    CHECK(value(BalanceNorm::fastmoe_balance) == Approx(1.0 / k).epsilon(tol));
+  }
+}
+
+TEST_CASE("z-loss matches its formula", "[loss]") {
+  const Index T = 9, E = 5;
+  const Matrix<double> logits = random_matrix<double>(T, E, 31, 4.0);
+  std::vector<std::uint8_t> valid(T, 1);
+  valid[0] = 0;
+  const moe::TokenInputs<double> tokens{.valid = valid};
+  moe::SparseRouting<double> r;
+  r.reset(T, E);
+  r.num_valid_tokens = T - 1;
+  double want = 0;
+  for (Index t = 1; t < T; ++t) {
+    double z = 0;
+    for (Index e = 0; e < E; ++e) z += std::exp(double(logits(t, e)));
+    want += std::log(z) * std::log(z) / double(T - 1);
+  }
+  REQUIRE(moe::ZLoss<double>(1.0).forward({logits, logits, r, tokens}) == Approx(want).epsilon(forward_tol<double>(T * E)));
+}
+
+// ---- the Router: gradients by finite differences ------------------------------------------
+
+namespace {
+// L = sum over kept (t, e) of w[t, e] * R[t, e] + aux_loss: d L / d w[slot] = R[t, e].
+template <class Router>
+double router_objective(Router& router, const Matrix<double>& x, const Matrix<double>& R,
+                        const moe::TokenInputs<double>& tokens) {
+  const auto& r = router.forward(x, tokens);
+  double sum = router.aux_loss();
+  for (Index e = 0; e < r.num_experts; ++e)
+    for (Index s = r.expert_offsets[e]; s < r.expert_offsets[e + 1]; ++s)
+      if (r.slot_token[s] >= 0) sum += r.slot_weight[s] * R(r.slot_token[s], e);
+  return sum;
+}
+
+template <class Router>
+void check_router_gradient(Router router, Index T, std::uint64_t seed, bool masked = false) {
+  const Index D = router.input_dim(), E = router.num_experts();
+  Matrix<double> x = random_matrix<double>(T, D, seed, 1.0);
+  const Matrix<double> R = random_matrix<double>(T, E, seed + 1);
+  std::vector<std::uint8_t> valid(T, 1);
+  if (masked) valid[1] = valid[T - 2] = 0;
+  const moe::TokenInputs<double> tokens{.valid = masked ? std::span<const std::uint8_t>(valid) : std::span<const std::uint8_t>()};
+  // scale the router so that logits are O(1) and routing decisions stay away from ties
+  router.scorer().weight() *= 3.0;
+  const auto& r = router.forward(x, tokens);
+  std::vector<double> dw(r.num_slots());
+  for (Index e = 0; e < E; ++e)
+    for (Index s = r.expert_offsets[e]; s < r.expert_offsets[e + 1]; ++s)
+      dw[s] = r.slot_token[s] >= 0 ? R(r.slot_token[s], e) : 0.0;
+  moe::zero_grad(router);
+  Matrix<double> dx(T, D);
+  router.backward(x, tokens, dw, dx);
+  Matrix<double> dweight;
+  router.for_each_parameter([&](std::string_view name, auto, auto grad) {
+    if (name == "router.weight") dweight = grad;
+  });
+  const auto f = [&] { return router_objective(router, x, R, tokens); };
+  require_gradient_close(dx, numeric_gradient(x, f));
+  require_gradient_close(dweight, numeric_gradient(router.scorer().weight(), f));
+  if (masked) REQUIRE(dx.row(1).isZero(0));  // padding gets no gradient
+}
+
+template <class Gate>
+void check_gate_router_gradients(Weighting w, Capacity cap, Index k) {
+  using R = moe::Router<moe::LinearScorer<double>, Gate, moe::TopKSelector<double>,
+                        moe::LoadBalanceLoss<double>, moe::ZLoss<double>>;
+  check_router_gradient(R(moe::LinearScorer<double>(5, 6, {.bias = true, .seed = 3}), Gate{},
+                          moe::TopKSelector<double>(k, {.weighting = w, .scale = 1.3, .capacity = cap}),
+                          moe::LoadBalanceLoss<double>(BalanceNorm::megatron, 0.1),
+                          moe::ZLoss<double>(0.01)),
+                        14, 40, true);
+}
+}  // namespace
+
+TEST_CASE("router gradients: presets", "[router][gradient]") {
+  check_router_gradient(moe::make_switch_router<double>(6, 4, 1.0), 16, 1);
+  check_router_gradient(moe::make_gshard_router<double>(6, 4, 0.75), 16, 2);
+  check_router_gradient(moe::make_topk_router<double>(6, 5, 3), 16, 3, true);
+  check_router_gradient(moe::make_deepspeed_topk_router<double>(6, 5, 2, 0.6, 2), 16, 4);
+}
+
+TEST_CASE("router gradients: every weighting, capacity and gate", "[router][gradient]") {
+  for (auto w : all_weightings)
+    for (const Capacity& cap : {Capacity{}, Capacity{.factor = 0.6, .overflow = OverflowOrder::by_weight},
+                                Capacity{.factor = 0.7, .pad = true, .overflow = OverflowOrder::token_major}}) {
+      INFO("weighting " << int(w) << " factor " << cap.factor.value_or(-1));
+      check_gate_router_gradients<moe::SoftmaxGate<double>>(w, cap, 2);
+      check_gate_router_gradients<moe::SigmoidGate<double>>(w, cap, 2);
+      check_gate_router_gradients<moe::SqrtSoftplusGate<double>>(w, cap, 3);
+    }
+}
+
+// ---- the Router: end to end against the reference, determinism, edge cases ----------------
+
+TEMPLATE_TEST_CASE("Router routes as the reference on its own logits", "[router]", float, double) {
+  using S = TestType;
+  auto router = moe::make_deepspeed_topk_router<S>(8, 6, 2, 1.0, 4);
+  const Matrix<S> x = random_matrix<S>(40, 8, 9);
+  const auto& r = router.forward(x);
+  // the logits are x W^T: recomputed here, the reference routes them independently
+  const Matrix<S> logits = x * router.scorer().weight().transpose();
+  REQUIRE(router.logits().isApprox(logits, forward_tol<S>(8)));
+  Matrix<S> scores(40, 6);
+  moe::SoftmaxGate<S>{}.forward(router.logits(), scores);
+  require_matches(r, reference_route(router.logits(), scores, 2, router.selector().options()), false);
+}
+
+TEST_CASE("same input, bit-identical routing and gradients", "[router]") {
+  auto a = moe::make_gshard_router<float>(8, 4, 0.8);
+  const Matrix<float> x = random_matrix<float>(64, 8, 12);
+  const auto first = a.forward(x);
+  const auto second = a.forward(x);
+  REQUIRE(first.slot_token == second.slot_token);
+  REQUIRE(first.slot_weight == second.slot_weight);
+  REQUIRE(first.choice_slot == second.choice_slot);
+}
+
+TEST_CASE("an empty batch is valid", "[router]") {
+  auto router = moe::make_topk_router<double>(4, 3, 2);
+  const Matrix<double> x(0, 4);
+  const auto& r = router.forward(x);
+  REQUIRE(r.num_slots() == 0);
+  REQUIRE(r.num_choices() == 0);
+  REQUIRE(r.expert_offsets == std::vector<Index>(4, 0));
+  REQUIRE(router.loss_values()[0] == 0);
+  REQUIRE(router.loss_values()[1] == 0);
+  Matrix<double> dx(0, 4);
+  router.backward(x, {}, {}, dx);
+  auto capped = moe::make_switch_router<double>(4, 3);
+  REQUIRE(capped.forward(x).capacity == 0);
+}
+
+// ---- bad input --------------------------------------------------------------------------------
+
+namespace {
+template <class Error, class F>
+void require_error(F&& f, std::vector<std::string> words) {
+  try {
+    f();
+    FAIL("no exception");
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    REQUIRE(dynamic_cast<const moe::error*>(&e) != nullptr);
+    for (const auto& w : words) {
+      INFO(what);
+      REQUIRE(what.find(w) != std::string::npos);
+    }
+  }
+}
+}  // namespace
+
+TEST_CASE("bad configuration throws config_error naming argument, value and rule", "[errors]") {
+  require_error<moe::config_error>([] { moe::TopKSelector<float>(0); }, {"'k'", "= 0", "k >= 1"});
+  require_error<moe::config_error>([] { moe::TopKSelector<float>(2, {.capacity = {.factor = 0.0}}); },
+                                   {"capacity.factor", "= 0", "> 0"});
+  require_error<moe::config_error>([] { moe::TopKSelector<float>(2, {.capacity = {.factor = -1.0}}); },
+                                   {"capacity.factor", "= -1"});
+  require_error<moe::config_error>([] { moe::LinearScorer<float>(4, 0); }, {"num_experts", "= 0"});
+}
+
+TEST_CASE("bad input throws before anything is written", "[errors]") {
+  auto router = moe::make_topk_router<double>(4, 3, 2);
+  const Matrix<double> good = random_matrix<double>(6, 4, 1);
+  const auto before = router.forward(good);  // a routing that must survive every failure
+  const auto unchanged = [&] {
+    REQUIRE(router.routing().slot_token == before.slot_token);
+    REQUIRE(router.routing().slot_weight == before.slot_weight);
+  };
+  SECTION("k > E") {
+    auto big = moe::Router(moe::LinearScorer<double>(4, 3), moe::SoftmaxGate<double>{}, moe::TopKSelector<double>(4));
+    require_error<moe::config_error>([&] { big.forward(good); }, {"'k'", "= 4", "k <= number of experts (3)"});
+    REQUIRE(big.routing().num_tokens == 0);
+  }
+  SECTION("width mismatch") {
+    const Matrix<double> wide = random_matrix<double>(6, 5, 1);
+    require_error<moe::shape_error>([&] { router.forward(wide); }, {"'x'", "[6 x 5]", "[6 x 4]"});
+    unchanged();
+  }
+  SECTION("mask of the wrong length") {
+    const std::vector<std::uint8_t> valid(5, 1);
+    require_error<moe::shape_error>([&] { router.forward(good, {.valid = valid}); }, {"tokens.valid", "= 5"});
+    unchanged();
+  }
+  SECTION("NaN and Inf in the logits") {
+    Matrix<double> bad = good;
+    bad(2, 1) = std::numeric_limits<double>::quiet_NaN();
+    require_error<moe::value_error>([&] { router.forward(bad); }, {"'logits'", "nan", "finite"});
+    unchanged();
+    Matrix<double> logits = Matrix<double>::Zero(6, 3);
+    logits(4, 2) = std::numeric_limits<double>::infinity();
+    require_error<moe::value_error>([&] { router.route(logits); }, {"'logits'", "inf at (4, 2)"});
+    unchanged();
+  }
+}
