@@ -15,10 +15,12 @@ namespace moe {
 // Diagnosing fallback: only reached when some policy misses a requirement.
 template <class Scorer, class Gate, class Selector, class... Losses>
 class Router {
-  static_assert(diagnose_scorer<Scorer>() && diagnose_gate<Gate>() &&
-                    diagnose_selector<Selector>() && (diagnose_loss_term<Losses>() && ...),
-                "moe::Router: see the first error above for what to add");
-  static_assert(!(scorer<Scorer> && gate<Gate> && selector<Selector> && (loss_term<Losses> && ...)),
+  // Each diagnose_* names its policy's first missing member; when every policy models its
+  // concept on its own, what is left is a mix of scalar types.
+  static constexpr bool each_models = diagnose_scorer<Scorer>() && diagnose_gate<Gate>() &&
+                                      diagnose_selector<Selector>() &&
+                                      (diagnose_loss_term<Losses>() && ...);
+  static_assert(!each_models,
                 "moe::Router: the scorer, gate, selector and losses must share one scalar_type");
 
 public:

@@ -19,11 +19,14 @@ struct NoSharedExpert {};
 
 template <class Router, class Experts, class Shared = NoSharedExpert>
 class MoELayer {
-  static_assert(diagnose_experts<Experts>() &&
-                    (std::same_as<Shared, NoSharedExpert> || diagnose_experts<Shared>()),
-                "moe::MoELayer: see the error above for what to add");
-  static_assert(!(experts<Experts> && (std::same_as<Shared, NoSharedExpert> || experts<Shared>)),
-                "moe::MoELayer: the router and the experts must share one scalar_type");
+  // Names the experts' (or shared expert's) first missing member; when both model the concept,
+  // what is left is a scalar type that differs from the router's.
+  static consteval bool diagnose_shared() {
+    if constexpr (std::same_as<Shared, NoSharedExpert>) return true;
+    else return diagnose_experts<Shared>();
+  }
+  static constexpr bool each_models = diagnose_experts<Experts>() && diagnose_shared();
+  static_assert(!each_models, "moe::MoELayer: the router and the experts must share one scalar_type");
 
 public:
   template <class... Args>
