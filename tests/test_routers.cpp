@@ -72,7 +72,7 @@ RefRouting reference_route(const Matrix<S>& logits, const Matrix<S>& scores, Ind
   if (cap.factor) {
     const double base = double(n_valid) * double(cap.times_k ? k : 1) * *cap.factor / double(E);
     double c = cap.rounding == moe::Rounding::ceil    ? std::ceil(base)
-               : cap.rounding == moe::Rounding::round ? std::round(base)
+               : cap.rounding == moe::Rounding::round ? std::nearbyint(base)  // Python round: half to even
                                                       : std::floor(base);
     Index C = std::max(Index(c), cap.minimum);
     out.capacity = (C + cap.multiple_of - 1) / cap.multiple_of * cap.multiple_of;

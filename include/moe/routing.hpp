@@ -170,6 +170,8 @@ double experts_per_token(const SparseRouting<S>& r) {
 // Mean entropy (nats) of the router's per-token distributions over the valid tokens.
 template <class S>
 double router_entropy(MatrixIn<S> probs, std::span<const std::uint8_t> valid = {}) {
+  detail::require<shape_error>(valid.empty() || Index(valid.size()) == probs.rows(), "router_entropy",
+                               "valid", valid.size(), "length 0 (absent) or the number of rows");
   double sum = 0;
   Index n = 0;
   for (Index t = 0; t < probs.rows(); ++t) {

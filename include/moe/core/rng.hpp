@@ -23,9 +23,10 @@ public:
     return mix(h ^ lane);
   }
 
-  // Uniform in the open interval (0, 1), 53 bits.
+  // Uniform in the open interval (0, 1): 52 bits plus a half step, so both ends are exact
+  // doubles short of 0 and 1 (log(u) and log(1 - u) stay finite).
   double uniform(std::uint64_t token, std::uint64_t expert, std::uint64_t lane = 0) const {
-    return (static_cast<double>(bits(token, expert, lane) >> 11) + 0.5) * 0x1.0p-53;
+    return (static_cast<double>(bits(token, expert, lane) >> 12) + 0.5) * 0x1.0p-52;
   }
 
   // Standard normal by Box-Muller over two independent lanes.

@@ -2,7 +2,8 @@
 // Capacity of token-choice routers (ROUTERS.md §0.1, §1.4): how many slots each expert has,
 // which (token, choice) pairs win them when an expert overflows, and in which order the winners
 // sit in the expert's buffer. Every reference rule is one setting of this struct:
-//   GShard/fairseq/vmoe: {.factor = cf, .times_k = true, .multiple_of = 4 (vmoe)}, rank_major
+//   GShard/vmoe:         {.factor = cf, .times_k = true, .multiple_of = 4 (vmoe)}, rank_major
+//   (fairseq's 2*ceil(T/E) rounds per expert first: {.factor = 1} matches it when E divides T)
 //   DeepSpeed top-k:     {.factor = cf, .times_k = true, .minimum = 8}, by_weight, token slots
 //   flaxformer:          {.factor = cf, .times_k = false, .rounding = round, .minimum = 4}
 //   Megatron:            {.factor = cf, .times_k = true}, by_weight or token_major, pad optional
@@ -10,6 +11,7 @@
 #include <optional>
 #include <string>
 
+#include "moe/config.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/errors.hpp"
 
@@ -57,11 +59,15 @@ struct Capacity {
 
   // C for `tokens` real tokens, `experts` experts and k choices per token; -1 when dropless.
   Index slots(Index tokens, Index experts, Index k, std::string_view where) const {
+    MOE_ASSERT(experts >= 1 && k >= 1);
     if (!factor) return -1;
     if (tokens == 0) return 0;
-    const double base = double(tokens) * double(times_k ? k : 1) * *factor / double(experts);
+    // More slots than choices can never fill; the clamp also keeps the conversion defined.
+    const double choices = double(tokens) * double(k);
+    const double base = std::min(choices, double(tokens) * double(times_k ? k : 1) * *factor / double(experts));
+    // round = half to even (nearbyint), as Python's round() in flaxformer/vmoe
     double c = rounding == Rounding::ceil    ? std::ceil(base)
-               : rounding == Rounding::round ? std::round(base)
+               : rounding == Rounding::round ? std::nearbyint(base)
                                              : std::floor(base);
     Index cap = std::max(Index(c), minimum);
     cap = (cap + multiple_of - 1) / multiple_of * multiple_of;
