@@ -6,3 +6,10 @@
 #ifndef MOE_ASSERT
 #  define MOE_ASSERT(cond) assert(cond)
 #endif
+
+// Forces inlining of the small SIMD helpers the hot loops are built from.
+#if defined(__GNUC__) || defined(__clang__)
+#  define MOE_INLINE inline __attribute__((always_inline))
+#else
+#  define MOE_INLINE inline
+#endif

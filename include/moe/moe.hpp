@@ -24,6 +24,7 @@
 #include "moe/presets.hpp"
 
 #include "moe/layer/ffn_experts.hpp"
+#include "moe/layer/identity_experts.hpp"
 #include "moe/layer/swiglu_experts.hpp"
 #include "moe/layer/moe_layer.hpp"
 #include "moe/layer/optimizer.hpp"

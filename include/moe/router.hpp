@@ -2,6 +2,7 @@
 // moe::Router<Scorer, Gate, Selector, Losses...> (DESIGN.md §2): the composition of the four
 // stages, forward and backward. A policy that does not model its stage's concept selects the
 // diagnosing primary template below, which names the missing member in one static_assert.
+#include <algorithm>
 #include <array>
 #include <span>
 #include <tuple>
@@ -61,13 +62,12 @@ public:
     return route_logits(logits_, tokens);
   }
 
-  // Routing from logits the caller already has ([T, E]); the scorer is skipped.
+  // Routing from logits the caller already has ([T, E]); the scorer is skipped. The logits are
+  // read in place, not copied: keep them alive and unchanged until backward.
   const routing_type& route(MatrixIn<S> logits, const TokenInputs<S>& tokens = {}) {
     detail::check_shape("Router::route", "logits", logits, logits.rows(), num_experts());
     detail::check_tokens("Router::route", tokens, logits.rows(), num_experts());
-    fit(logits_, logits.rows(), num_experts());
-    logits_ = logits;
-    return route_logits(logits_, tokens);
+    return route_logits(logits, tokens);
   }
 
   // Backward from d(loss)/d(slot weight) [num_slots]: adds the router parameters' gradients
@@ -81,20 +81,25 @@ public:
 
   // The same without a scorer: d(loss)/d(logits) of the last forward or route.
   const Matrix<S>& backward_logits(const TokenInputs<S>& tokens, std::span<const S> dslot_weight) {
-    fit(dscores_, logits_.rows(), logits_.cols());
-    fit(dlogits_, logits_.rows(), logits_.cols());
+    const MatrixIn<S> logits = this->logits();
+    fit(dscores_, logits.rows(), logits.cols());
+    fit(dlogits_, logits.rows(), logits.cols());
     dscores_.setZero();
     dlogits_.setZero();
-    const SelectorInput<S> sel{logits_, scores_, rank_view(), tokens};
+    const SelectorInput<S> sel{logits, scores_, rank_view(), tokens};
     selector_.backward(sel, routing_, dslot_weight, dscores_, dlogits_);
-    const LossInput<S> li{logits_, scores_, routing_, tokens};
+    const LossInput<S> li{logits, scores_, routing_, tokens};
     std::apply([&](auto&... l) { (l.backward(li, dlogits_, dscores_), ...); }, losses_);
-    gate_.backward(logits_, scores_, dscores_, dlogits_);
+    gate_.backward(logits, scores_, dscores_, dlogits_);
     return dlogits_;
   }
 
   const routing_type& routing() const { return routing_; }
-  const Matrix<S>& logits() const { return logits_; }
+  // The logits of the last forward (the router's own) or route (the caller's).
+  MatrixIn<S> logits() const {
+    using View = Eigen::Map<const Matrix<S>, 0, Eigen::OuterStride<>>;
+    return View(logits_data_, logits_rows_, num_experts(), Eigen::OuterStride<>(logits_stride_));
+  }
   const Matrix<S>& scores() const { return scores_; }
   // Raw values of the aux losses of the last forward, in the order of Losses...
   const std::array<S, num_losses>& loss_values() const { return loss_values_; }
@@ -123,14 +128,23 @@ private:
     if constexpr (gate_ranks) return rank_; else return scores_;
   }
 
-  const routing_type& route_logits(const Matrix<S>& logits, const TokenInputs<S>& tokens) {
-    detail::check_finite<S>("Router", "logits", logits);
+  const routing_type& route_logits(MatrixIn<S> logits, const TokenInputs<S>& tokens) {
+    // Validation and gating run block by block, so each block of logits is read from memory
+    // once (the check pulls it into cache for the gate). A bad block throws before the routing
+    // is touched.
+    constexpr Index block = 256;
     fit(scores_, logits.rows(), logits.cols());
-    gate_.forward(logits, scores_);
-    if constexpr (gate_ranks) {
-      fit(rank_, logits.rows(), logits.cols());
-      gate_.rank(logits, scores_, tokens, rank_);
+    if constexpr (gate_ranks) fit(rank_, logits.rows(), logits.cols());
+    for (Index t = 0; t < logits.rows(); t += block) {
+      const Index n = std::min(block, logits.rows() - t);
+      const auto rows = logits.middleRows(t, n);
+      detail::check_finite<S>("Router", "logits", rows, t);
+      gate_.forward(rows, scores_.middleRows(t, n));
+      if constexpr (gate_ranks) gate_.rank(rows, scores_.middleRows(t, n), tokens.rows(t, n, logits.cols()), rank_.middleRows(t, n));
     }
+    logits_data_ = logits.data();
+    logits_rows_ = logits.rows();
+    logits_stride_ = logits.outerStride();
     selector_.forward(SelectorInput<S>{logits, scores_, rank_view(), tokens}, routing_);
     const LossInput<S> li{logits, scores_, routing_, tokens};
     std::size_t i = 0;
@@ -144,6 +158,8 @@ private:
   std::tuple<Losses...> losses_;
   // workspace, reused across calls
   Matrix<S> logits_, scores_, rank_, dscores_, dlogits_;
+  const S* logits_data_ = nullptr;  // the logits routed last: logits_ or the caller's
+  Index logits_rows_ = 0, logits_stride_ = 0;
   routing_type routing_;
   std::array<S, num_losses> loss_values_{};
 };

@@ -35,6 +35,12 @@ struct TokenInputs {
   std::span<const S> noise{};
 
   bool is_valid(Index t) const { return valid.empty() || valid[static_cast<std::size_t>(t)] != 0; }
+
+  // The inputs of tokens [first, first + count) of a batch routed over `experts` experts.
+  TokenInputs rows(Index first, Index count, Index experts) const {
+    const auto part = [](auto span, Index from, Index n) { return span.empty() ? span : span.subspan(std::size_t(from), std::size_t(n)); };
+    return {part(valid, first, count), part(segment, first, count), part(noise, first * experts, count * experts)};
+  }
 };
 
 }  // namespace moe

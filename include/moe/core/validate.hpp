@@ -7,6 +7,7 @@
 
 #include "moe/core/tensor.hpp"
 #include "moe/errors.hpp"
+#include "moe/kernels/finite.hpp"
 
 namespace moe::detail {
 
@@ -32,15 +33,15 @@ void check_tokens(std::string_view where, const TokenInputs<S>& in, Index tokens
   check("tokens.noise", in.noise.size(), tokens * experts);
 }
 
-// NaN or Inf in a matrix the routing depends on.
+// NaN or Inf in a matrix the routing depends on; m may be the block of rows starting at first_row.
 template <class S>
-void check_finite(std::string_view where, std::string_view name, MatrixIn<S> m) {
-  if (m.allFinite()) return;
+void check_finite(std::string_view where, std::string_view name, MatrixIn<S> m, Index first_row = 0) {
+  if (kernels::all_finite<S>(m)) return;
   for (Index t = 0; t < m.rows(); ++t)
     for (Index e = 0; e < m.cols(); ++e)
       if (!std::isfinite(m(t, e))) {
         std::ostringstream value;
-        value << m(t, e) << " at (" << t << ", " << e << ")";
+        value << m(t, e) << " at (" << first_row + t << ", " << e << ")";
         fail<value_error>(where, name, value.str(), "every entry finite (no NaN or Inf)");
       }
 }

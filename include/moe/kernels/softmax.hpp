@@ -1,12 +1,16 @@
 #pragma once
-// Row softmax, max-subtracted so that logits near +-1e3 neither overflow nor vanish.
+// Row softmax, max-subtracted so that logits near +-1e3 neither overflow nor vanish, accumulated
+// in the scalar type (fp32 for float). The SIMD kernel runs each row in the widest batch that
+// fits it; scalar::softmax_rows is its twin.
 #include <algorithm>
 #include <cmath>
 
 #include "moe/core/tensor.hpp"
+#include "moe/kernels/simd.hpp"
 
 namespace moe::kernels {
 
+namespace scalar {
 template <class S>
 void softmax_rows(MatrixIn<S> logits, MatrixOut<S> probs) {
   const Index cols = logits.cols();
@@ -19,6 +23,69 @@ void softmax_rows(MatrixIn<S> logits, MatrixOut<S> probs) {
     const S inv = S(1) / sum;
     for (Index e = 0; e < cols; ++e) out[e] *= inv;
   }
+}
+}  // namespace scalar
+
+namespace detail {
+template <class B, class S>
+void softmax_row(const S* in, S* out, Index n) {
+  constexpr Index w = Index(B::size);
+  Index e = 0;
+  B m(-std::numeric_limits<S>::infinity());
+  for (; e + w <= n; e += w) m = xsimd::max(m, B::load_unaligned(in + e));
+  S top = reduce_max(m);
+  for (; e < n; ++e) top = std::max(top, in[e]);
+  B acc(S(0));
+  for (e = 0; e + w <= n; e += w) {
+    const B v = exp_approx(B::load_unaligned(in + e) - B(top));
+    v.store_unaligned(out + e);
+    acc += v;
+  }
+  S sum = xsimd::hadd(acc);
+  for (; e < n; ++e) sum += (out[e] = exp_approx(in[e] - top));
+  const S inv = S(1) / sum;
+  for (e = 0; e + w <= n; e += w) (B::load_unaligned(out + e) * B(inv)).store_unaligned(out + e);
+  for (; e < n; ++e) out[e] *= inv;
+}
+// A row of exactly Chunks full batches, held in registers: one load and one store per element.
+template <class B, int Chunks, class S>
+MOE_INLINE void softmax_row_registers(const S* in, S* out) {
+  constexpr Index w = Index(B::size);
+  B v[Chunks];
+  for (int c = 0; c < Chunks; ++c) v[c] = B::load_unaligned(in + c * w);
+  B m = v[0];
+  for (int c = 1; c < Chunks; ++c) m = xsimd::max(m, v[c]);
+  const B top(reduce_max(m));
+  B acc(S(0));
+  for (int c = 0; c < Chunks; ++c) acc += (v[c] = exp_approx(v[c] - top));
+  const B inv(S(1) / xsimd::hadd(acc));
+  for (int c = 0; c < Chunks; ++c) (v[c] * inv).store_unaligned(out + c * w);
+}
+
+template <class B, class S>
+void softmax_rows(MatrixIn<S> logits, MatrixOut<S> probs) {
+  constexpr Index w = Index(B::size);
+  const Index n = logits.cols();
+  const auto rows = [&](auto row) {
+    for (Index t = 0; t < logits.rows(); ++t) row(logits.row(t).data(), probs.row(t).data());
+  };
+  switch (n % w == 0 ? n / w : 0) {
+    case 1: return rows([](const S* i, S* o) { softmax_row_registers<B, 1>(i, o); });
+    case 2: return rows([](const S* i, S* o) { softmax_row_registers<B, 2>(i, o); });
+    case 4: return rows([](const S* i, S* o) { softmax_row_registers<B, 4>(i, o); });
+    case 8: return rows([](const S* i, S* o) { softmax_row_registers<B, 8>(i, o); });
+    default: return rows([n](const S* i, S* o) { softmax_row<B>(i, o, n); });
+  }
+}
+}  // namespace detail
+
+template <class S>
+void softmax_rows(MatrixIn<S> logits, MatrixOut<S> probs) {
+  const Index n = logits.cols();
+  const auto rows = [&](auto batch) { detail::softmax_rows<decltype(batch), S>(logits, probs); };
+  if (n >= Index(width<S>)) rows(Batch<S>{});
+  else if (n >= 8) rows(NarrowBatch<S, 8>{});
+  else rows(NarrowBatch<S, 4>{});
 }
 
 // log(sum(exp(row))) of one row, max-subtracted.

@@ -38,22 +38,22 @@ public:
 
   S forward(const LossInput<S>& in) const {
     const auto [f, p_scale] = fractions(in);
+    fit(score_sum_, 1, in.scores.cols());
+    score_sum_.setZero();
+    for (Index t = 0; t < in.scores.rows(); ++t)  // row by row: contiguous, vectorised
+      if (in.tokens.is_valid(t)) score_sum_ += in.scores.row(t);
     S value = 0;
-    for (Index e = 0; e < in.scores.cols(); ++e) {
-      S p = 0;
-      for (Index t = 0; t < in.scores.rows(); ++t)
-        if (in.tokens.is_valid(t)) p += in.scores(t, e);
-      value += f[e] * p * p_scale;
-    }
+    for (Index e = 0; e < in.scores.cols(); ++e) value += f[e] * score_sum_(0, e) * p_scale;
     return value;
   }
 
   // dL/dscores[t, e] = c * f_e * p_scale for every real token t.
   void backward(const LossInput<S>& in, MatrixOut<S>, MatrixOut<S> dscores) const {
     const auto [f, p_scale] = fractions(in);
+    fit(score_sum_, 1, in.scores.cols());  // reused as the per-expert gradient row
+    for (Index e = 0; e < in.scores.cols(); ++e) score_sum_(0, e) = coefficient_ * f[e] * p_scale;
     for (Index t = 0; t < in.scores.rows(); ++t)
-      if (in.tokens.is_valid(t))
-        for (Index e = 0; e < in.scores.cols(); ++e) dscores(t, e) += coefficient_ * f[e] * p_scale;
+      if (in.tokens.is_valid(t)) dscores.row(t) += score_sum_;
   }
 
 private:
@@ -80,7 +80,8 @@ private:
 
   BalanceNorm norm_;
   S coefficient_;
-  mutable std::vector<S> f_;  // scratch
+  mutable std::vector<S> f_;         // scratch
+  mutable Matrix<S> score_sum_;      // scratch
 };
 
 }  // namespace moe

@@ -63,13 +63,17 @@ public:
     fit(r.choice_slot, choices);
     fit(choice_token_, choices);
     fit(pre_weight_, choices);
+    fit(choice_score_, choices);
 
     // 1. each real token's top-k, in rank order, and its pre-drop combine weights
     for (Index t = 0, c = 0; t < tokens; ++t) {
       r.token_offsets[t] = c;
       if (!in.tokens.is_valid(t)) continue;
       kernels::top_k_row(in.rank.row(t).data(), experts, k_, &r.choice_expert[c]);
-      for (Index j = 0; j < k_; ++j) choice_token_[c + j] = std::int32_t(t);
+      for (Index j = 0; j < k_; ++j) {
+        choice_token_[c + j] = std::int32_t(t);
+        choice_score_[c + j] = in.scores(t, r.choice_expert[c + j]);  // while the row is in cache
+      }
       pre_drop_weights(in, t, &r.choice_expert[c], &pre_weight_[c]);
       c += k_;
     }
@@ -113,11 +117,11 @@ public:
       S kept = 0;
       if (after)
         for (Index c = lo; c < hi; ++c)
-          if (r.choice_slot[c] >= 0) kept += in.scores(t, r.choice_expert[c]);
+          if (r.choice_slot[c] >= 0) kept += choice_score_[c];
       const S z = std::max(kept, floor());
       for (Index c = lo; c < hi; ++c)
         if (const auto s = r.choice_slot[c]; s >= 0)
-          r.slot_weight[s] = after ? S(opt_.scale) * (in.scores(t, r.choice_expert[c]) / z) : pre_weight_[c];
+          r.slot_weight[s] = after ? S(opt_.scale) * (choice_score_[c] / z) : pre_weight_[c];
     }
   }
 
@@ -253,7 +257,7 @@ private:
   Options opt_;
   // scratch, sized once per shape
   std::vector<std::int32_t> choice_token_, order_, token_order_;
-  std::vector<S> pre_weight_, token_priority_;
+  std::vector<S> pre_weight_, choice_score_, token_priority_;
   std::vector<Index> count_;
 };
 

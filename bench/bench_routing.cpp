@@ -1,0 +1,42 @@
+// Routing: given logits (softmax + top-k + capacity + slots + balance loss), and gating with the
+// logits GEMM in front.
+#include "common.hpp"
+
+namespace moe_bench {
+
+static void BM_TokenChoiceRoute(benchmark::State& state) {
+  const Index T = state.range(0), E = state.range(1), k = state.range(2);
+  const auto sets = logit_sets(T, E);
+  auto router = benchmark_router(8, E, k);
+  int i = 0;
+  for (auto _ : state) benchmark::DoNotOptimize(router.route(sets[i++ % rotating_sets]).num_slots());
+  set_rates(state, T, double(T * E) * sizeof(float));
+}
+
+static void BM_Gating(benchmark::State& state) {
+  const Index T = state.range(0), D = state.range(1), E = state.range(2), k = state.range(3);
+  std::vector<Matrix<float>> xs;
+  for (int s = 0; s < rotating_sets; ++s) xs.push_back(random_matrix(T, D, 2000 + s));
+  auto router = benchmark_router(D, E, k);
+  int i = 0;
+  for (auto _ : state) benchmark::DoNotOptimize(router.forward(xs[i++ % rotating_sets]).num_slots());
+  set_rates(state, T, double(T * D + E * D + T * E) * sizeof(float));
+}
+
+static void token_choice_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"T", "E", "k"});
+  for (Index T : {4096, 16384})
+    for (Index E : {8, 64, 256})
+      for (Index k : {1, 2, 8})
+        if (k <= E) b->Args({T, E, k});
+}
+
+BENCHMARK(BM_TokenChoiceRoute)->Apply(token_choice_shapes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Gating)
+    ->ArgNames({"T", "D", "E", "k"})
+    ->Args({16384, 1024, 8, 1})
+    ->Args({16384, 1024, 64, 2})
+    ->Args({16384, 1024, 256, 8})
+    ->Unit(benchmark::kMicrosecond);
+
+}  // namespace moe_bench
