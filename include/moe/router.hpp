@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "moe/concepts.hpp"
+#include "moe/core/parallel.hpp"
 #include "moe/core/validate.hpp"
 #include "moe/core/workspace.hpp"
 
@@ -52,14 +53,16 @@ public:
   Index input_dim() const { return scorer_.input_dim(); }
   Index num_experts() const { return scorer_.num_experts(); }
 
-  // x [T, D] -> routing. Validates everything before the routing is touched; on error the
-  // previous routing and loss values stay as they were.
+  // x [T, D] -> routing. On error the previous call's routing, logits, scores and loss values
+  // stay as they were (a backward after a rejected batch still sees the last good one).
   const routing_type& forward(MatrixIn<S> x, const TokenInputs<S>& tokens = {}) {
     detail::check_shape("Router::forward", "x", x, x.rows(), input_dim());
     detail::check_tokens("Router::forward", tokens, x.rows(), num_experts());
-    fit(logits_, x.rows(), num_experts());
-    scorer_.forward(x, tokens, logits_);
-    return route_logits(logits_, tokens);
+    auto& logits = state_[1 - current_].logits;
+    fit(logits, x.rows(), num_experts());
+    if (state_[current_].logits.size() == 0) fit(state_[current_].logits, x.rows(), num_experts());  // first call sizes both
+    scorer_.forward(x, tokens, logits);
+    return route_logits(logits, tokens);
   }
 
   // Routing from logits the caller already has ([T, E]); the scorer is skipped. The logits are
@@ -86,11 +89,12 @@ public:
     fit(dlogits_, logits.rows(), logits.cols());
     dscores_.setZero();
     dlogits_.setZero();
-    const SelectorInput<S> sel{logits, scores_, rank_view(), tokens};
+    const State& st = state_[current_];
+    const SelectorInput<S> sel{logits, st.scores, rank_view(st), tokens};
     selector_.backward(sel, routing_, dslot_weight, dscores_, dlogits_);
-    const LossInput<S> li{logits, scores_, routing_, tokens};
+    const LossInput<S> li{logits, st.scores, routing_, tokens};
     std::apply([&](auto&... l) { (l.backward(li, dlogits_, dscores_), ...); }, losses_);
-    gate_.backward(logits, scores_, dscores_, dlogits_);
+    gate_.backward(logits, st.scores, dscores_, dlogits_);
     return dlogits_;
   }
 
@@ -100,7 +104,7 @@ public:
     using View = Eigen::Map<const Matrix<S>, 0, Eigen::OuterStride<>>;
     return View(logits_data_, logits_rows_, num_experts(), Eigen::OuterStride<>(logits_stride_));
   }
-  const Matrix<S>& scores() const { return scores_; }
+  const Matrix<S>& scores() const { return state_[current_].scores; }
   // Raw values of the aux losses of the last forward, in the order of Losses...
   const std::array<S, num_losses>& loss_values() const { return loss_values_; }
   // sum of coefficient * value: the term backward differentiates.
@@ -124,8 +128,14 @@ private:
   static constexpr bool gate_ranks = requires(Gate& g, MatrixIn<S> in, const TokenInputs<S>& tok,
                                               MatrixOut<S> out) { g.rank(in, in, tok, out); };
 
-  MatrixIn<S> rank_view() const {
-    if constexpr (gate_ranks) return rank_; else return scores_;
+  // The per-call matrices, double-buffered: a call works in the spare set and makes it current
+  // only once it has succeeded, without copying or allocating.
+  struct State {
+    Matrix<S> logits, scores, rank;
+  };
+
+  MatrixIn<S> rank_view(const State& st) const {
+    if constexpr (gate_ranks) return st.rank; else return st.scores;
   }
 
   const routing_type& route_logits(MatrixIn<S> logits, const TokenInputs<S>& tokens) {
@@ -133,20 +143,28 @@ private:
     // once (the check pulls it into cache for the gate). A bad block throws before the routing
     // is touched.
     constexpr Index block = 256;
-    fit(scores_, logits.rows(), logits.cols());
-    if constexpr (gate_ranks) fit(rank_, logits.rows(), logits.cols());
-    for (Index t = 0; t < logits.rows(); t += block) {
-      const Index n = std::min(block, logits.rows() - t);
+    const int next = 1 - current_;
+    State& st = state_[next];
+    for (State* s : {&st, &state_[current_]}) {  // the current set only on the first call
+      if (s != &st && s->scores.size() != 0) continue;
+      fit(s->scores, logits.rows(), logits.cols());
+      if constexpr (gate_ranks) fit(s->rank, logits.rows(), logits.cols());
+    }
+    parallel_for(logits.rows(), block, [&](Index t, Index end) {
+      const Index n = end - t;
       const auto rows = logits.middleRows(t, n);
       detail::check_finite<S>("Router", "logits", rows, t);
-      gate_.forward(rows, scores_.middleRows(t, n));
-      if constexpr (gate_ranks) gate_.rank(rows, scores_.middleRows(t, n), tokens.rows(t, n, logits.cols()), rank_.middleRows(t, n));
-    }
+      gate_.forward(rows, st.scores.middleRows(t, n));
+      if constexpr (gate_ranks)
+        gate_.rank(rows, st.scores.middleRows(t, n), tokens.rows(t, n, logits.cols()), st.rank.middleRows(t, n));
+    });
+    // the selector validates before it writes the routing, so a throw leaves that intact too
+    selector_.forward(SelectorInput<S>{logits, st.scores, rank_view(st), tokens}, routing_);
+    current_ = next;
     logits_data_ = logits.data();
     logits_rows_ = logits.rows();
     logits_stride_ = logits.outerStride();
-    selector_.forward(SelectorInput<S>{logits, scores_, rank_view(), tokens}, routing_);
-    const LossInput<S> li{logits, scores_, routing_, tokens};
+    const LossInput<S> li{logits, st.scores, routing_, tokens};
     std::size_t i = 0;
     std::apply([&](const auto&... l) { ((loss_values_[i++] = l.forward(li)), ...); }, losses_);
     return routing_;
@@ -157,8 +175,10 @@ private:
   Selector selector_;
   std::tuple<Losses...> losses_;
   // workspace, reused across calls
-  Matrix<S> logits_, scores_, rank_, dscores_, dlogits_;
-  const S* logits_data_ = nullptr;  // the logits routed last: logits_ or the caller's
+  State state_[2];
+  int current_ = 0;
+  Matrix<S> dscores_, dlogits_;
+  const S* logits_data_ = nullptr;  // the logits routed last: the router's own or the caller's
   Index logits_rows_ = 0, logits_stride_ = 0;
   routing_type routing_;
   std::array<S, num_losses> loss_values_{};

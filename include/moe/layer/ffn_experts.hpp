@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "moe/core/gemm.hpp"
+#include "moe/core/parallel.hpp"
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/core/workspace.hpp"
@@ -57,23 +58,27 @@ public:
 
   void forward(MatrixIn<S> x, std::span<const Index> offsets, MatrixOut<S> y) {
     offsets_.assign(offsets.begin(), offsets.end());
-    fit(pre_, x.rows(), hidden_);
-    fit(act_out_, x.rows(), hidden_);
-    for (Index e = 0; e < experts_; ++e) {
+    fit_rows(pre_, x.rows(), hidden_);
+    fit_rows(act_out_, x.rows(), hidden_);
+    gemms_.reserve();
+    parallel_for(experts_, 1, [&](Index e, Index) {  // one expert per chunk: a thread owns its GEMMs
+      auto& gemm_ = gemms_.local();
       const Index lo = offsets[e], n = offsets[e + 1] - lo;
-      if (n == 0) continue;
+      if (n == 0) return;
       gemm_.run(x.middleRows(lo, n), w1(e), pre_.middleRows(lo, n));
       act_out_.middleRows(lo, n) =
           pre_.middleRows(lo, n).unaryExpr([a = act_](S v) { return detail::activate(a, v); });
       gemm_.run(act_out_.middleRows(lo, n), w2(e), y.middleRows(lo, n));
-    }
+    });
   }
 
   void backward(MatrixIn<S> x, MatrixIn<S> dy, MatrixOut<S> dx) {
-    fit(dpre_, x.rows(), hidden_);
-    for (Index e = 0; e < experts_; ++e) {
+    fit_rows(dpre_, x.rows(), hidden_);
+    gemms_.reserve();
+    parallel_for(experts_, 1, [&](Index e, Index) {
+      auto& gemm_ = gemms_.local();
       const Index lo = offsets_[e], n = offsets_[e + 1] - lo;
-      if (n == 0) continue;
+      if (n == 0) return;
       auto dpre = dpre_.middleRows(lo, n);
       gemm_.template run<true, false>(act_out_.middleRows(lo, n), dy.middleRows(lo, n),
                                       w2_grad_.middleRows(e * hidden_, hidden_), S(1), true);
@@ -84,7 +89,7 @@ public:
       gemm_.template run<true, false>(x.middleRows(lo, n), dpre,
                                       w1_grad_.middleRows(e * dim_, dim_), S(1), true);
       gemm_.template run<false, true>(dpre, w1(e), dx.middleRows(lo, n));
-    }
+    });
   }
 
   template <class F>
@@ -100,7 +105,7 @@ private:
   // saved by forward for backward, and scratch
   std::vector<Index> offsets_;
   Matrix<S> pre_, act_out_, dpre_;
-  Gemm<S> gemm_;
+  PerThread<Gemm<S>> gemms_;
 };
 
 }  // namespace moe

@@ -76,11 +76,11 @@ public:
     keep_tokens(tokens);
     fit(x_, x.rows(), x.cols());
     x_ = x;
-    fit(blocks_in_, r.num_slots(), input_dim());
-    fit(blocks_out_, r.num_slots(), output_dim());
-    kernels::gather_rows<S>(x, r.slot_token, blocks_in_);
-    experts_.forward(blocks_in_, r.expert_offsets, blocks_out_);
-    kernels::combine_rows<S>(r, r.slot_weight, blocks_out_, y, false);
+    auto in = fit_rows(blocks_in_, r.num_slots(), input_dim());
+    auto out = fit_rows(blocks_out_, r.num_slots(), output_dim());
+    kernels::gather_rows<S>(x, r.slot_token, in);
+    experts_.forward(in, r.expert_offsets, out);
+    kernels::combine_rows<S>(r, r.slot_weight, out, y, false);
     if constexpr (has_shared) {
       fit(shared_out_, x.rows(), output_dim());
       all_tokens_ = {0, x.rows()};
@@ -96,15 +96,16 @@ public:
     detail::check_shape(where, "dx", dx, x_.rows(), input_dim());
     const auto& r = router_.routing();
     // d(expert outputs) = w_s dy_t, d(w_s) = <dy_t, expert output s>
-    fit(dblocks_out_, r.num_slots(), output_dim());
-    kernels::gather_rows<S>(dy, r.slot_token, dblocks_out_, r.slot_weight);
+    const Index slots = r.num_slots();
+    auto dout = fit_rows(dblocks_out_, slots, output_dim());
+    kernels::gather_rows<S>(dy, r.slot_token, dout, r.slot_weight);
     fit(dslot_weight_, r.num_slots());
     for (Index s = 0; s < r.num_slots(); ++s)
       dslot_weight_[s] = r.slot_token[s] < 0 ? S(0) : dy.row(r.slot_token[s]).dot(blocks_out_.row(s));
-    fit(dblocks_in_, r.num_slots(), input_dim());
-    experts_.backward(blocks_in_, dblocks_out_, dblocks_in_);
+    auto din = fit_rows(dblocks_in_, slots, input_dim());
+    experts_.backward(blocks_in_.topRows(slots), dout, din);
     router_.backward(x_, tokens_view(), dslot_weight_, dx);
-    kernels::combine_rows<S>(r, {}, dblocks_in_, dx, true);
+    kernels::combine_rows<S>(r, {}, din, dx, true);
     if constexpr (has_shared) {
       fit(dshared_in_, x_.rows(), input_dim());
       shared_.backward(x_, dy, dshared_in_);
@@ -117,7 +118,14 @@ public:
   void for_each_parameter(F&& visit) {
     router_.for_each_parameter(visit);
     experts_.for_each_parameter(visit);
-    if constexpr (has_shared) shared_.for_each_parameter(visit);
+    if constexpr (has_shared)
+      shared_.for_each_parameter([&](std::string_view name, MatrixOut<S> value, MatrixOut<S> grad) {
+        // "shared." + the expert's own name, in a stack buffer: names stay unique, no allocation
+        char buf[96] = "shared.";
+        const std::size_t n = std::min(name.size(), sizeof(buf) - 8);
+        std::copy_n(name.data(), n, buf + 7);
+        visit(std::string_view(buf, 7 + n), value, grad);
+      });
   }
 
   Router& router() { return router_; }

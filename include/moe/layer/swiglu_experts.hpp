@@ -35,27 +35,31 @@ public:
 
   void forward(MatrixIn<S> x, std::span<const Index> offsets, MatrixOut<S> y) {
     offsets_.assign(offsets.begin(), offsets.end());
-    fit(g_, x.rows(), hidden_);
-    fit(u_, x.rows(), hidden_);
-    fit(h_, x.rows(), hidden_);
-    for (Index e = 0; e < experts_; ++e) {
+    fit_rows(g_, x.rows(), hidden_);
+    fit_rows(u_, x.rows(), hidden_);
+    fit_rows(h_, x.rows(), hidden_);
+    gemms_.reserve();
+    parallel_for(experts_, 1, [&](Index e, Index) {  // one expert per chunk: a thread owns its GEMMs
+      auto& gemm_ = gemms_.local();
       const Index lo = offsets[e], n = offsets[e + 1] - lo;
-      if (n == 0) continue;
+      if (n == 0) return;
       gemm_.run(x.middleRows(lo, n), in_block(wg_, e), g_.middleRows(lo, n));
       gemm_.run(x.middleRows(lo, n), in_block(wu_, e), u_.middleRows(lo, n));
       h_.middleRows(lo, n).array() =
           g_.middleRows(lo, n).unaryExpr([](S v) { return v * detail::sigmoid(v); }).array() *
           u_.middleRows(lo, n).array();
       gemm_.run(h_.middleRows(lo, n), out_block(wd_, e), y.middleRows(lo, n));
-    }
+    });
   }
 
   void backward(MatrixIn<S> x, MatrixIn<S> dy, MatrixOut<S> dx) {
-    fit(dg_, x.rows(), hidden_);
-    fit(du_, x.rows(), hidden_);
-    for (Index e = 0; e < experts_; ++e) {
+    fit_rows(dg_, x.rows(), hidden_);
+    fit_rows(du_, x.rows(), hidden_);
+    gemms_.reserve();
+    parallel_for(experts_, 1, [&](Index e, Index) {
+      auto& gemm_ = gemms_.local();
       const Index lo = offsets_[e], n = offsets_[e + 1] - lo;
-      if (n == 0) continue;
+      if (n == 0) return;
       auto dh = dg_.middleRows(lo, n);  // holds dh, then dg in place
       auto du = du_.middleRows(lo, n);
       gemm_.template run<true, false>(h_.middleRows(lo, n), dy.middleRows(lo, n),
@@ -71,7 +75,7 @@ public:
       gemm_.template run<true, false>(x.middleRows(lo, n), du, in_block(wu_grad_, e), S(1), true);
       gemm_.template run<false, true>(dh, in_block(wg_, e), dx.middleRows(lo, n));
       gemm_.template run<false, true>(du, in_block(wu_, e), dx.middleRows(lo, n), S(1), true);
-    }
+    });
   }
 
   template <class F>
@@ -89,7 +93,7 @@ private:
   Matrix<S> wg_, wu_, wd_, wg_grad_, wu_grad_, wd_grad_;
   std::vector<Index> offsets_;
   Matrix<S> g_, u_, h_, dg_, du_;
-  Gemm<S> gemm_;
+  PerThread<Gemm<S>> gemms_;
 };
 
 }  // namespace moe

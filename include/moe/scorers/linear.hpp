@@ -5,6 +5,7 @@
 #include <string_view>
 
 #include "moe/core/gemm.hpp"
+#include "moe/core/parallel.hpp"
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/errors.hpp"
@@ -46,16 +47,24 @@ public:
   Matrix<S>& bias() { return bias_; }
   const Matrix<S>& weight() const { return weight_; }
 
+  // Row blocks of a fixed size, one GEMM each (a thread per block with OpenMP).
   void forward(MatrixIn<S> x, const TokenInputs<S>&, MatrixOut<S> logits) {
-    gemm_.template run<false, true>(x, weight_, logits);
-    if (bias_enabled_) logits.rowwise() += bias_.row(0);
+    gemms_.reserve();
+    parallel_for(x.rows(), row_block, [&](Index t, Index end) {
+      auto out = logits.middleRows(t, end - t);
+      gemms_.local().template run<false, true>(x.middleRows(t, end - t), weight_, out);
+      if (bias_enabled_) out.rowwise() += bias_.row(0);
+    });
   }
 
   // dW += dlogits^T x, db += column sums of dlogits, dx = dlogits W.
   void backward(MatrixIn<S> x, const TokenInputs<S>&, MatrixIn<S> dlogits, MatrixOut<S> dx) {
-    gemm_.template run<true, false>(dlogits, x, weight_grad_, S(1), true);
+    gemms_.reserve();
+    gemms_.local().template run<true, false>(dlogits, x, weight_grad_, S(1), true);  // a reduction over T: one thread
     if (bias_enabled_) bias_grad_.row(0) += dlogits.colwise().sum();
-    gemm_.run(dlogits, weight_, dx);
+    parallel_for(x.rows(), row_block, [&](Index t, Index end) {
+      gemms_.local().run(dlogits.middleRows(t, end - t), weight_, dx.middleRows(t, end - t));
+    });
   }
 
   template <class F>
@@ -67,7 +76,8 @@ public:
 private:
   bool bias_enabled_;
   Matrix<S> weight_, bias_, weight_grad_, bias_grad_;
-  Gemm<S> gemm_;
+  static constexpr Index row_block = 1024;
+  PerThread<Gemm<S>> gemms_;
 };
 
 }  // namespace moe

@@ -71,10 +71,10 @@ struct Capacity {
                                              : std::floor(base);
     Index cap = std::max(Index(c), minimum);
     cap = (cap + multiple_of - 1) / multiple_of * multiple_of;
-    detail::require<config_error>(
-        cap >= 1, where, "capacity.factor", *factor,
-        "capacity >= 1 slot per expert; " + std::to_string(tokens) + " tokens over " +
-            std::to_string(experts) + " experts round to 0 (raise the factor or set a minimum)");
+    if (cap < 1)
+      detail::fail<config_error>(where, "capacity.factor", *factor,
+                                 "capacity >= 1 slot per expert; " + std::to_string(tokens) + " tokens over " +
+                                     std::to_string(experts) + " experts round to 0 (raise the factor or set a minimum)");
     return cap;
   }
 };

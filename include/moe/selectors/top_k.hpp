@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "moe/concepts.hpp"
+#include "moe/core/parallel.hpp"
 #include "moe/core/validate.hpp"
 #include "moe/core/workspace.hpp"
 #include "moe/kernels/top_k.hpp"
@@ -68,16 +69,21 @@ public:
     // 1. each real token's top-k, in rank order, and its pre-drop combine weights
     for (Index t = 0, c = 0; t < tokens; ++t) {
       r.token_offsets[t] = c;
-      if (!in.tokens.is_valid(t)) continue;
-      kernels::top_k_row(in.rank.row(t).data(), experts, k_, &r.choice_expert[c]);
-      for (Index j = 0; j < k_; ++j) {
-        choice_token_[c + j] = std::int32_t(t);
-        choice_score_[c + j] = in.scores(t, r.choice_expert[c + j]);  // while the row is in cache
-      }
-      pre_drop_weights(in, t, &r.choice_expert[c], &pre_weight_[c]);
-      c += k_;
+      c += in.tokens.is_valid(t) ? k_ : 0;
     }
     r.token_offsets[tokens] = choices;
+    parallel_for(tokens, 512, [&](Index begin, Index end) {
+      for (Index t = begin; t < end; ++t) {
+        const Index c = r.token_offsets[t];
+        if (c == r.token_offsets[t + 1]) continue;  // padding
+        kernels::top_k_row(in.rank.row(t).data(), experts, k_, &r.choice_expert[c]);
+        for (Index j = 0; j < k_; ++j) {
+          choice_token_[c + j] = std::int32_t(t);
+          choice_score_[c + j] = in.scores(t, r.choice_expert[c + j]);  // while the row is in cache
+        }
+        pre_drop_weights(in, t, &r.choice_expert[c], &pre_weight_[c]);
+      }
+    });
 
     // 2. the priority sequence, then each expert keeps its first C entries of it
     priority_sequence(in, r);
@@ -183,8 +189,8 @@ private:
   static constexpr S floor() { return S(std::numeric_limits<float>::epsilon()); }
 
   void validate(const SelectorInput<S>& in, Index tokens, Index experts) const {
-    detail::require<config_error>(k_ <= experts, "TopKSelector", "k", k_,
-                                  "k <= number of experts (" + std::to_string(experts) + ")");
+    if (k_ > experts)  // the message is built only on failure: no allocation per call
+      detail::fail<config_error>("TopKSelector", "k", k_, "k <= number of experts (" + std::to_string(experts) + ")");
     detail::check_shape("TopKSelector", "rank", in.rank, tokens, experts);
     detail::check_shape("TopKSelector", "logits", in.logits, tokens, experts);
     detail::check_tokens("TopKSelector", in.tokens, tokens, experts);
