@@ -23,6 +23,20 @@ static void BM_Gating(benchmark::State& state) {
   set_rates(state, T, double(T * D + E * D + T * E) * sizeof(float));
 }
 
+// The logits GEMM alone through the library's scorer (compare BM_EigenGemm of the same shape).
+static void BM_Logits(benchmark::State& state) {
+  const Index T = state.range(0), D = state.range(1), E = state.range(2);
+  const Matrix<float> x = random_matrix(T, D, 1);
+  moe::LinearScorer<float> scorer(D, E);
+  Matrix<float> out(T, E);
+  for (auto _ : state) {
+    scorer.forward(x, {}, out);
+    benchmark::ClobberMemory();
+  }
+  state.counters["FLOP/s"] = benchmark::Counter(2.0 * double(T * D * E), benchmark::Counter::kIsIterationInvariantRate);
+  set_rates(state, T, double(T * D + E * D + T * E) * sizeof(float));
+}
+
 static void token_choice_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "E", "k"});
   for (Index T : {4096, 16384})
@@ -32,6 +46,12 @@ static void token_choice_shapes(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_TokenChoiceRoute)->Apply(token_choice_shapes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Logits)
+    ->ArgNames({"T", "D", "E"})
+    ->Args({16384, 1024, 8})
+    ->Args({16384, 1024, 64})
+    ->Args({16384, 1024, 256})
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Gating)
     ->ArgNames({"T", "D", "E", "k"})
     ->Args({16384, 1024, 8, 1})

@@ -7,9 +7,20 @@
 #include "moe/routing.hpp"
 
 #include "moe/core/gemm.hpp"
+#include "moe/core/parallel.hpp"
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/core/workspace.hpp"
+
+#include "moe/kernels/codebook.hpp"
+#include "moe/kernels/column_top_c.hpp"
+#include "moe/kernels/dispatch.hpp"
+#include "moe/kernels/finite.hpp"
+#include "moe/kernels/sinkhorn.hpp"
+#include "moe/kernels/slot_assignment.hpp"
+#include "moe/kernels/small_logits.hpp"
+#include "moe/kernels/softmax.hpp"
+#include "moe/kernels/top_k.hpp"
 
 #include "moe/scorers/linear.hpp"
 #include "moe/gates/softmax.hpp"

@@ -9,6 +9,7 @@
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/errors.hpp"
+#include "moe/kernels/small_logits.hpp"
 
 namespace moe {
 
@@ -47,8 +48,14 @@ public:
   Matrix<S>& bias() { return bias_; }
   const Matrix<S>& weight() const { return weight_; }
 
-  // Row blocks of a fixed size, one GEMM each (a thread per block with OpenMP).
+  // Row blocks of a fixed size, one GEMM each (a thread per block with OpenMP); few experts take
+  // the streaming kernel instead, which beats a packed GEMM there.
   void forward(MatrixIn<S> x, const TokenInputs<S>&, MatrixOut<S> logits) {
+    if (kernels::small_logits_supported(num_experts())) {
+      kernels::small_logits<S>(x, weight_, logits);
+      if (bias_enabled_) logits.rowwise() += bias_.row(0);
+      return;
+    }
     gemms_.reserve();
     parallel_for(x.rows(), row_block, [&](Index t, Index end) {
       auto out = logits.middleRows(t, end - t);
@@ -76,7 +83,7 @@ public:
 private:
   bool bias_enabled_;
   Matrix<S> weight_, bias_, weight_grad_, bias_grad_;
-  static constexpr Index row_block = 1024;
+  static constexpr Index row_block = 4096;
   PerThread<Gemm<S>> gemms_;
 };
 

@@ -14,6 +14,7 @@
 #include "moe/core/parallel.hpp"
 #include "moe/core/validate.hpp"
 #include "moe/core/workspace.hpp"
+#include "moe/kernels/slot_assignment.hpp"
 #include "moe/kernels/top_k.hpp"
 #include "moe/selectors/capacity.hpp"
 
@@ -85,36 +86,13 @@ public:
       }
     });
 
-    // 2. the priority sequence, then each expert keeps its first C entries of it
+    // 2. the priority sequence; 3. each expert keeps its first C entries of it, counting-sorted
+    // into expert-grouped slots
     priority_sequence(in, r);
-    fit(count_, experts);
-    std::fill(count_.begin(), count_.end(), 0);
-    for (const auto c : order_) {
-      auto& n = count_[r.choice_expert[c]];
-      const bool keep = cap < 0 || n < cap;
-      r.choice_slot[c] = keep ? 0 : -1;  // marks kept; the slot index comes in step 3
-      n += keep;
-    }
-
-    // 3. counting sort into the expert-grouped slots, in the requested slot order
-    for (Index e = 0; e < experts; ++e) {
-      r.expert_count[e] = count_[e];
-      r.expert_offsets[e + 1] = r.expert_offsets[e] + (opt_.capacity.pad ? cap : count_[e]);
-    }
-    const Index slots = r.expert_offsets[experts];
-    r.slot_token.assign(std::size_t(slots), -1);
-    r.slot_weight.assign(std::size_t(slots), S(0));
-    std::copy_n(r.expert_offsets.begin(), experts, count_.begin());  // reused as cursors
-    const auto place = [&](Index c) {
-      if (r.choice_slot[c] < 0) return;
-      const auto slot = count_[r.choice_expert[c]]++;
-      r.choice_slot[c] = std::int32_t(slot);
-      r.slot_token[slot] = choice_token_[c];
-    };
-    if (opt_.capacity.slot_order == SlotOrder::token)
-      for (Index c = 0; c < choices; ++c) place(c);
-    else
-      for (const auto c : order_) place(c);
+    kernels::assign_slots<S>({.choice_token = choice_token_, .order = order_, .capacity = cap,
+                              .pad = opt_.capacity.pad,
+                              .token_order = opt_.capacity.slot_order == SlotOrder::token},
+                             r, count_);
 
     // 4. final combine weights: the pre-drop ones, or renormalised over the survivors
     const bool after = opt_.weighting == Weighting::renormalize_after_drop;

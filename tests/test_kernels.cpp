@@ -1,0 +1,233 @@
+// Every SIMD kernel against its scalar twin on awkward sizes: one token, expert counts that are
+// not a multiple of the SIMD width, k = E, all-equal values, values near +-1e3.
+#include <cfloat>
+#include <numeric>
+#include <vector>
+
+#include "support.hpp"
+
+using namespace moe_test;
+namespace k = moe::kernels;
+
+namespace {
+const std::vector<Index> awkward_widths = {1, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 100};
+
+// Logits of the chosen flavour: random, all equal, or large.
+template <class S>
+Matrix<S> logits_of(Index T, Index E, int flavour, std::uint64_t seed) {
+  Matrix<S> m = random_matrix<S>(T, E, seed, 2.0);
+  if (flavour == 1) m.setConstant(S(0.25));
+  if (flavour == 2) m = (m.array() * S(300)).matrix();  // entries reach +-1e3
+  return m;
+}
+
+// max |a - b| relative to max(1, |b|).
+template <class S>
+double max_rel(const Matrix<S>& a, const Matrix<S>& b) {
+  return ((a - b).cwiseAbs().array() / b.cwiseAbs().array().max(S(1))).maxCoeff();
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("softmax kernel matches its twin", "[kernel]", float, double) {
+  using S = TestType;
+  for (Index T : {1, 5})
+    for (Index E : awkward_widths)
+      for (int flavour : {0, 1, 2}) {
+        const Matrix<S> l = logits_of<S>(T, E, flavour, E);
+        Matrix<S> simd(T, E), twin(T, E);
+        k::softmax_rows<S>(l, simd);
+        k::scalar::softmax_rows<S>(l, twin);
+        INFO("T " << T << " E " << E << " flavour " << flavour);
+        // exp to ~1 ulp per term, a sum of E terms in a different order
+        REQUIRE(max_rel(simd, twin) <= forward_tol<S>(E));
+        for (Index t = 0; t < T; ++t) REQUIRE(std::abs(double(simd.row(t).sum()) - 1.0) <= forward_tol<S>(E));
+      }
+}
+
+TEST_CASE("exp_approx is within 2 ulp of exp over the float range", "[kernel]") {
+  for (float x = -87.0f; x < 88.7f; x += 0.173f) {
+    const double want = std::exp(double(x));
+    REQUIRE(std::abs(double(k::exp_approx(x)) - want) <= 2 * FLT_EPSILON * want);
+  }
+  REQUIRE(k::exp_approx(-200.0f) == 0.0f);
+  REQUIRE(std::isinf(k::exp_approx(100.0f)));
+}
+
+TEMPLATE_TEST_CASE("top-k kernel matches its twin, ties to the lowest index", "[kernel]", float, double) {
+  using S = TestType;
+  for (Index E : awkward_widths)
+    for (int flavour : {0, 1, 2})
+      for (Index kk : {Index(1), Index(2), std::min<Index>(E, 8), E}) {
+        if (kk > E) continue;
+        Matrix<S> v = logits_of<S>(3, E, flavour, 100 + E);
+        if (flavour == 0 && E > 4) v(1, E - 1) = v(1, 0) = v.row(1).maxCoeff();  // a tie at the top
+        for (Index t = 0; t < 3; ++t) {
+          std::vector<std::int32_t> simd(kk), twin(kk);
+          k::top_k_row(v.row(t).data(), E, kk, simd.data());
+          k::scalar::top_k_row(v.row(t).data(), E, kk, twin.data());
+          INFO("E " << E << " k " << kk << " flavour " << flavour << " row " << t);
+          REQUIRE(simd == twin);
+        }
+      }
+}
+
+TEST_CASE("top-k kernel: rows holding -inf fall back to the twin", "[kernel]") {
+  Matrix<float> v = Matrix<float>::Constant(1, 16, -std::numeric_limits<float>::infinity());
+  v(0, 5) = 1;
+  std::vector<std::int32_t> simd(3), twin(3);
+  k::top_k_row(v.row(0).data(), 16, 3, simd.data());
+  k::scalar::top_k_row(v.row(0).data(), 16, 3, twin.data());
+  REQUIRE(simd == twin);
+  REQUIRE(simd == std::vector<std::int32_t>{5, 0, 1});
+}
+
+TEMPLATE_TEST_CASE("all_finite matches its twin", "[kernel]", float, double) {
+  using S = TestType;
+  for (Index E : awkward_widths) {
+    Matrix<S> m = random_matrix<S>(4, E, 3);
+    REQUIRE(k::all_finite<S>(m));
+    for (S bad : {std::numeric_limits<S>::quiet_NaN(), std::numeric_limits<S>::infinity(), -std::numeric_limits<S>::infinity()}) {
+      Matrix<S> b = m;
+      b(3, E - 1) = bad;
+      REQUIRE(k::all_finite<S>(b) == k::scalar::all_finite<S>(b));
+      REQUIRE_FALSE(k::all_finite<S>(b));
+    }
+  }
+}
+
+namespace {
+// A routing with dropped choices and a padding slot, from a real selector.
+moe::SparseRouting<float> sample_routing(Index T, Index E, Index kk, bool pad) {
+  const Matrix<float> logits = random_matrix<float>(T, E, 8, 2.0);
+  Matrix<float> scores(T, E);
+  moe::SoftmaxGate<float>{}.forward(logits, scores);
+  moe::TopKSelector<float> sel(kk, {.capacity = {.factor = 0.7, .pad = pad}});
+  moe::SparseRouting<float> r;
+  const moe::TokenInputs<float> tokens;
+  sel.forward({logits, scores, scores, tokens}, r);
+  return r;
+}
+}  // namespace
+
+TEST_CASE("gather and combine kernels match their twins", "[kernel]") {
+  for (Index D : {1, 7, 16, 33}) {
+    const auto r = sample_routing(40, 5, 2, true);
+    REQUIRE(r.num_dropped() > 0);
+    const Matrix<float> x = random_matrix<float>(40, D, 2);
+    Matrix<float> simd(r.num_slots(), D), twin(r.num_slots(), D);
+    k::gather_rows<float>(x, r.slot_token, simd, r.slot_weight);
+    k::scalar::gather_rows<float>(x, r.slot_token, twin, r.slot_weight);
+    REQUIRE(simd == twin);  // one product per element: exact
+    Matrix<float> y = random_matrix<float>(40, D, 4), y_twin = y;
+    k::combine_rows<float>(r, r.slot_weight, simd, y, true);
+    k::scalar::combine_rows<float>(r, r.slot_weight, twin, y_twin, true);
+    REQUIRE(max_rel(y, y_twin) <= forward_tol<float>(3));
+  }
+}
+
+TEST_CASE("gather with streaming stores (destination beyond the cache) matches its twin", "[kernel]") {
+  const Index T = 3500, D = 2048;  // 70% of 2 choices per token kept: 4900 rows of 8 KiB > 32 MiB
+  const auto r = sample_routing(T, 4, 2, false);
+  const Matrix<float> x = random_matrix<float>(T, D, 3);
+  Matrix<float> simd(r.num_slots(), D), twin(r.num_slots(), D);
+  REQUIRE(std::size_t(simd.size()) * sizeof(float) > k::detail::streaming_threshold_bytes);
+  k::gather_rows<float>(x, r.slot_token, simd);
+  k::scalar::gather_rows<float>(x, r.slot_token, twin);
+  REQUIRE(simd == twin);
+}
+
+TEST_CASE("slot assignment matches its twin for every order and capacity", "[kernel]") {
+  const Index T = 50, E = 6, kk = 2;
+  auto r = sample_routing(T, E, kk, false);
+  std::vector<std::int32_t> token(std::size_t(r.num_choices())), order(token.size());
+  for (Index t = 0; t < T; ++t)
+    for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c) token[c] = std::int32_t(t);
+  moe::CounterRng rng(5);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](auto a, auto b) { return rng.bits(a, 0) < rng.bits(b, 0); });  // a random priority
+  for (Index cap : {Index(-1), Index(3), Index(17), Index(100)})
+    for (bool pad : {false, true})
+      for (bool token_order : {false, true}) {
+        if (pad && cap < 0) continue;
+        const k::SlotRequest q{.choice_token = token, .order = order, .capacity = cap, .pad = pad, .token_order = token_order};
+        auto a = r, b = r;
+        std::vector<Index> cursor;
+        k::assign_slots<float>(q, a, cursor);
+        k::scalar::assign_slots<float>(q, b);
+        INFO("capacity " << cap << " pad " << pad << " token order " << token_order);
+        REQUIRE(a.choice_slot == b.choice_slot);
+        REQUIRE(a.slot_token == b.slot_token);
+        REQUIRE(a.expert_offsets == b.expert_offsets);
+        REQUIRE(a.expert_count == b.expert_count);
+      }
+}
+
+TEMPLATE_TEST_CASE("Sinkhorn kernel matches its twin and balances the plan", "[kernel]", float, double) {
+  using S = TestType;
+  for (Index E : {1, 3, 8, 17}) {
+    const Index T = 4 * E + 3;
+    const Matrix<S> l = random_matrix<S>(T, E, 12, 1.5);
+    Matrix<S> simd(T, E), twin(T, E);
+    std::vector<S> u, v;
+    k::sinkhorn<S>(l, 20, simd, u, v);
+    k::scalar::sinkhorn<S>(l, 20, twin);
+    INFO("E " << E);
+    // 20 rounds of products and sums of T or E terms: a loose multiple of the forward tolerance
+    REQUIRE(max_rel(simd, twin) <= 20 * forward_tol<S>(T));
+    for (Index t = 0; t < T; ++t) REQUIRE(double(simd.row(t).sum()) == Approx(1.0).epsilon(forward_tol<S>(E)));  // rows exact after the last u update
+  }
+  // balance: columns approach T/E on separable logits after enough iterations
+  const Matrix<S> l = random_matrix<S>(64, 4, 13, 0.5);
+  Matrix<S> plan(64, 4);
+  std::vector<S> u, v;
+  k::sinkhorn<S>(l, 200, plan, u, v);
+  for (Index e = 0; e < 4; ++e) REQUIRE(double(plan.col(e).sum()) == Approx(16.0).epsilon(1e-3));
+}
+
+TEMPLATE_TEST_CASE("codebook distances match their twin", "[kernel]", float, double) {
+  using S = TestType;
+  for (Index D : {1, 5, 16, 40}) {
+    const Matrix<S> x = random_matrix<S>(9, D, 1), c = random_matrix<S>(6, D, 2);
+    Matrix<S> simd(9, 6), twin(9, 6), norms;
+    moe::Gemm<S> gemm;
+    k::squared_distances<S>(x, c, simd, gemm, norms);
+    k::scalar::squared_distances<S>(x, c, twin);
+    // |x|^2 + |c|^2 - 2<x,c> cancels: the error scales with the norms, not with the distance
+    const double scale = std::max(x.rowwise().squaredNorm().maxCoeff(), c.rowwise().squaredNorm().maxCoeff());
+    REQUIRE((simd - twin).cwiseAbs().maxCoeff() <= 4 * scale * forward_tol<S>(D));
+    REQUIRE(simd.minCoeff() >= 0);
+  }
+  Matrix<float> same = random_matrix<float>(3, 8, 4), d(3, 3), norms;  // a token on a code: distance 0, never negative
+  moe::Gemm<float> gemm;
+  k::squared_distances<float>(same, same, d, gemm, norms);
+  for (Index i = 0; i < 3; ++i) REQUIRE(d(i, i) >= 0.0f);
+}
+
+TEMPLATE_TEST_CASE("per-column top-C matches its twin, ties to the lowest token", "[kernel]", float, double) {
+  using S = TestType;
+  for (Index T : {1, 7, 40})
+    for (Index C : {Index(1), T / 2 + 1, T})
+      for (int flavour : {0, 1}) {
+        const Matrix<S> v = logits_of<S>(T, 5, flavour, 21);
+        std::vector<std::int32_t> simd(std::size_t(5 * C)), twin(simd.size());
+        moe::PerThread<std::vector<k::ColumnEntry<S>>> scratch;
+        k::top_c_per_column<S>(v, C, simd, scratch);
+        k::scalar::top_c_per_column<S>(v, C, twin);
+        INFO("T " << T << " C " << C << " flavour " << flavour);
+        REQUIRE(simd == twin);
+      }
+}
+
+TEMPLATE_TEST_CASE("small-E logits kernel matches its twin", "[kernel]", float, double) {
+  using S = TestType;
+  for (Index E : {4, 8, 16})
+    for (Index T : {1, 2, 3, 7})
+      for (Index D : {1, 15, 16, 37}) {
+        const Matrix<S> x = random_matrix<S>(T, D, 31), w = random_matrix<S>(E, D, 32);
+        Matrix<S> simd(T, E), twin(T, E);
+        k::small_logits<S>(x, w, simd);
+        k::scalar::small_logits<S>(x, w, twin);
+        INFO("E " << E << " T " << T << " D " << D);
+        REQUIRE(max_rel(simd, twin) <= forward_tol<S>(D) * std::sqrt(double(D)));
+      }
+}
