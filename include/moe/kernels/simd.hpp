@@ -108,7 +108,7 @@ MOE_INLINE typename B::value_type reduce_max(B v) {
 template <class T, class A>
 MOE_INLINE std::uint64_t mask_bits(xsimd::batch_bool<T, A> m) {
   using R = typename xsimd::batch_bool<T, A>::register_type;
-  if constexpr (std::is_integral_v<R>) {
+  if constexpr (sizeof(R) <= 8) {  // an AVX-512 mask register (an integer)
     return static_cast<std::uint64_t>(static_cast<R>(m));  // AVX-512 mask register
   }
 #if defined(__AVX__)
