@@ -973,3 +973,25 @@ TEST_CASE("training: Adam on a tiny regression lowers the loss", "[layer][traini
 }
 
 }  // namespace
+
+// ================================================================================================
+// Identity experts: the layer combines straight from the dispatched rows
+// ================================================================================================
+
+TEST_CASE("identity experts: y is the weighted sum of the token's own row, gradients by FD", "[layer][identity]") {
+  const Index T = 14, D = 6, E = 4;
+  moe::MoELayer layer(moe::make_gshard_router<double>(D, E, 0.75), moe::IdentityExperts<double>(E, D));
+  layer.router().scorer().weight() *= 3.0;  // logits O(1): no routing decision near a tie
+  const Matrix<double> x = random_matrix<double>(T, D, 61);
+  Matrix<double> y(T, D);
+  layer.forward(x, y);
+  const auto& r = layer.routing();
+  REQUIRE(r.num_dropped() > 0);
+  for (Index t = 0; t < T; ++t) {  // oracle: sum of the kept weights times x_t
+    double w = 0;
+    for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c)
+      if (r.choice_slot[c] >= 0) w += r.slot_weight[r.choice_slot[c]];
+    REQUIRE((y.row(t) - w * x.row(t)).cwiseAbs().maxCoeff() <= forward_tol<double>(4));
+  }
+  check_gradients(layer, x);
+}

@@ -12,6 +12,8 @@ template <scalar S>
 class IdentityExperts {
 public:
   using scalar_type = S;
+  // MoELayer combines straight from the dispatched rows instead of copying them through here.
+  static constexpr bool is_identity = true;
 
   IdentityExperts(Index num_experts, Index dim) : experts_(num_experts), dim_(dim) {
     detail::require<config_error>(num_experts >= 1, "IdentityExperts", "num_experts", num_experts,

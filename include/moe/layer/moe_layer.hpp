@@ -41,6 +41,7 @@ public:
   using scalar_type = typename Router::scalar_type;
   using S = scalar_type;
   static constexpr bool has_shared = !std::same_as<Shared, NoSharedExpert>;
+  static constexpr bool identity_experts = requires { requires Experts::is_identity; };
 
   MoELayer(Router router, Experts experts, Shared shared = {})
       : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)) {
@@ -77,10 +78,14 @@ public:
     fit(x_, x.rows(), x.cols());
     x_ = x;
     auto in = fit_rows(blocks_in_, r.num_slots(), input_dim());
-    auto out = fit_rows(blocks_out_, r.num_slots(), output_dim());
     kernels::gather_rows<S>(x, r.slot_token, in);
-    experts_.forward(in, r.expert_offsets, out);
-    kernels::combine_rows<S>(r, r.slot_weight, out, y, false);
+    if constexpr (identity_experts) {
+      kernels::combine_rows<S>(r, r.slot_weight, in, y, false);
+    } else {
+      auto out = fit_rows(blocks_out_, r.num_slots(), output_dim());
+      experts_.forward(in, r.expert_offsets, out);
+      kernels::combine_rows<S>(r, r.slot_weight, out, y, false);
+    }
     if constexpr (has_shared) {
       fit(shared_out_, x.rows(), output_dim());
       all_tokens_ = {0, x.rows()};
@@ -100,12 +105,17 @@ public:
     auto dout = fit_rows(dblocks_out_, slots, output_dim());
     kernels::gather_rows<S>(dy, r.slot_token, dout, r.slot_weight);
     fit(dslot_weight_, r.num_slots());
+    const Matrix<S>& expert_out = identity_experts ? blocks_in_ : blocks_out_;
     for (Index s = 0; s < r.num_slots(); ++s)
-      dslot_weight_[s] = r.slot_token[s] < 0 ? S(0) : dy.row(r.slot_token[s]).dot(blocks_out_.row(s));
-    auto din = fit_rows(dblocks_in_, slots, input_dim());
-    experts_.backward(blocks_in_.topRows(slots), dout, din);
+      dslot_weight_[s] = r.slot_token[s] < 0 ? S(0) : dy.row(r.slot_token[s]).dot(expert_out.row(s));
     router_.backward(x_, tokens_view(), dslot_weight_, dx);
-    kernels::combine_rows<S>(r, {}, din, dx, true);
+    if constexpr (identity_experts) {
+      kernels::combine_rows<S>(r, {}, dout, dx, true);
+    } else {
+      auto din = fit_rows(dblocks_in_, slots, input_dim());
+      experts_.backward(blocks_in_.topRows(slots), dout, din);
+      kernels::combine_rows<S>(r, {}, din, dx, true);
+    }
     if constexpr (has_shared) {
       fit(dshared_in_, x_.rows(), input_dim());
       shared_.backward(x_, dy, dshared_in_);

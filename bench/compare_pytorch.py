@@ -1,0 +1,163 @@
+#!/usr/bin/python3
+"""Side-by-side timing of moe-routers and PyTorch CPU on the same shapes, one thread each.
+
+PyTorch is written the usual index-based way (softmax, topk, one-hot cumsum positions, capacity,
+index_select / index_add_), as DeepSpeed and GShard implementations do. Our figures come from the
+benchmark binary, run here in the same session.
+
+    /usr/bin/python3 bench/compare_pytorch.py [--bench build/bench/bench/moe_bench] [--quick]
+
+Needs Debian's python3-torch (installed for /usr/bin/python3).
+"""
+import argparse
+import json
+import math
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, reps):
+    """Median seconds of `reps` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def route_token_choice(logits, k, capacity_factor):
+    """Top-k with capacity as DeepSpeed/GShard: rank-major first-come positions, weights
+    renormalised over the surviving choices, balance loss from the first choices."""
+    tokens, experts = logits.shape
+    gates = F.softmax(logits, dim=1)
+    capacity = math.ceil(k * capacity_factor * tokens / experts)
+    top_w, top_i = torch.topk(gates, k, dim=1)
+    offset = torch.zeros(experts, dtype=torch.long)
+    slots, kept = [], []
+    for r in range(k):
+        mask = F.one_hot(top_i[:, r], experts)
+        location = torch.cumsum(mask, dim=0) - 1 + offset
+        offset = offset + mask.sum(dim=0)
+        position = (location * mask).sum(dim=1)
+        keep = position < capacity
+        slots.append(top_i[:, r] * capacity + position)
+        kept.append(keep)
+    kept = torch.stack(kept, dim=1)
+    weights = top_w * kept
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
+    aux = experts * torch.sum(gates.mean(dim=0) * F.one_hot(top_i[:, 0], experts).float().mean(dim=0))
+    return torch.stack(slots, dim=1), kept, weights, capacity, aux
+
+
+def route_expert_choice(logits, capacity_factor):
+    tokens, experts = logits.shape
+    gates = F.softmax(logits, dim=1)
+    capacity = math.ceil(capacity_factor * tokens / experts)
+    weight, token = torch.topk(gates.t(), capacity, dim=1)
+    return weight, token
+
+
+def soft_moe_weights(x, phi):
+    """Soft MoE dispatch and combine weights (normalised tokens and slots, one slot per expert)."""
+    logits = F.normalize(x, dim=1) @ F.normalize(phi, dim=0)
+    return F.softmax(logits, dim=0), F.softmax(logits, dim=1)
+
+
+def pytorch_cases(T, D, E, k, cf, reps):
+    torch.manual_seed(0)
+    x = torch.randn(T, D)
+    w = torch.randn(E, D) / math.sqrt(D)
+    logits = torch.randn(T, E) * 2
+    slots, kept, weights, capacity, _ = route_token_choice(logits, k, cf)
+    token = torch.arange(T).unsqueeze(1).expand(T, k)[kept]
+    slot = slots[kept]
+    weight = weights[kept]
+    buffer = torch.zeros(E * capacity, D)
+    gathered = torch.empty(token.numel(), D)
+    y = torch.empty(T, D)
+
+    def dispatch_reused():
+        torch.index_select(x, 0, token, out=gathered)
+        buffer.index_copy_(0, slot, gathered)
+
+    def dispatch_usual():
+        out = torch.zeros(E * capacity, D)
+        out[slot] = x[token]
+        return out
+
+    def combine_reused():
+        y.zero_()
+        torch.index_select(buffer, 0, slot, out=gathered)
+        y.index_add_(0, token, gathered * weight.unsqueeze(1))
+
+    def combine_usual():
+        return torch.zeros(T, D).index_add_(0, token, buffer[slot] * weight.unsqueeze(1))
+
+    def data_path():
+        s, kp, wt, cap, _ = route_token_choice(x @ w.t(), k, cf)
+        tok = torch.arange(T).unsqueeze(1).expand(T, k)[kp]
+        sl, we = s[kp], wt[kp]
+        buf = torch.zeros(E * cap, D)
+        buf[sl] = x[tok]  # identity experts: the buffer is the expert output
+        return torch.zeros(T, D).index_add_(0, tok, buf[sl] * we.unsqueeze(1))
+
+    phi = torch.randn(D, E)
+    return {
+        "route": timed(lambda: route_token_choice(logits, k, cf), reps),
+        "dispatch": timed(dispatch_reused, reps),
+        "dispatch (usual)": timed(dispatch_usual, reps),
+        "combine": timed(combine_reused, reps),
+        "combine (usual)": timed(combine_usual, reps),
+        "data path": timed(data_path, max(1, reps // 2)),
+        "expert choice route": timed(lambda: route_expert_choice(logits, 2.0), reps),
+        "soft moe weights": timed(lambda: soft_moe_weights(x, phi), reps),
+    }
+
+
+def ours(bench, names, quick):
+    result = subprocess.run(
+        [bench, "--benchmark_filter=^(" + "|".join(n.replace("/", "/") for n in names) + ")$",
+         "--benchmark_format=json", "--benchmark_min_time=" + ("0.2" if quick else "1")],
+        check=True, capture_output=True, text=True)
+    data = json.loads(result.stdout)
+    unit = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+    return {b["name"]: b["real_time"] * unit[b["time_unit"]] for b in data["benchmarks"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", default="build/bench/bench/moe_bench")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    reps = 3 if args.quick else 7
+    rows = []
+    for T, D, E, k in [(16384, 1024, 64, 2), (16384, 1024, 8, 1)]:
+        shape = f"T:{T}/D:{D}/E:{E}/k:{k}"
+        ours_names = {
+            "route": f"BM_TokenChoiceRoute/T:{T}/E:{E}/k:{k}",
+            "dispatch": f"BM_Dispatch/{shape}",
+            "combine": f"BM_Combine/{shape}",
+            "data path": f"BM_LayerIdentity/{shape}",
+        }
+        mine = ours(args.bench, list(ours_names.values()), args.quick)
+        torch_times = pytorch_cases(T, D, E, k, 1.25, reps)
+        for case, seconds in torch_times.items():
+            name = ours_names.get(case.split(" (")[0]) if "usual" not in case else ours_names.get(case.split(" (")[0])
+            our = mine.get(name) if name else None
+            rows.append((f"{case} {shape}", our, seconds))
+    print(f"{'case':48} {'ours (ms)':>10} {'PyTorch (ms)':>13} {'ratio':>7}")
+    for case, our, theirs in rows:
+        o = f"{our * 1e3:10.2f}" if our else f"{'n/a':>10}"
+        r = f"{theirs / our:6.1f}x" if our else f"{'':>7}"
+        print(f"{case:48} {o} {theirs * 1e3:13.2f} {r}")
+    print("\nratio = PyTorch time / our time (higher is better); n/a: router not yet in the library.")
+
+
+if __name__ == "__main__":
+    main()
