@@ -5,6 +5,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moe/kernels/simd.hpp"
 #include "moe/layer/ffn_experts.hpp"
 
 namespace moe {
@@ -45,9 +46,7 @@ public:
       if (n == 0) return;
       gemm_.run(x.middleRows(lo, n), in_block(wg_, e), g_.middleRows(lo, n));
       gemm_.run(x.middleRows(lo, n), in_block(wu_, e), u_.middleRows(lo, n));
-      h_.middleRows(lo, n).array() =
-          g_.middleRows(lo, n).unaryExpr([](S v) { return v * detail::sigmoid(v); }).array() *
-          u_.middleRows(lo, n).array();
+      for (Index i = lo; i < lo + n; ++i) silu_times(g_.row(i).data(), u_.row(i).data(), h_.row(i).data(), hidden_);
       gemm_.run(h_.middleRows(lo, n), out_block(wd_, e), y.middleRows(lo, n));
     });
   }
@@ -86,6 +85,18 @@ public:
   }
 
 private:
+  // h = silu(g) * u = g u / (1 + exp(-g)), vectorised (exp(-g) = inf for very negative g gives 0).
+  static void silu_times(const S* g, const S* u, S* h, Index n) {
+    using B = kernels::Batch<S>;
+    constexpr Index w = Index(B::size);
+    Index j = 0;
+    for (; j + w <= n; j += w) {
+      const B gv = B::load_unaligned(g + j);
+      (gv * B::load_unaligned(u + j) / (B(S(1)) + kernels::exp_approx(-gv))).store_unaligned(h + j);
+    }
+    for (; j < n; ++j) h[j] = g[j] * u[j] / (S(1) + kernels::exp_approx(-g[j]));
+  }
+
   auto in_block(Matrix<S>& m, Index e) { return m.middleRows(e * dim_, dim_); }      // [D, H]
   auto out_block(Matrix<S>& m, Index e) { return m.middleRows(e * hidden_, hidden_); }  // [H, D]
 
