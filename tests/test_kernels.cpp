@@ -30,7 +30,7 @@ double max_rel(const Matrix<S>& a, const Matrix<S>& b) {
 
 TEMPLATE_TEST_CASE("softmax kernel matches its twin", "[kernel]", float, double) {
   using S = TestType;
-  for (Index T : {1, 5})
+  for (Index T : {1, 5, 37})  // 37: whole token-parallel blocks (E below the SIMD width) and a tail
     for (Index E : awkward_widths)
       for (int flavour : {0, 1, 2}) {
         const Matrix<S> l = logits_of<S>(T, E, flavour, E);

@@ -79,13 +79,42 @@ void softmax_rows(MatrixIn<S> logits, MatrixOut<S> probs) {
 }
 }  // namespace detail
 
+// Token-parallel layout for rows shorter than a register (E <= 16 floats): lane i holds token
+// t + i, one gather per expert reads a column of the block, and max, exp, sum and scale run
+// across tokens instead of inside one short row.
+template <class S>
+void softmax_rows_token_parallel(MatrixIn<S> logits, MatrixOut<S> probs) {
+  using B = Batch<S>;
+  using I = xsimd::batch<xsimd::as_integer_t<S>, typename B::arch_type>;
+  constexpr Index w = Index(B::size), max_experts = 16;
+  const Index T = logits.rows(), E = logits.cols();
+  MOE_ASSERT(E <= max_experts);
+  alignas(64) xsimd::as_integer_t<S> offsets[B::size];
+  Index t = 0;
+  if (logits.outerStride() == probs.outerStride()) {
+    for (std::size_t i = 0; i < B::size; ++i) offsets[i] = xsimd::as_integer_t<S>(Index(i) * logits.outerStride());
+    const I rows = I::load_aligned(offsets);
+    for (; t + w <= T; t += w) {
+      const S* in = logits.row(t).data();
+      S* out = probs.row(t).data();
+      B v[max_experts];
+      B top(-std::numeric_limits<S>::infinity());
+      for (Index e = 0; e < E; ++e) top = xsimd::max(top, v[e] = B::gather(in + e, rows));
+      B sum(S(0));
+      for (Index e = 0; e < E; ++e) sum += (v[e] = exp_approx(v[e] - top));
+      const B inv = B(S(1)) / sum;
+      for (Index e = 0; e < E; ++e) (v[e] * inv).scatter(out + e, rows);
+    }
+  }
+  if (t < T) detail::softmax_rows<NarrowBatch<S, 4>, S>(logits.middleRows(t, T - t), probs.middleRows(t, T - t));
+}
+
 template <class S>
 void softmax_rows(MatrixIn<S> logits, MatrixOut<S> probs) {
   const Index n = logits.cols();
   const auto rows = [&](auto batch) { detail::softmax_rows<decltype(batch), S>(logits, probs); };
   if (n >= Index(width<S>)) rows(Batch<S>{});
-  else if (n >= 8) rows(NarrowBatch<S, 8>{});
-  else rows(NarrowBatch<S, 4>{});
+  else softmax_rows_token_parallel<S>(logits, probs);
 }
 
 // log(sum(exp(row))) of one row, max-subtracted.
