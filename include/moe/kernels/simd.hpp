@@ -64,26 +64,14 @@ MOE_INLINE xsimd::batch<S, A> exp_approx(xsimd::batch<S, A> x) {
   }
 }
 
-// The same function on one value, so that row tails agree with the vector body.
+// The same function on one value: the vector code on a broadcast, so that row tails agree with
+// the vector body bit for bit.
 template <std::floating_point S>
 MOE_INLINE S exp_approx(S x) {
   if constexpr (std::is_same_v<S, double>) {
     return std::exp(x);
   } else {
-    if (x < -87.33654f) return 0.0f;
-    if (x > 88.72283f) return std::numeric_limits<float>::infinity();
-    const float n = std::nearbyint(x * 1.44269504088896341f);
-    float r = std::fma(-n, 0.693359375f, x);
-    r = std::fma(-n, -2.12194440e-4f, r);
-    float p = 1.9875691500e-4f;
-    p = std::fma(p, r, 1.3981999507e-3f);
-    p = std::fma(p, r, 8.3334519073e-3f);
-    p = std::fma(p, r, 4.1665795894e-2f);
-    p = std::fma(p, r, 1.6666665459e-1f);
-    p = std::fma(p, r, 5.0000001201e-1f);
-    p = std::fma(p, r * r, r + 1.0f);
-    const float n_low = std::min(n, 127.0f);
-    return p * std::bit_cast<float>((static_cast<std::int32_t>(n_low) + 127) << 23) * (1.0f + (n - n_low));
+    return exp_approx(xsimd::batch<float>(x)).get(0);
   }
 }
 
