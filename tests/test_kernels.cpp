@@ -49,8 +49,17 @@ TEST_CASE("exp_approx is within 2 ulp of exp over the float range", "[kernel]") 
     const double want = std::exp(double(x));
     REQUIRE(std::abs(double(k::exp_approx(x)) - want) <= 2 * FLT_EPSILON * want);
   }
+  // below FLT_MIN the result is a denormal: within one denormal step plus the relative error
+  for (float x = -103.9f; x < -87.0f; x += 0.0731f) {
+    const double want = std::exp(double(x));
+    REQUIRE(std::abs(double(k::exp_approx(x)) - want) <= 2 * FLT_EPSILON * want + FLT_TRUE_MIN);
+  }
   REQUIRE(k::exp_approx(-200.0f) == 0.0f);
-  REQUIRE(std::isinf(k::exp_approx(100.0f)));
+  REQUIRE(k::exp_approx(-std::numeric_limits<float>::infinity()) == 0.0f);
+  REQUIRE(std::isinf(k::exp_approx(89.0f)));
+  REQUIRE(std::isinf(k::exp_approx(std::numeric_limits<float>::infinity())));
+  REQUIRE(std::isnan(k::exp_approx(std::numeric_limits<float>::quiet_NaN())));
+  REQUIRE(std::isfinite(k::exp_approx(88.72f)));  // just below FLT_MAX
 }
 
 TEMPLATE_TEST_CASE("top-k kernel matches its twin, ties to the lowest index", "[kernel]", float, double) {
@@ -79,6 +88,48 @@ TEST_CASE("top-k kernel: rows holding -inf fall back to the twin", "[kernel]") {
   k::scalar::top_k_row(v.row(0).data(), 16, 3, twin.data());
   REQUIRE(simd == twin);
   REQUIRE(simd == std::vector<std::int32_t>{5, 0, 1});
+}
+
+TEMPLATE_TEST_CASE("top-k over whole rows (paired and token-parallel) matches the twin row by row", "[kernel]", float, double) {
+  using S = TestType;
+  const S lowest = -std::numeric_limits<S>::infinity();
+  for (Index T : {1, 2, 15, 16, 17, 37})  // odd counts: the unpaired last row, a partial group
+    for (Index E : awkward_widths)
+      for (int flavour : {0, 1, 2})
+        for (Index kk : {Index(1), Index(2), std::min<Index>(E, 8), E}) {
+          if (kk > E) continue;
+          // a view with a stride wider than its rows, as the router's blocks are
+          Matrix<S> wide = logits_of<S>(T, E + 3, flavour, 200 + E);
+          if (flavour == 0 && E > 4) wide(T / 2, E - 1) = wide(T / 2, 0) = wide.row(T / 2).head(E).maxCoeff();
+          if (flavour == 2 && T > 3) wide.row(T - 2).head(E).setConstant(lowest), wide(T - 2, E / 2) = 0;  // -inf rows
+          const auto v = wide.leftCols(E);
+          std::vector<std::int32_t> simd(std::size_t(T * kk)), twin(std::size_t(T * kk));
+          k::top_k_rows<S>(v, kk, simd.data());
+          for (Index t = 0; t < T; ++t) k::scalar::top_k_row(v.row(t).data(), E, kk, &twin[std::size_t(t * kk)]);
+          INFO("T " << T << " E " << E << " k " << kk << " flavour " << flavour);
+          REQUIRE(simd == twin);
+        }
+}
+
+TEMPLATE_TEST_CASE("column sums match their twin", "[kernel]", float, double) {
+  using S = TestType;
+  for (Index T : {1, 3, 37, 1000})
+    for (Index E : awkward_widths) {
+      const Matrix<S> m = random_matrix<S>(T, E, 7).cwiseAbs();
+      const auto n = static_cast<std::size_t>(E);
+      std::vector<S> simd(n), twin(n), strided(n);
+      k::column_sums<S>(m, simd.data());
+      k::scalar::column_sums<S>(m, twin.data());
+      const Matrix<S> wide = random_matrix<S>(T, E + 5, 7);
+      k::column_sums<S>(wide.leftCols(E), strided.data());  // not contiguous: the per-row path
+      // nonnegative terms added in another order: each sum within T eps of its own size
+      const double tol = double(T) * std::numeric_limits<S>::epsilon();
+      INFO("T " << T << " E " << E);
+      for (Index e = 0; e < E; ++e) {
+        REQUIRE(std::abs(double(simd[e]) - double(twin[e])) <= tol * double(twin[e]));
+        REQUIRE(std::abs(double(strided[e]) - double(wide.col(e).sum())) <= tol * double(wide.col(e).cwiseAbs().sum()));
+      }
+    }
 }
 
 TEMPLATE_TEST_CASE("all_finite matches its twin", "[kernel]", float, double) {

@@ -71,6 +71,19 @@ concept selector = detail::has_scalar<P> &&
       p.backward(in, std::as_const(r), dw, out, out);
     };
 
+// Optional: a selector whose forward splits into prepare (validate and size from the shapes and
+// the token mask), select_rows (per-token work on a row range, scratch only) and finish (writes
+// the routing). The router then runs select_rows inside its blocked gating loop, while each block
+// of scores is still in cache.
+template <class P>
+concept staged_selector = selector<P> &&
+    requires(P& p, const SelectorInput<typename P::scalar_type>& in, typename P::routing_type& r,
+             Index i) {
+      p.prepare(in);
+      p.select_rows(in, i, i);
+      p.finish(in, r);
+    };
+
 template <class P>
 concept loss_term = detail::has_scalar<P> &&
     requires(const P& p, const LossInput<typename P::scalar_type>& in,

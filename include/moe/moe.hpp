@@ -13,6 +13,7 @@
 #include "moe/core/workspace.hpp"
 
 #include "moe/kernels/codebook.hpp"
+#include "moe/kernels/column_sums.hpp"
 #include "moe/kernels/column_top_c.hpp"
 #include "moe/kernels/dispatch.hpp"
 #include "moe/kernels/finite.hpp"

@@ -139,10 +139,6 @@ private:
   }
 
   const routing_type& route_logits(MatrixIn<S> logits, const TokenInputs<S>& tokens) {
-    // Validation and gating run block by block, so each block of logits is read from memory
-    // once (the check pulls it into cache for the gate). A bad block throws before the routing
-    // is touched.
-    constexpr Index block = 256;
     const int next = 1 - current_;
     State& st = state_[next];
     for (State* s : {&st, &state_[current_]}) {  // the current set only on the first call
@@ -150,6 +146,12 @@ private:
       fit(s->scores, logits.rows(), logits.cols());
       if constexpr (gate_ranks) fit(s->rank, logits.rows(), logits.cols());
     }
+    const SelectorInput<S> in{logits, st.scores, rank_view(st), tokens};
+    if constexpr (staged_selector<Selector>) selector_.prepare(in);
+    // Validation, gating and the selector's per-token work run block by block, so each block of
+    // logits is read from memory once and its scores are still in cache for the selector. A bad
+    // block throws before the routing is touched: only the spare state and scratch are written.
+    const Index block = std::max<Index>(16, 4096 / std::max<Index>(logits.cols(), 1));
     parallel_for(logits.rows(), block, [&](Index t, Index end) {
       const Index n = end - t;
       const auto rows = logits.middleRows(t, n);
@@ -157,9 +159,10 @@ private:
       gate_.forward(rows, st.scores.middleRows(t, n));
       if constexpr (gate_ranks)
         gate_.rank(rows, st.scores.middleRows(t, n), tokens.rows(t, n, logits.cols()), st.rank.middleRows(t, n));
+      if constexpr (staged_selector<Selector>) selector_.select_rows(in, t, end);
     });
-    // the selector validates before it writes the routing, so a throw leaves that intact too
-    selector_.forward(SelectorInput<S>{logits, st.scores, rank_view(st), tokens}, routing_);
+    if constexpr (staged_selector<Selector>) selector_.finish(in, routing_);
+    else selector_.forward(in, routing_);  // validates before it writes the routing
     current_ = next;
     logits_data_ = logits.data();
     logits_rows_ = logits.rows();

@@ -35,17 +35,16 @@ using NarrowBatch = std::conditional_t<
                        xsimd::batch<S, xsimd::generic>>>;
 
 // exp(x) for float lanes: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then Cephes' degree-6
-// minimax polynomial for e^r (relative error ~1 ulp), scaled by 2^n through the exponent bits.
-// Inputs below -87.3 (results under FLT_MIN) give 0, above 88.72 (past FLT_MAX) give +inf.
+// minimax polynomial for e^r (relative error ~1 ulp), scaled by 2^n. Results past FLT_MAX are
+// +inf, results under the smallest denormal 0, NaN stays NaN.
 template <class S, class A>
 MOE_INLINE xsimd::batch<S, A> exp_approx(xsimd::batch<S, A> x) {
   using B = xsimd::batch<S, A>;
   if constexpr (std::is_same_v<S, double>) {
     return xsimd::exp(x);  // double paths are for accuracy, not speed
   } else {
-    using I = xsimd::batch<std::int32_t, A>;
-    const B hi(88.72283f), lo(-87.33654f);
-    const B xc = xsimd::min(xsimd::max(x, lo), hi);
+    // Clamping keeps n finite for +-inf; max(lo, x) and min(hi, .) return x when it is NaN.
+    const B xc = xsimd::min(B(89.0f), xsimd::max(B(-104.0f), x));
     const B n = xsimd::nearbyint(xc * B(1.44269504088896341f));
     B r = xsimd::fnma(n, B(0.693359375f), xc);
     r = xsimd::fnma(n, B(-2.12194440e-4f), r);
@@ -56,11 +55,15 @@ MOE_INLINE xsimd::batch<S, A> exp_approx(xsimd::batch<S, A> x) {
     p = xsimd::fma(p, r, B(1.6666665459e-1f));
     p = xsimd::fma(p, r, B(5.0000001201e-1f));
     p = xsimd::fma(p, r * r, r + B(1.0f));
-    // 2^n with n <= 127 in the exponent field, times 2 for the one n = 128 near FLT_MAX
-    const B n_low = xsimd::min(n, B(127.0f));
-    const I bits = (xsimd::batch_cast<std::int32_t>(n_low) + I(127)) << 23;
-    const B scaled = p * xsimd::bitwise_cast<B>(bits) * (B(1.0f) + (n - n_low));
-    return xsimd::select(x < lo, B(0.0f), xsimd::select(x > hi, B(std::numeric_limits<float>::infinity()), scaled));
+#if defined(__AVX512F__)
+    // vscalefps: p * 2^n in one instruction, rounding into the denormals and to +inf itself
+    if constexpr (sizeof(typename B::register_type) == 64) return B(_mm512_scalef_ps(p, n));
+#endif
+    // 2^n through the exponent bits, split in two factors so n from -150 to 128 stays exact
+    using I = xsimd::batch<std::int32_t, A>;
+    const B half = xsimd::nearbyint(n * B(0.5f));
+    const auto pow2 = [](B e) { return xsimd::bitwise_cast<B>((xsimd::batch_cast<std::int32_t>(e) + I(127)) << 23); };
+    return p * pow2(half) * pow2(n - half);
   }
 }
 
@@ -92,6 +95,21 @@ MOE_INLINE typename B::value_type reduce_max(B v) {
   return m;
 }
 
+// The largest lane in every lane (stays in a register: no round trip through a scalar).
+template <class B>
+MOE_INLINE B broadcast_max(B v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(typename B::register_type) == 64 && std::is_same_v<typename B::value_type, float>) {
+    __m512 m = v;
+    m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+    m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, _MM_SHUFFLE(2, 3, 0, 1)));
+    m = _mm512_max_ps(m, _mm512_permute_ps(m, _MM_SHUFFLE(1, 0, 3, 2)));
+    return B(_mm512_max_ps(m, _mm512_permute_ps(m, _MM_SHUFFLE(2, 3, 0, 1))));
+  }
+#endif
+  return B(reduce_max(v));
+}
+
 // Bit i set iff lane i is true.
 template <class T, class A>
 MOE_INLINE std::uint64_t mask_bits(xsimd::batch_bool<T, A> m) {
@@ -119,6 +137,30 @@ MOE_INLINE std::uint64_t mask_bits(xsimd::batch_bool<T, A> m) {
     std::uint64_t bits = 0;
     for (std::size_t i = 0; i < xsimd::batch_bool<T, A>::size; ++i) bits |= std::uint64_t(lanes[i]) << i;
     return bits;
+  }
+}
+
+// Lanes base[offsets[i]]: one vgatherdps under AVX-512 (xsimd 8.1 gathers lane by lane there).
+template <class B, class I>
+MOE_INLINE B gather(const typename B::value_type* base, I offsets) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(typename B::register_type) == 64 && std::is_same_v<typename B::value_type, float>)
+    return B(_mm512_i32gather_ps(offsets, base, 4));
+#endif
+  return B::gather(base, offsets);
+}
+
+// The inverse of mask_bits: lane i is true iff bit i is set.
+template <class B>
+MOE_INLINE auto lane_mask(std::uint64_t bits) {
+  using M = xsimd::batch_bool<typename B::value_type, typename B::arch_type>;
+  using R = typename M::register_type;
+  if constexpr (sizeof(R) <= 8) {  // an AVX-512 mask register
+    return M(static_cast<R>(bits));
+  } else {
+    bool lanes[B::size];
+    for (std::size_t i = 0; i < B::size; ++i) lanes[i] = (bits >> i) & 1;
+    return M::load_unaligned(lanes);
   }
 }
 

@@ -47,34 +47,49 @@ void softmax_row(const S* in, S* out, Index n) {
   for (e = 0; e + w <= n; e += w) (B::load_unaligned(out + e) * B(inv)).store_unaligned(out + e);
   for (; e < n; ++e) out[e] *= inv;
 }
-// A row of exactly Chunks full batches, held in registers: one load and one store per element.
-template <class B, int Chunks, class S>
-MOE_INLINE void softmax_row_registers(const S* in, S* out) {
+// Rows of exactly Chunks full batches, held in registers: one load and one store per element.
+// Rows at a time, so that one row's reductions overlap the other's exps (a single row is a
+// chain of dependent steps).
+template <class B, int Chunks, int Rows, class S>
+MOE_INLINE void softmax_rows_registers(const S* in, Index in_stride, S* out, Index out_stride) {
   constexpr Index w = Index(B::size);
-  B v[Chunks];
-  for (int c = 0; c < Chunks; ++c) v[c] = B::load_unaligned(in + c * w);
-  B m = v[0];
-  for (int c = 1; c < Chunks; ++c) m = xsimd::max(m, v[c]);
-  const B top(reduce_max(m));
-  B acc(S(0));
-  for (int c = 0; c < Chunks; ++c) acc += (v[c] = exp_approx(v[c] - top));
-  const B inv(S(1) / xsimd::hadd(acc));
-  for (int c = 0; c < Chunks; ++c) (v[c] * inv).store_unaligned(out + c * w);
+  B v[Rows][Chunks], top[Rows], acc[Rows];
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Chunks; ++c) v[r][c] = B::load_unaligned(in + r * in_stride + c * w);
+  for (int r = 0; r < Rows; ++r) {
+    B m = v[r][0];
+    for (int c = 1; c < Chunks; ++c) m = xsimd::max(m, v[r][c]);
+    top[r] = B(reduce_max(m));
+  }
+  for (int r = 0; r < Rows; ++r) {
+    acc[r] = B(S(0));
+    for (int c = 0; c < Chunks; ++c) acc[r] += (v[r][c] = exp_approx(v[r][c] - top[r]));
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const B inv(S(1) / xsimd::hadd(acc[r]));
+    for (int c = 0; c < Chunks; ++c) (v[r][c] * inv).store_unaligned(out + r * out_stride + c * w);
+  }
+}
+
+template <class B, int Chunks, class S>
+void softmax_rows_registers(MatrixIn<S> logits, MatrixOut<S> probs) {
+  const Index T = logits.rows(), is = logits.outerStride(), os = probs.outerStride();
+  Index t = 0;
+  for (; t + 2 <= T; t += 2) softmax_rows_registers<B, Chunks, 2>(logits.row(t).data(), is, probs.row(t).data(), os);
+  if (t < T) softmax_rows_registers<B, Chunks, 1>(logits.row(t).data(), is, probs.row(t).data(), os);
 }
 
 template <class B, class S>
 void softmax_rows(MatrixIn<S> logits, MatrixOut<S> probs) {
   constexpr Index w = Index(B::size);
   const Index n = logits.cols();
-  const auto rows = [&](auto row) {
-    for (Index t = 0; t < logits.rows(); ++t) row(logits.row(t).data(), probs.row(t).data());
-  };
   switch (n % w == 0 ? n / w : 0) {
-    case 1: return rows([](const S* i, S* o) { softmax_row_registers<B, 1>(i, o); });
-    case 2: return rows([](const S* i, S* o) { softmax_row_registers<B, 2>(i, o); });
-    case 4: return rows([](const S* i, S* o) { softmax_row_registers<B, 4>(i, o); });
-    case 8: return rows([](const S* i, S* o) { softmax_row_registers<B, 8>(i, o); });
-    default: return rows([n](const S* i, S* o) { softmax_row<B>(i, o, n); });
+    case 1: return softmax_rows_registers<B, 1>(logits, probs);
+    case 2: return softmax_rows_registers<B, 2>(logits, probs);
+    case 4: return softmax_rows_registers<B, 4>(logits, probs);
+    case 8: return softmax_rows_registers<B, 8>(logits, probs);
+    default:
+      for (Index t = 0; t < logits.rows(); ++t) softmax_row<B>(logits.row(t).data(), probs.row(t).data(), n);
   }
 }
 }  // namespace detail
@@ -99,7 +114,7 @@ void softmax_rows_token_parallel(MatrixIn<S> logits, MatrixOut<S> probs) {
       S* out = probs.row(t).data();
       B v[max_experts];
       B top(-std::numeric_limits<S>::infinity());
-      for (Index e = 0; e < E; ++e) top = xsimd::max(top, v[e] = B::gather(in + e, rows));
+      for (Index e = 0; e < E; ++e) top = xsimd::max(top, v[e] = gather<B>(in + e, rows));
       B sum(S(0));
       for (Index e = 0; e < E; ++e) sum += (v[e] = exp_approx(v[e] - top));
       const B inv = B(S(1)) / sum;

@@ -42,30 +42,63 @@ MOE_INLINE B lane_index() {
   return B::load_aligned(lanes);
 }
 
-// Rows of exactly Chunks full batches stay in registers: k passes of (row maximum, lowest index
-// holding it, knock it out with -inf), no memory traffic and no branch on the data. A row that
-// holds -inf itself takes the scalar twin (the knock-out marker would be ambiguous).
+// Rows of exactly Chunks full batches and at most 64 values stay in registers: k passes of
+// (row maximum in every lane, lowest index holding it as a bit mask, knock it out with -inf), no
+// memory traffic and no branch on the data. Rows at a time, so that their dependent chains of
+// reductions overlap. A row holding -inf itself takes the scalar twin (the knock-out marker would
+// be ambiguous); that check comes first so no call sits inside the passes.
+template <class B, int Chunks, int Rows>
+MOE_INLINE void top_k_rows_registers(const float* v, Index stride, Index k, std::int32_t* out) {
+  constexpr Index w = Index(B::size);
+  static_assert(Chunks * w <= 64, "one 64-bit mask per row");
+  const B knocked(-std::numeric_limits<float>::infinity());
+  B chunk[Rows][Chunks];
+  bool holds_inf = false;
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Chunks; ++c) {
+      chunk[r][c] = B::load_unaligned(v + r * stride + c * w);
+      holds_inf |= xsimd::any(chunk[r][c] == knocked);
+    }
+  if (holds_inf) {
+    for (int r = 0; r < Rows; ++r) scalar::top_k_row(v + r * stride, Index(Chunks) * w, k, out + r * k);
+    return;
+  }
+  for (Index j = 0; j < k; ++j) {
+    std::uint64_t pick[Rows];
+    for (int r = 0; r < Rows; ++r) {
+      B best = chunk[r][0];
+      for (int c = 1; c < Chunks; ++c) best = xsimd::max(best, chunk[r][c]);
+      const B top = broadcast_max(best);
+      std::uint64_t bits = 0;
+      for (int c = 0; c < Chunks; ++c) bits |= mask_bits(chunk[r][c] == top) << (c * w);
+      pick[r] = bits & (~bits + 1);  // the lowest set bit: ties go to the lowest index
+      out[r * k + j] = std::int32_t(std::countr_zero(bits));
+    }
+    for (int r = 0; r < Rows; ++r)
+      for (int c = 0; c < Chunks; ++c) chunk[r][c] = xsimd::select(lane_mask<B>(pick[r] >> (c * w)), knocked, chunk[r][c]);
+  }
+}
+
+// Longer rows of full batches: the same passes, the lowest index found chunk by chunk.
 template <class B, int Chunks>
 void top_k_row_registers(const float* v, Index k, std::int32_t* out) {
   constexpr Index w = Index(B::size);
   const B knocked(-std::numeric_limits<float>::infinity());
   const B lanes = lane_index<B>();
   B chunk[Chunks];
-  for (int c = 0; c < Chunks; ++c) chunk[c] = B::load_unaligned(v + c * w);
+  bool holds_inf = false;
+  for (int c = 0; c < Chunks; ++c) {
+    chunk[c] = B::load_unaligned(v + c * w);
+    holds_inf |= xsimd::any(chunk[c] == knocked);
+  }
+  if (holds_inf) return scalar::top_k_row(v, Index(Chunks) * w, k, out);
   for (Index j = 0; j < k; ++j) {
     B best = chunk[0];
     for (int c = 1; c < Chunks; ++c) best = xsimd::max(best, chunk[c]);
-    const float top = reduce_max(best);
-    if (top == -std::numeric_limits<float>::infinity()) return scalar::top_k_row(v, Index(Chunks) * w, k, out);
+    const B top = broadcast_max(best);
     Index at = -1;
-    if constexpr (Chunks * w <= 64) {
-      std::uint64_t bits = 0;
-      for (int c = 0; c < Chunks; ++c) bits |= mask_bits(chunk[c] == B(top)) << (c * w);
-      at = std::countr_zero(bits);
-    } else {
-      for (int c = 0; c < Chunks && at < 0; ++c)
-        if (const auto bits = mask_bits(chunk[c] == B(top))) at = c * w + std::countr_zero(bits);
-    }
+    for (int c = 0; c < Chunks && at < 0; ++c)
+      if (const auto bits = mask_bits(chunk[c] == top)) at = c * w + std::countr_zero(bits);
     out[j] = std::int32_t(at);
     for (int c = 0; c < Chunks; ++c) chunk[c] = xsimd::select(lanes + B(float(c * w)) == B(float(at)), knocked, chunk[c]);
   }
@@ -111,13 +144,36 @@ template <class B>
 void top_k_row(const float* v, Index n, Index k, std::int32_t* out) {
   constexpr Index w = Index(B::size);
   switch (n % w == 0 ? n / w : 0) {
-    case 1: return top_k_row_registers<B, 1>(v, k, out);
-    case 2: return top_k_row_registers<B, 2>(v, k, out);
-    case 4: return top_k_row_registers<B, 4>(v, k, out);
+    case 1: return top_k_rows_registers<B, 1, 1>(v, 0, k, out);
+    case 2: if constexpr (2 * w <= 64) return top_k_rows_registers<B, 2, 1>(v, 0, k, out); else return top_k_row_registers<B, 2>(v, k, out);
+    case 4: if constexpr (4 * w <= 64) return top_k_rows_registers<B, 4, 1>(v, 0, k, out); else return top_k_row_registers<B, 4>(v, k, out);
     case 8: return top_k_row_registers<B, 8>(v, k, out);
     case 16: return top_k_row_registers<B, 16>(v, k, out);
     default: return top_k_row_passes<B>(v, n, k, out);
   }
+}
+
+// Rows [0, T) of a matrix, out[t * k + j]: rows that fit one 64-bit mask go two at a time.
+template <class B>
+void top_k_rows(const float* v, Index stride, Index T, Index n, Index k, std::int32_t* out) {
+  constexpr Index w = Index(B::size);
+  const auto pairs = [&](auto kernel) {
+    Index t = 0;
+    for (; t + 2 <= T; t += 2) kernel(std::integral_constant<int, 2>{}, v + t * stride, out + t * k);
+    if (t < T) kernel(std::integral_constant<int, 1>{}, v + t * stride, out + t * k);
+  };
+  const auto rows_of = [&](auto chunks) {
+    pairs([&](auto rows, const float* in, std::int32_t* o) {
+      top_k_rows_registers<B, decltype(chunks)::value, decltype(rows)::value>(in, stride, k, o);
+    });
+  };
+  switch (n % w == 0 && n <= 64 ? n / w : 0) {
+    case 1: return rows_of(std::integral_constant<int, 1>{});
+    case 2: if constexpr (2 * w <= 64) return rows_of(std::integral_constant<int, 2>{}); else break;
+    case 4: if constexpr (4 * w <= 64) return rows_of(std::integral_constant<int, 4>{}); else break;
+    default: break;
+  }
+  for (Index t = 0; t < T; ++t) top_k_row<B>(v + t * stride, n, k, out + t * k);
 }
 }  // namespace detail
 
@@ -131,6 +187,68 @@ void top_k_row(const S* values, Index n, Index k, std::int32_t* out) {
     else detail::top_k_row<NarrowBatch<float, 4>>(values, n, k, out);
   } else {
     scalar::top_k_row(values, n, k, out);
+  }
+}
+
+// Token-parallel top-k for rows shorter than a register (n <= 16): lane i follows row t + i,
+// one gather per column, and each lane keeps its best k (value, index) pairs sorted by insertion.
+// Columns arrive in ascending index and only a strictly larger value moves an entry, so ties go
+// to the lowest index. Returns the rows done (whole groups of width without -inf); the caller
+// finishes the rest.
+template <class B>
+Index top_k_rows_token_parallel(const float* v, Index stride, Index T, Index n, Index k, std::int32_t* out) {
+  using I = xsimd::batch<std::int32_t, typename B::arch_type>;
+  constexpr Index w = Index(B::size), max_k = 16;
+  if (n > 16 || k > max_k || stride * w > std::numeric_limits<std::int32_t>::max()) return 0;
+  const float lowest = -std::numeric_limits<float>::infinity();
+  alignas(64) std::int32_t offsets[B::size];
+  for (std::size_t i = 0; i < B::size; ++i) offsets[i] = std::int32_t(Index(i) * stride);
+  const I rows = I::load_aligned(offsets);
+  alignas(64) std::int32_t picked[max_k][B::size];
+  Index t = 0;
+  for (; t + w <= T; t += w) {
+    B val[max_k], idx[max_k];
+    for (Index j = 0; j < k; ++j) val[j] = B(lowest), idx[j] = B(-1.0f);
+    for (Index e = 0; e < n; ++e) {
+      const B x = gather<B>(v + t * stride + e, rows);
+      B xi = B(float(e));
+      B xv = x;
+      for (Index j = 0; j < k; ++j) {  // insert: a larger x takes slot j and pushes its entry down
+        const auto up = xv > val[j];
+        const B nv = xsimd::select(up, xv, val[j]), ni = xsimd::select(up, xi, idx[j]);
+        xv = xsimd::select(up, val[j], xv);
+        xi = xsimd::select(up, idx[j], xi);
+        val[j] = nv;
+        idx[j] = ni;
+      }
+    }
+    if (xsimd::any(idx[k - 1] < B(0.0f))) break;  // a row with -inf entries: the caller's path
+    for (Index j = 0; j < k; ++j) xsimd::batch_cast<std::int32_t>(idx[j]).store_aligned(picked[j]);
+    for (Index i = 0; i < w; ++i)
+      for (Index j = 0; j < k; ++j) out[(t + i) * k + j] = picked[j][i];
+  }
+  return t;
+}
+
+// Every row of a matrix: row t's top-k into out[t * k, t * k + k).
+template <class S>
+void top_k_rows(MatrixIn<S> values, Index k, std::int32_t* out) {
+  const Index T = values.rows(), n = values.cols();
+  MOE_ASSERT(k <= n);
+  if constexpr (std::is_same_v<S, float>) {
+    // short rows: token-parallel for whole groups of rows, row by row for the rest
+    const Index done = n < Index(width<float>)
+        ? top_k_rows_token_parallel<Batch<float>>(values.data(), values.outerStride(), T, n, k, out)
+        : 0;
+    const auto rows = [&](auto batch) {
+      detail::top_k_rows<decltype(batch)>(values.data() + done * values.outerStride(), values.outerStride(),
+                                          T - done, n, k, out + done * k);
+    };
+    if (n >= Index(width<float>)) rows(Batch<float>{});
+    else if (n >= 8) rows(NarrowBatch<float, 8>{});
+    else rows(NarrowBatch<float, 4>{});
+  } else {
+    for (Index t = 0; t < T; ++t) scalar::top_k_row(values.row(t).data(), n, k, out + t * k);
   }
 }
 

@@ -9,6 +9,7 @@
 #include "moe/concepts.hpp"
 #include "moe/core/workspace.hpp"
 #include "moe/errors.hpp"
+#include "moe/kernels/column_sums.hpp"
 
 namespace moe {
 
@@ -39,9 +40,13 @@ public:
   S forward(const LossInput<S>& in) const {
     const auto [f, p_scale] = fractions(in);
     fit(score_sum_, 1, in.scores.cols());
-    score_sum_.setZero();
-    for (Index t = 0; t < in.scores.rows(); ++t)  // row by row: contiguous, vectorised
-      if (in.tokens.is_valid(t)) score_sum_ += in.scores.row(t);
+    if (in.tokens.valid.empty()) {
+      kernels::column_sums<S>(in.scores, score_sum_.data());
+    } else {
+      score_sum_.setZero();
+      for (Index t = 0; t < in.scores.rows(); ++t)  // row by row: contiguous, vectorised
+        if (in.tokens.is_valid(t)) score_sum_ += in.scores.row(t);
+    }
     S value = 0;
     for (Index e = 0; e < in.scores.cols(); ++e) value += f[e] * score_sum_(0, e) * p_scale;
     return value;

@@ -51,50 +51,84 @@ public:
   const Options& options() const { return opt_; }
 
   void forward(const SelectorInput<S>& in, routing_type& r) {
+    prepare(in);
+    select_rows(in, 0, in.scores.rows());
+    finish(in, r);
+  }
+
+  // The staged form of forward (moe::staged_selector): the router runs select_rows inside its
+  // blocked gating loop, while each block of scores is still in cache.
+  // prepare reads only the shapes and the token mask: it validates, counts the real tokens and
+  // sizes the scratch, so a bad call throws before anything is written.
+  void prepare(const SelectorInput<S>& in) {
     const Index tokens = in.scores.rows(), experts = in.scores.cols();
     validate(in, tokens, experts);
+    fit(token_offsets_, tokens + 1);
     Index valid = 0;
-    for (Index t = 0; t < tokens; ++t) valid += in.tokens.is_valid(t);
-    const Index cap = opt_.capacity.slots(valid, experts, k_, "TopKSelector");
-
-    r.reset(tokens, experts);
-    r.num_valid_tokens = valid;
-    r.capacity = cap;
+    for (Index t = 0; t < tokens; ++t) {
+      token_offsets_[t] = valid * k_;
+      valid += in.tokens.is_valid(t);
+    }
+    token_offsets_[tokens] = valid * k_;
+    capacity_ = opt_.capacity.slots(valid, experts, k_, "TopKSelector");
+    valid_ = valid;
     const Index choices = valid * k_;
-    fit(r.choice_expert, choices);
-    fit(r.choice_slot, choices);
+    fit(choice_expert_, choices);
     fit(choice_token_, choices);
     fit(pre_weight_, choices);
     fit(choice_score_, choices);
+  }
 
-    // 1. each real token's top-k, in rank order, and its pre-drop combine weights
-    for (Index t = 0, c = 0; t < tokens; ++t) {
-      r.token_offsets[t] = c;
-      c += in.tokens.is_valid(t) ? k_ : 0;
-    }
-    r.token_offsets[tokens] = choices;
-    parallel_for(tokens, 512, [&](Index begin, Index end) {
-      for (Index t = begin; t < end; ++t) {
-        const Index c = r.token_offsets[t];
-        if (c == r.token_offsets[t + 1]) continue;  // padding
-        kernels::top_k_row(in.rank.row(t).data(), experts, k_, &r.choice_expert[c]);
-        for (Index j = 0; j < k_; ++j) {
-          choice_token_[c + j] = std::int32_t(t);
-          choice_score_[c + j] = in.scores(t, r.choice_expert[c + j]);  // while the row is in cache
-        }
-        pre_drop_weights(in, t, &r.choice_expert[c], &pre_weight_[c]);
+  // Each real token of [begin, end) picks its top-k, in rank order, with its pre-drop combine
+  // weights; only the scratch is written, so disjoint ranges may run in parallel.
+  void select_rows(const SelectorInput<S>& in, Index begin, Index end) {
+    const Index experts = in.scores.cols();
+    const bool all_real = token_offsets_[end] - token_offsets_[begin] == (end - begin) * k_;
+    const bool renormalize = opt_.weighting == Weighting::renormalize_before_drop ||
+                             opt_.weighting == Weighting::renormalize_after_drop;
+    const S scale = S(opt_.scale);
+    if (all_real)  // whole rows at a time (the kernel interleaves them)
+      kernels::top_k_rows<S>(in.rank.middleRows(begin, end - begin), k_, &choice_expert_[token_offsets_[begin]]);
+    for (Index t = begin; t < end; ++t) {
+      const Index c = token_offsets_[t];
+      if (c == token_offsets_[t + 1]) continue;  // padding
+      std::int32_t* e = &choice_expert_[c];
+      if (!all_real) kernels::top_k_row(in.rank.row(t).data(), experts, k_, e);
+      const S* scores = in.scores.row(t).data();
+      S z = S(1);  // scale * (p / z): p / p is exactly 1, so equal weights stay equal for by_weight
+      if (renormalize) {
+        z = 0;
+        for (Index j = 0; j < k_; ++j) z += scores[e[j]];
+        z = std::max(z, floor());
       }
-    });
+      for (Index j = 0; j < k_; ++j) {
+        choice_token_[c + j] = std::int32_t(t);
+        choice_score_[c + j] = scores[e[j]];  // while the row is in cache
+        pre_weight_[c + j] = scale * (scores[e[j]] / z);
+      }
+      if (opt_.weighting == Weighting::softmax_of_kept_logits) kept_logit_weights(in, t, e, &pre_weight_[c]);
+    }
+  }
 
-    // 2. the priority sequence; 3. each expert keeps its first C entries of it, counting-sorted
-    // into expert-grouped slots
+  // Capacity and slots from the choices of every row: writes the routing.
+  void finish(const SelectorInput<S>& in, routing_type& r) {
+    const Index tokens = in.scores.rows(), experts = in.scores.cols();
+    r.reset(tokens, experts);
+    r.num_valid_tokens = valid_;
+    r.capacity = capacity_;
+    std::copy(token_offsets_.begin(), token_offsets_.end(), r.token_offsets.begin());
+    r.choice_expert.assign(choice_expert_.begin(), choice_expert_.end());
+    fit(r.choice_slot, r.num_choices());
+
+    // the priority sequence; each expert keeps its first C entries of it, counting-sorted into
+    // expert-grouped slots
     priority_sequence(in, r);
-    kernels::assign_slots<S>({.choice_token = choice_token_, .order = order_, .capacity = cap,
+    kernels::assign_slots<S>({.choice_token = choice_token_, .order = order_, .capacity = capacity_,
                               .pad = opt_.capacity.pad,
                               .token_order = opt_.capacity.slot_order == SlotOrder::token},
                              r, count_);
 
-    // 4. final combine weights: the pre-drop ones, or renormalised over the survivors
+    // final combine weights: the pre-drop ones, or renormalised over the survivors
     const bool after = opt_.weighting == Weighting::renormalize_after_drop;
     for (Index t = 0; t < tokens; ++t) {
       const Index lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
@@ -181,23 +215,12 @@ private:
     return top;
   }
 
-  void pre_drop_weights(const SelectorInput<S>& in, Index t, const std::int32_t* e, S* w) const {
-    const S scale = S(opt_.scale);
-    if (opt_.weighting == Weighting::softmax_of_kept_logits) {
-      S top = in.logits(t, e[0]), sum = 0;
-      for (Index j = 1; j < k_; ++j) top = std::max(top, in.logits(t, e[j]));
-      for (Index j = 0; j < k_; ++j) sum += (w[j] = std::exp(in.logits(t, e[j]) - top));
-      for (Index j = 0; j < k_; ++j) w[j] = scale * (w[j] / sum);
-      return;
-    }
-    S z = S(1);
-    if (opt_.weighting != Weighting::raw) {
-      z = 0;
-      for (Index j = 0; j < k_; ++j) z += in.scores(t, e[j]);
-      z = std::max(z, floor());
-    }
-    // scale * (p / z): p / p is exactly 1, so equal weights stay equal for the by-weight order
-    for (Index j = 0; j < k_; ++j) w[j] = scale * (in.scores(t, e[j]) / z);
+  // Pre-drop weights of softmax_of_kept_logits: scale * softmax over the k chosen logits.
+  void kept_logit_weights(const SelectorInput<S>& in, Index t, const std::int32_t* e, S* w) const {
+    S top = in.logits(t, e[0]), sum = 0;
+    for (Index j = 1; j < k_; ++j) top = std::max(top, in.logits(t, e[j]));
+    for (Index j = 0; j < k_; ++j) sum += (w[j] = std::exp(in.logits(t, e[j]) - top));
+    for (Index j = 0; j < k_; ++j) w[j] = S(opt_.scale) * (w[j] / sum);
   }
 
   void priority_sequence(const SelectorInput<S>& in, const routing_type& r) {
@@ -239,8 +262,10 @@ private:
 
   Index k_;
   Options opt_;
-  // scratch, sized once per shape
-  std::vector<std::int32_t> choice_token_, order_, token_order_;
+  // scratch, sized once per shape; prepare sets the first three
+  Index valid_ = 0, capacity_ = -1;
+  std::vector<Index> token_offsets_;
+  std::vector<std::int32_t> choice_expert_, choice_token_, order_, token_order_;
   std::vector<S> pre_weight_, choice_score_, token_priority_;
   std::vector<Index> count_;
 };
