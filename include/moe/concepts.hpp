@@ -29,6 +29,9 @@ struct LossInput {
   MatrixIn<S> scores;
   const SparseRouting<S>& routing;
   const TokenInputs<S>& tokens;
+  // Per expert, the sum of the scores over the real tokens, when the router has it from its
+  // gating loop (empty otherwise: a loss then sums the scores itself).
+  std::span<const S> score_sums{};
 };
 
 namespace detail {

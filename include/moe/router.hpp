@@ -11,6 +11,7 @@
 #include "moe/core/parallel.hpp"
 #include "moe/core/validate.hpp"
 #include "moe/core/workspace.hpp"
+#include "moe/kernels/column_sums.hpp"
 
 namespace moe {
 
@@ -152,6 +153,7 @@ private:
     // logits is read from memory once and its scores are still in cache for the selector. A bad
     // block throws before the routing is touched: only the spare state and scratch are written.
     const Index block = std::max<Index>(16, 4096 / std::max<Index>(logits.cols(), 1));
+    if constexpr (num_losses > 0) fit(block_sums_, (logits.rows() + block - 1) / block, logits.cols());
     parallel_for(logits.rows(), block, [&](Index t, Index end) {
       const Index n = end - t;
       const auto rows = logits.middleRows(t, n);
@@ -160,6 +162,9 @@ private:
       if constexpr (gate_ranks)
         gate_.rank(rows, st.scores.middleRows(t, n), tokens.rows(t, n, logits.cols()), st.rank.middleRows(t, n));
       if constexpr (staged_selector<Selector>) selector_.select_rows(in, t, end);
+      if constexpr (num_losses > 0)  // per block, summed below in block order: any thread count
+        kernels::column_sums<S>(st.scores.middleRows(t, n), block_sums_.row(t / block).data(),
+                                tokens.rows(t, n, logits.cols()).valid);
     });
     if constexpr (staged_selector<Selector>) selector_.finish(in, routing_);
     else selector_.forward(in, routing_);  // validates before it writes the routing
@@ -167,7 +172,11 @@ private:
     logits_data_ = logits.data();
     logits_rows_ = logits.rows();
     logits_stride_ = logits.outerStride();
-    const LossInput<S> li{logits, st.scores, routing_, tokens};
+    fit(score_sums_, logits.cols());
+    std::fill(score_sums_.begin(), score_sums_.end(), S(0));
+    for (Index b = 0; b < block_sums_.rows(); ++b)
+      for (Index e = 0; e < logits.cols(); ++e) score_sums_[e] += block_sums_(b, e);
+    const LossInput<S> li{logits, st.scores, routing_, tokens, score_sums_};
     std::size_t i = 0;
     std::apply([&](const auto&... l) { ((loss_values_[i++] = l.forward(li)), ...); }, losses_);
     return routing_;
@@ -181,6 +190,8 @@ private:
   State state_[2];
   int current_ = 0;
   Matrix<S> dscores_, dlogits_;
+  Matrix<S> block_sums_;         // per gating block, the column sums of its scores (real tokens)
+  std::vector<S> score_sums_;    // their sum: LossInput::score_sums
   const S* logits_data_ = nullptr;  // the logits routed last: the router's own or the caller's
   Index logits_rows_ = 0, logits_stride_ = 0;
   routing_type routing_;

@@ -74,8 +74,9 @@ MOE_INLINE void softmax_rows_registers(const S* in, Index in_stride, S* out, Ind
 template <class B, int Chunks, class S>
 void softmax_rows_registers(MatrixIn<S> logits, MatrixOut<S> probs) {
   const Index T = logits.rows(), is = logits.outerStride(), os = probs.outerStride();
+  constexpr int pair = Chunks <= 8 ? 2 : 1;  // two rows of 16 batches would not fit the registers
   Index t = 0;
-  for (; t + 2 <= T; t += 2) softmax_rows_registers<B, Chunks, 2>(logits.row(t).data(), is, probs.row(t).data(), os);
+  for (; t + pair <= T; t += pair) softmax_rows_registers<B, Chunks, pair>(logits.row(t).data(), is, probs.row(t).data(), os);
   if (t < T) softmax_rows_registers<B, Chunks, 1>(logits.row(t).data(), is, probs.row(t).data(), os);
 }
 
@@ -88,6 +89,7 @@ void softmax_rows(MatrixIn<S> logits, MatrixOut<S> probs) {
     case 2: return softmax_rows_registers<B, 2>(logits, probs);
     case 4: return softmax_rows_registers<B, 4>(logits, probs);
     case 8: return softmax_rows_registers<B, 8>(logits, probs);
+    case 16: return softmax_rows_registers<B, 16>(logits, probs);
     default:
       for (Index t = 0; t < logits.rows(); ++t) softmax_row<B>(logits.row(t).data(), probs.row(t).data(), n);
   }

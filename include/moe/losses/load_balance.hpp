@@ -40,15 +40,10 @@ public:
   S forward(const LossInput<S>& in) const {
     const auto [f, p_scale] = fractions(in);
     fit(score_sum_, 1, in.scores.cols());
-    if (in.tokens.valid.empty()) {
-      kernels::column_sums<S>(in.scores, score_sum_.data());
-    } else {
-      score_sum_.setZero();
-      for (Index t = 0; t < in.scores.rows(); ++t)  // row by row: contiguous, vectorised
-        if (in.tokens.is_valid(t)) score_sum_ += in.scores.row(t);
-    }
+    if (in.score_sums.empty()) kernels::column_sums<S>(in.scores, score_sum_.data(), in.tokens.valid);
+    const S* sums = in.score_sums.empty() ? score_sum_.data() : in.score_sums.data();
     S value = 0;
-    for (Index e = 0; e < in.scores.cols(); ++e) value += f[e] * score_sum_(0, e) * p_scale;
+    for (Index e = 0; e < in.scores.cols(); ++e) value += f[e] * sums[e] * p_scale;
     return value;
   }
 
