@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include <xsimd/xsimd.hpp>
 
@@ -148,6 +149,27 @@ MOE_INLINE B gather(const typename B::value_type* base, I offsets) {
     return B(_mm512_i32gather_ps(offsets, base, 4));
 #endif
   return B::gather(base, offsets);
+}
+
+// Stores lanes to base[offsets[i]]: one vscatterdps under AVX-512 (xsimd 8.1 goes lane by lane).
+template <class B, class I>
+MOE_INLINE void scatter(B v, typename B::value_type* base, I offsets) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(typename B::register_type) == 64 && std::is_same_v<typename B::value_type, float>) {
+    _mm512_i32scatter_ps(base, offsets, v, 4);
+    return;
+  }
+#endif
+  v.scatter(base, offsets);
+}
+
+// Calls f(std::integral_constant<int, n>{}) for n in [1, Max]: a run-time count becomes a
+// compile-time one, so per-lane arrays of that length stay in registers. False if n is outside.
+template <int Max, class F>
+MOE_INLINE bool with_static_count(Index n, F&& f) {
+  return [&]<int... N>(std::integer_sequence<int, N...>) {
+    return ((n == N + 1 ? (f(std::integral_constant<int, N + 1>{}), true) : false) || ...);
+  }(std::make_integer_sequence<int, Max>{});
 }
 
 // The inverse of mask_bits: lane i is true iff bit i is set.

@@ -111,17 +111,21 @@ void softmax_rows_token_parallel(MatrixIn<S> logits, MatrixOut<S> probs) {
   if (logits.outerStride() == probs.outerStride()) {
     for (std::size_t i = 0; i < B::size; ++i) offsets[i] = xsimd::as_integer_t<S>(Index(i) * logits.outerStride());
     const I rows = I::load_aligned(offsets);
-    for (; t + w <= T; t += w) {
-      const S* in = logits.row(t).data();
-      S* out = probs.row(t).data();
-      B v[max_experts];
-      B top(-std::numeric_limits<S>::infinity());
-      for (Index e = 0; e < E; ++e) top = xsimd::max(top, v[e] = gather<B>(in + e, rows));
-      B sum(S(0));
-      for (Index e = 0; e < E; ++e) sum += (v[e] = exp_approx(v[e] - top));
-      const B inv = B(S(1)) / sum;
-      for (Index e = 0; e < E; ++e) (v[e] * inv).scatter(out + e, rows);
-    }
+    // the expert count fixed at compile time keeps the E columns in registers
+    with_static_count<max_experts>(E, [&](auto experts) {
+      constexpr int n = decltype(experts)::value;
+      for (; t + w <= T; t += w) {
+        const S* in = logits.row(t).data();
+        S* out = probs.row(t).data();
+        B v[n];
+        B top(-std::numeric_limits<S>::infinity());
+        for (int e = 0; e < n; ++e) top = xsimd::max(top, v[e] = gather<B>(in + e, rows));
+        B sum(S(0));
+        for (int e = 0; e < n; ++e) sum += (v[e] = exp_approx(v[e] - top));
+        const B inv = B(S(1)) / sum;
+        for (int e = 0; e < n; ++e) scatter(v[e] * inv, out + e, rows);
+      }
+    });
   }
   if (t < T) detail::softmax_rows<NarrowBatch<S, 4>, S>(logits.middleRows(t, T - t), probs.middleRows(t, T - t));
 }

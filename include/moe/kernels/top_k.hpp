@@ -206,27 +206,33 @@ Index top_k_rows_token_parallel(const float* v, Index stride, Index T, Index n, 
   const I rows = I::load_aligned(offsets);
   alignas(64) std::int32_t picked[max_k][B::size];
   Index t = 0;
-  for (; t + w <= T; t += w) {
-    B val[max_k], idx[max_k];
-    for (Index j = 0; j < k; ++j) val[j] = B(lowest), idx[j] = B(-1.0f);
-    for (Index e = 0; e < n; ++e) {
-      const B x = gather<B>(v + t * stride + e, rows);
-      B xi = B(float(e));
-      B xv = x;
-      for (Index j = 0; j < k; ++j) {  // insert: a larger x takes slot j and pushes its entry down
-        const auto up = xv > val[j];
-        const B nv = xsimd::select(up, xv, val[j]), ni = xsimd::select(up, xi, idx[j]);
-        xv = xsimd::select(up, val[j], xv);
-        xi = xsimd::select(up, idx[j], xi);
-        val[j] = nv;
-        idx[j] = ni;
+  with_static_count<max_k>(k, [&](auto kk) {  // k fixed at compile time: the lists stay in registers
+    constexpr int K = decltype(kk)::value;
+    for (; t + w <= T; t += w) {
+      B val[K], idx[K];
+      for (int j = 0; j < K; ++j) val[j] = B(lowest), idx[j] = B(-1.0f);
+      for (Index e = 0; e < n; ++e) {
+        B xv = gather<B>(v + t * stride + e, rows);
+        B xi = B(float(e));
+        for (int j = 0; j < K; ++j) {  // insert: a larger x takes slot j and pushes its entry down
+          const auto up = xv > val[j];
+          const B nv = xsimd::select(up, xv, val[j]), ni = xsimd::select(up, xi, idx[j]);
+          xv = xsimd::select(up, val[j], xv);
+          xi = xsimd::select(up, idx[j], xi);
+          val[j] = nv;
+          idx[j] = ni;
+        }
+      }
+      if (xsimd::any(idx[K - 1] < B(0.0f))) break;  // a row with -inf entries: the caller's path
+      if constexpr (K == 1) {
+        xsimd::batch_cast<std::int32_t>(idx[0]).store_unaligned(out + t);
+      } else {
+        for (int j = 0; j < K; ++j) xsimd::batch_cast<std::int32_t>(idx[j]).store_aligned(picked[j]);
+        for (Index i = 0; i < w; ++i)
+          for (int j = 0; j < K; ++j) out[(t + i) * K + j] = picked[j][i];
       }
     }
-    if (xsimd::any(idx[k - 1] < B(0.0f))) break;  // a row with -inf entries: the caller's path
-    for (Index j = 0; j < k; ++j) xsimd::batch_cast<std::int32_t>(idx[j]).store_aligned(picked[j]);
-    for (Index i = 0; i < w; ++i)
-      for (Index j = 0; j < k; ++j) out[(t + i) * k + j] = picked[j][i];
-  }
+  });
   return t;
 }
 
