@@ -13,3 +13,13 @@
 #else
 #  define MOE_INLINE inline
 #endif
+
+// Fully unrolls a loop of compile-time length over an array of SIMD registers, so the array
+// stays in registers (GCC otherwise keeps it on the stack).
+#if defined(__clang__)
+#  define MOE_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#  define MOE_UNROLL _Pragma("GCC unroll 16")
+#else
+#  define MOE_UNROLL
+#endif

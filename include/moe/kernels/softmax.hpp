@@ -54,19 +54,27 @@ template <class B, int Chunks, int Rows, class S>
 MOE_INLINE void softmax_rows_registers(const S* in, Index in_stride, S* out, Index out_stride) {
   constexpr Index w = Index(B::size);
   B v[Rows][Chunks], top[Rows], acc[Rows];
+  MOE_UNROLL
   for (int r = 0; r < Rows; ++r)
+    MOE_UNROLL
     for (int c = 0; c < Chunks; ++c) v[r][c] = B::load_unaligned(in + r * in_stride + c * w);
+  MOE_UNROLL
   for (int r = 0; r < Rows; ++r) {
     B m = v[r][0];
+    MOE_UNROLL
     for (int c = 1; c < Chunks; ++c) m = xsimd::max(m, v[r][c]);
     top[r] = B(reduce_max(m));
   }
+  MOE_UNROLL
   for (int r = 0; r < Rows; ++r) {
     acc[r] = B(S(0));
+    MOE_UNROLL
     for (int c = 0; c < Chunks; ++c) acc[r] += (v[r][c] = exp_approx(v[r][c] - top[r]));
   }
+  MOE_UNROLL
   for (int r = 0; r < Rows; ++r) {
     const B inv(S(1) / xsimd::hadd(acc[r]));
+    MOE_UNROLL
     for (int c = 0; c < Chunks; ++c) (v[r][c] * inv).store_unaligned(out + r * out_stride + c * w);
   }
 }
@@ -119,10 +127,13 @@ void softmax_rows_token_parallel(MatrixIn<S> logits, MatrixOut<S> probs) {
         S* out = probs.row(t).data();
         B v[n];
         B top(-std::numeric_limits<S>::infinity());
+        MOE_UNROLL
         for (int e = 0; e < n; ++e) top = xsimd::max(top, v[e] = gather<B>(in + e, rows));
         B sum(S(0));
+        MOE_UNROLL
         for (int e = 0; e < n; ++e) sum += (v[e] = exp_approx(v[e] - top));
         const B inv = B(S(1)) / sum;
+        MOE_UNROLL
         for (int e = 0; e < n; ++e) scatter(v[e] * inv, out + e, rows);
       }
     });

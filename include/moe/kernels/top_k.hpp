@@ -54,27 +54,35 @@ MOE_INLINE void top_k_rows_registers(const float* v, Index stride, Index k, std:
   const B knocked(-std::numeric_limits<float>::infinity());
   B chunk[Rows][Chunks];
   bool holds_inf = false;
+  MOE_UNROLL
   for (int r = 0; r < Rows; ++r)
+    MOE_UNROLL
     for (int c = 0; c < Chunks; ++c) {
       chunk[r][c] = B::load_unaligned(v + r * stride + c * w);
       holds_inf |= xsimd::any(chunk[r][c] == knocked);
     }
   if (holds_inf) {
+    MOE_UNROLL
     for (int r = 0; r < Rows; ++r) scalar::top_k_row(v + r * stride, Index(Chunks) * w, k, out + r * k);
     return;
   }
   for (Index j = 0; j < k; ++j) {
     std::uint64_t pick[Rows];
+    MOE_UNROLL
     for (int r = 0; r < Rows; ++r) {
       B best = chunk[r][0];
+      MOE_UNROLL
       for (int c = 1; c < Chunks; ++c) best = xsimd::max(best, chunk[r][c]);
       const B top = broadcast_max(best);
       std::uint64_t bits = 0;
+      MOE_UNROLL
       for (int c = 0; c < Chunks; ++c) bits |= mask_bits(chunk[r][c] == top) << (c * w);
       pick[r] = bits & (~bits + 1);  // the lowest set bit: ties go to the lowest index
       out[r * k + j] = std::int32_t(std::countr_zero(bits));
     }
+    MOE_UNROLL
     for (int r = 0; r < Rows; ++r)
+      MOE_UNROLL
       for (int c = 0; c < Chunks; ++c) chunk[r][c] = xsimd::select(lane_mask<B>(pick[r] >> (c * w)), knocked, chunk[r][c]);
   }
 }
@@ -210,10 +218,12 @@ Index top_k_rows_token_parallel(const float* v, Index stride, Index T, Index n, 
     constexpr int K = decltype(kk)::value;
     for (; t + w <= T; t += w) {
       B val[K], idx[K];
+      MOE_UNROLL
       for (int j = 0; j < K; ++j) val[j] = B(lowest), idx[j] = B(-1.0f);
       for (Index e = 0; e < n; ++e) {
         B xv = gather<B>(v + t * stride + e, rows);
         B xi = B(float(e));
+        MOE_UNROLL
         for (int j = 0; j < K; ++j) {  // insert: a larger x takes slot j and pushes its entry down
           const auto up = xv > val[j];
           const B nv = xsimd::select(up, xv, val[j]), ni = xsimd::select(up, xi, idx[j]);
@@ -227,8 +237,10 @@ Index top_k_rows_token_parallel(const float* v, Index stride, Index T, Index n, 
       if constexpr (K == 1) {
         xsimd::batch_cast<std::int32_t>(idx[0]).store_unaligned(out + t);
       } else {
+        MOE_UNROLL
         for (int j = 0; j < K; ++j) xsimd::batch_cast<std::int32_t>(idx[j]).store_aligned(picked[j]);
         for (Index i = 0; i < w; ++i)
+          MOE_UNROLL
           for (int j = 0; j < K; ++j) out[(t + i) * K + j] = picked[j][i];
       }
     }

@@ -64,12 +64,19 @@ public:
     const Index tokens = in.scores.rows(), experts = in.scores.cols();
     validate(in, tokens, experts);
     fit(token_offsets_, tokens + 1);
+    const Index k = k_;  // a local: the stores below could alias the member
     Index valid = 0;
-    for (Index t = 0; t < tokens; ++t) {
-      token_offsets_[t] = valid * k_;
-      valid += in.tokens.is_valid(t);
+    Index* offsets = token_offsets_.data();
+    if (in.tokens.valid.empty()) {
+      for (Index t = 0; t <= tokens; ++t) offsets[t] = t * k;
+      valid = tokens;
+    } else {
+      for (Index t = 0; t < tokens; ++t) {
+        offsets[t] = valid * k;
+        valid += in.tokens.valid[std::size_t(t)] != 0;
+      }
+      offsets[tokens] = valid * k;
     }
-    token_offsets_[tokens] = valid * k_;
     capacity_ = opt_.capacity.slots(valid, experts, k_, "TopKSelector");
     valid_ = valid;
     const Index choices = valid * k_;
@@ -89,25 +96,28 @@ public:
     const S scale = S(opt_.scale);
     if (all_real)  // whole rows at a time (the kernel interleaves them)
       kernels::top_k_rows<S>(in.rank.middleRows(begin, end - begin), k_, &choice_expert_[token_offsets_[begin]]);
-    for (Index t = begin; t < end; ++t) {
-      const Index c = token_offsets_[t];
-      if (c == token_offsets_[t + 1]) continue;  // padding
-      std::int32_t* e = &choice_expert_[c];
-      if (!all_real) kernels::top_k_row(in.rank.row(t).data(), experts, k_, e);
-      const S* scores = in.scores.row(t).data();
-      S z = S(1);  // scale * (p / z): p / p is exactly 1, so equal weights stay equal for by_weight
-      if (renormalize) {
-        z = 0;
-        for (Index j = 0; j < k_; ++j) z += scores[e[j]];
-        z = std::max(z, floor());
+    const auto rows = [&](auto kk) {  // kk: k as a compile-time constant (small k) or k_
+      for (Index t = begin; t < end; ++t) {
+        const Index c = token_offsets_[t];
+        if (c == token_offsets_[t + 1]) continue;  // padding
+        std::int32_t* e = &choice_expert_[c];
+        if (!all_real) kernels::top_k_row(in.rank.row(t).data(), experts, k_, e);
+        const S* scores = in.scores.row(t).data();
+        S z = S(1);  // scale * (p / z): p / p is exactly 1, so equal weights stay equal for by_weight
+        if (renormalize) {
+          z = 0;
+          for (Index j = 0; j < Index(kk); ++j) z += scores[e[j]];
+          z = std::max(z, floor());
+        }
+        for (Index j = 0; j < Index(kk); ++j) {
+          choice_token_[c + j] = std::int32_t(t);
+          choice_score_[c + j] = scores[e[j]];  // while the row is in cache
+          pre_weight_[c + j] = scale * (scores[e[j]] / z);
+        }
+        if (opt_.weighting == Weighting::softmax_of_kept_logits) kept_logit_weights(in, t, e, &pre_weight_[c]);
       }
-      for (Index j = 0; j < k_; ++j) {
-        choice_token_[c + j] = std::int32_t(t);
-        choice_score_[c + j] = scores[e[j]];  // while the row is in cache
-        pre_weight_[c + j] = scale * (scores[e[j]] / z);
-      }
-      if (opt_.weighting == Weighting::softmax_of_kept_logits) kept_logit_weights(in, t, e, &pre_weight_[c]);
-    }
+    };
+    if (!kernels::with_static_count<2>(k_, rows)) rows(k_);
   }
 
   // Capacity and slots from the choices of every row: writes the routing.
