@@ -203,21 +203,27 @@ TEST_CASE("slot assignment matches its twin for every order and capacity", "[ker
   moe::CounterRng rng(5);
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](auto a, auto b) { return rng.bits(a, 0) < rng.bits(b, 0); });  // a random priority
+  std::vector<std::int32_t> identity(token.size());
+  std::iota(identity.begin(), identity.end(), 0);
   for (Index cap : {Index(-1), Index(3), Index(17), Index(100)})
     for (bool pad : {false, true})
-      for (bool token_order : {false, true}) {
-        if (pad && cap < 0) continue;
-        const k::SlotRequest q{.choice_token = token, .order = order, .capacity = cap, .pad = pad, .token_order = token_order};
-        auto a = r, b = r;
-        std::vector<Index> cursor;
-        k::assign_slots<float>(q, a, cursor);
-        k::scalar::assign_slots<float>(q, b);
-        INFO("capacity " << cap << " pad " << pad << " token order " << token_order);
-        REQUIRE(a.choice_slot == b.choice_slot);
-        REQUIRE(a.slot_token == b.slot_token);
-        REQUIRE(a.expert_offsets == b.expert_offsets);
-        REQUIRE(a.expert_count == b.expert_count);
-      }
+      for (bool token_order : {false, true})
+        for (int sequence : {0, 1}) {  // a random priority; none (the kernel's implicit choice order)
+          if (pad && cap < 0) continue;
+          const k::SlotRequest q{.choice_token = token, .order = order, .capacity = cap, .pad = pad, .token_order = token_order};
+          k::SlotRequest implicit = q, spelled = q;
+          implicit.order = {};
+          spelled.order = identity;
+          auto a = r, b = r;
+          std::vector<Index> cursor;
+          k::assign_slots<float>(sequence == 0 ? q : implicit, a, cursor);
+          k::scalar::assign_slots<float>(sequence == 0 ? q : spelled, b);
+          INFO("capacity " << cap << " pad " << pad << " token order " << token_order << " sequence " << sequence);
+          REQUIRE(a.choice_slot == b.choice_slot);
+          REQUIRE(a.slot_token == b.slot_token);
+          REQUIRE(a.expert_offsets == b.expert_offsets);
+          REQUIRE(a.expert_count == b.expert_count);
+        }
 }
 
 TEMPLATE_TEST_CASE("Sinkhorn kernel matches its twin and balances the plan", "[kernel]", float, double) {

@@ -16,7 +16,8 @@ namespace moe::kernels {
 
 struct SlotRequest {
   std::span<const std::int32_t> choice_token;  // token of each choice
-  std::span<const std::int32_t> order;         // the priority sequence (choice ids)
+  std::span<const std::int32_t> order;         // the priority sequence (choice ids); empty:
+                                               // the choices in their own order
   Index capacity = -1;                         // slots per expert, -1 = unlimited
   bool pad = false;                            // every expert gets exactly `capacity` slots
   bool token_order = true;                     // slots by token (else by priority)
@@ -29,12 +30,16 @@ void assign_slots(const SlotRequest& q, SparseRouting<S>& r, std::vector<Index>&
   const Index experts = r.num_experts, choices = r.num_choices();
   fit(cursor, experts);
   std::fill(cursor.begin(), cursor.end(), 0);
-  for (const auto c : q.order) {  // keep: the first C of each expert in priority order
+  const auto keep_first = [&](Index c) {  // keep: the first C of each expert in priority order
     auto& n = cursor[r.choice_expert[c]];
     const bool keep = q.capacity < 0 || n < q.capacity;
     r.choice_slot[c] = keep ? 0 : -1;
     n += keep;
-  }
+  };
+  if (q.order.empty())
+    for (Index c = 0; c < choices; ++c) keep_first(c);
+  else
+    for (const auto c : q.order) keep_first(c);
   r.expert_offsets[0] = 0;
   for (Index e = 0; e < experts; ++e) {
     r.expert_count[e] = cursor[e];
@@ -50,7 +55,7 @@ void assign_slots(const SlotRequest& q, SparseRouting<S>& r, std::vector<Index>&
     r.choice_slot[c] = std::int32_t(slot);
     r.slot_token[slot] = q.choice_token[c];
   };
-  if (q.token_order)
+  if (q.token_order || q.order.empty())
     for (Index c = 0; c < choices; ++c) place(c);  // choices are stored in token order
   else
     for (const auto c : q.order) place(c);
@@ -62,12 +67,15 @@ namespace scalar {
 template <class S>
 void assign_slots(const SlotRequest& q, SparseRouting<S>& r) {
   const Index experts = r.num_experts;
+  std::vector<std::int32_t> order(q.order.begin(), q.order.end());
+  if (order.empty())
+    for (Index c = 0; c < r.num_choices(); ++c) order.push_back(std::int32_t(c));
   std::fill(r.choice_slot.begin(), r.choice_slot.end(), -1);
   r.slot_token.clear();
   r.expert_offsets.assign(std::size_t(experts + 1), 0);
   for (Index e = 0; e < experts; ++e) {
     std::vector<std::int32_t> kept;
-    for (const auto c : q.order)
+    for (const auto c : order)
       if (r.choice_expert[c] == e && (q.capacity < 0 || Index(kept.size()) < q.capacity)) kept.push_back(c);
     if (q.token_order) std::sort(kept.begin(), kept.end());  // choice ids ascend with the token
     r.expert_count[e] = Index(kept.size());

@@ -235,10 +235,14 @@ private:
 
   void priority_sequence(const SelectorInput<S>& in, const routing_type& r) {
     const Index choices = r.num_choices(), valid = r.num_valid_tokens;
+    const auto overflow = opt_.capacity.overflow;
+    if (overflow == OverflowOrder::token_major || (overflow == OverflowOrder::rank_major && k_ == 1)) {
+      order_.clear();  // the choices in their own order: assign_slots needs no sequence
+      return;
+    }
     fit(order_, choices);
-    switch (opt_.capacity.overflow) {
-      case OverflowOrder::token_major:
-        std::iota(order_.begin(), order_.end(), 0);
+    switch (overflow) {
+      case OverflowOrder::token_major:  // handled above
         break;
       case OverflowOrder::by_weight:
         // a total order (weight, then token and rank), so the in-place sort is deterministic
