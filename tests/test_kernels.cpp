@@ -12,12 +12,13 @@ namespace k = moe::kernels;
 namespace {
 const std::vector<Index> awkward_widths = {1, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 100};
 
-// Logits of the chosen flavour: random, all equal, or large.
+// Logits of the chosen flavour: random, all equal, large, or rounded to integers.
 template <class S>
 Matrix<S> logits_of(Index T, Index E, int flavour, std::uint64_t seed) {
   Matrix<S> m = random_matrix<S>(T, E, seed, 2.0);
   if (flavour == 1) m.setConstant(S(0.25));
   if (flavour == 2) m = (m.array() * S(300)).matrix();  // entries reach +-1e3
+  if (flavour == 3) m = m.array().round().matrix();      // a few levels: ties below the top too
   return m;
 }
 
@@ -44,7 +45,7 @@ TEMPLATE_TEST_CASE("softmax kernel matches its twin", "[kernel]", float, double)
       }
 }
 
-TEST_CASE("exp_approx is within 2 ulp of exp over the float range", "[kernel]") {
+TEST_CASE("exp_approx is within 2 float epsilons (relative) of exp over the float range", "[kernel]") {
   for (float x = -87.0f; x < 88.7f; x += 0.173f) {
     const double want = std::exp(double(x));
     REQUIRE(std::abs(double(k::exp_approx(x)) - want) <= 2 * FLT_EPSILON * want);
@@ -65,7 +66,7 @@ TEST_CASE("exp_approx is within 2 ulp of exp over the float range", "[kernel]") 
 TEMPLATE_TEST_CASE("top-k kernel matches its twin, ties to the lowest index", "[kernel]", float, double) {
   using S = TestType;
   for (Index E : awkward_widths)
-    for (int flavour : {0, 1, 2})
+    for (int flavour : {0, 1, 2, 3})
       for (Index kk : {Index(1), Index(2), std::min<Index>(E, 8), E}) {
         if (kk > E) continue;
         Matrix<S> v = logits_of<S>(3, E, flavour, 100 + E);
@@ -95,7 +96,7 @@ TEMPLATE_TEST_CASE("top-k over whole rows (paired and token-parallel) matches th
   const S lowest = -std::numeric_limits<S>::infinity();
   for (Index T : {1, 2, 15, 16, 17, 37})  // odd counts: the unpaired last row, a partial group
     for (Index E : awkward_widths)
-      for (int flavour : {0, 1, 2})
+      for (int flavour : {0, 1, 2, 3})
         for (Index kk : {Index(1), Index(2), std::min<Index>(E, 8), E}) {
           if (kk > E) continue;
           // a view with a stride wider than its rows, as the router's blocks are
@@ -121,7 +122,7 @@ TEMPLATE_TEST_CASE("column sums match their twin", "[kernel]", float, double) {
       k::column_sums<S>(m, simd.data());
       k::scalar::column_sums<S>(m, twin.data());
       const Matrix<S> wide = random_matrix<S>(T, E + 5, 7);
-      k::column_sums<S>(wide.leftCols(E), strided.data());  // not contiguous: the per-row path
+      k::column_sums<S>(wide.leftCols(E), strided.data());  // a strided view
       // nonnegative terms added in another order: each sum within T eps of its own size
       const double tol = double(T) * std::numeric_limits<S>::epsilon();
       INFO("T " << T << " E " << E);

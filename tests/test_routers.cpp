@@ -616,4 +616,20 @@ TEST_CASE("bad input throws before anything is written", "[errors]") {
     require_error<moe::value_error>([&] { router.route(logits); }, {"'logits'", "inf at (4, 2)"});
     unchanged();
   }
+  SECTION("a NaN in the last gating block, after the selector has run on the others") {
+    const Index T = 5000;  // many blocks of the gating loop
+    auto big = moe::make_gshard_router<double>(4, 3, 1.0);
+    const Matrix<double> x = random_matrix<double>(T, 4, 3);
+    const auto first = big.forward(x);
+    const Matrix<double> scores = big.scores();
+    const auto losses = big.loss_values();
+    Matrix<double> bad = random_matrix<double>(T, 4, 4);
+    bad(T - 1, 0) = std::numeric_limits<double>::quiet_NaN();
+    require_error<moe::value_error>([&] { big.forward(bad); }, {"'logits'", "nan"});
+    REQUIRE(big.routing().slot_token == first.slot_token);
+    REQUIRE(big.routing().slot_weight == first.slot_weight);
+    REQUIRE(big.routing().choice_expert == first.choice_expert);
+    REQUIRE(big.scores() == scores);
+    REQUIRE(big.loss_values() == losses);
+  }
 }

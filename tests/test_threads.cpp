@@ -11,20 +11,22 @@ struct Outputs {
   Matrix<float> y, dx;
   std::vector<Matrix<float>> grads;
   std::vector<std::int32_t> slot_token;
-  std::vector<float> slot_weight;
+  std::vector<float> slot_weight, losses;
 };
 
 template <class Layer>
 Outputs run(Layer layer, int threads, Index T, Index D) {
   omp_set_num_threads(threads);
   const Matrix<float> x = random_matrix<float>(T, D, 1), dy = random_matrix<float>(T, D, 2);
-  Outputs o{Matrix<float>(T, D), Matrix<float>(T, D), {}, {}, {}};
+  Outputs o{Matrix<float>(T, D), Matrix<float>(T, D), {}, {}, {}, {}};
   layer.forward(x, o.y);
   moe::zero_grad(layer);
   layer.backward(dy, o.dx);
   layer.for_each_parameter([&](std::string_view, auto, auto grad) { o.grads.emplace_back(grad); });
   o.slot_token = layer.routing().slot_token;
   o.slot_weight = layer.routing().slot_weight;
+  const auto& losses = layer.router().loss_values();
+  o.losses.assign(losses.begin(), losses.end());
   return o;
 }
 
@@ -33,6 +35,7 @@ void require_thread_independent(Make make, Index T, Index D) {
   const Outputs one = run(make(), 1, T, D), two = run(make(), 2, T, D);
   REQUIRE(one.slot_token == two.slot_token);
   REQUIRE(one.slot_weight == two.slot_weight);
+  REQUIRE(one.losses == two.losses);  // per-block score sums, added in block order
   REQUIRE(one.y == two.y);  // bitwise, not approximately
   REQUIRE(one.dx == two.dx);
   REQUIRE(one.grads.size() == two.grads.size());
@@ -42,7 +45,7 @@ void require_thread_independent(Make make, Index T, Index D) {
 
 TEST_CASE("1 and 2 threads give bit-identical layers", "[threads]") {
   REQUIRE(omp_get_num_procs() >= 1);
-  // several chunks of every parallel loop: T spans many 256-row blocks, E many experts
+  // several chunks of every parallel loop: T spans many gating blocks, E many experts
   const Index T = 3000, D = 48, E = 16, H = 40;
   require_thread_independent([&] { return moe::MoELayer(moe::make_gshard_router<float>(D, E, 0.9), moe::FFNExperts<float>(E, D, H)); }, T, D);
   require_thread_independent([&] { return moe::MoELayer(moe::make_topk_router<float>(D, 12, 3), moe::SwiGLUExperts<float>(12, D, H), moe::SwiGLUExperts<float>(1, D, H)); }, T, D);

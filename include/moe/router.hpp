@@ -152,7 +152,8 @@ private:
     // Validation, gating and the selector's per-token work run block by block, so each block of
     // logits is read from memory once and its scores are still in cache for the selector. A bad
     // block throws before the routing is touched: only the spare state and scratch are written.
-    const Index block = std::max<Index>(16, 4096 / std::max<Index>(logits.cols(), 1));
+    // ~16 KiB of logits per block, in whole groups of 16 rows (the token-parallel kernels' unit)
+    const Index block = std::max<Index>(1, 256 / std::max<Index>(logits.cols(), 1)) * 16;
     if constexpr (num_losses > 0) fit(block_sums_, (logits.rows() + block - 1) / block, logits.cols());
     parallel_for(logits.rows(), block, [&](Index t, Index end) {
       const Index n = end - t;

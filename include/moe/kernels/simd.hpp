@@ -179,10 +179,13 @@ MOE_INLINE auto lane_mask(std::uint64_t bits) {
   using R = typename M::register_type;
   if constexpr (sizeof(R) <= 8) {  // an AVX-512 mask register
     return M(static_cast<R>(bits));
-  } else {
-    bool lanes[B::size];
-    for (std::size_t i = 0; i < B::size; ++i) lanes[i] = (bits >> i) & 1;
-    return M::load_unaligned(lanes);
+  } else {  // lane i tests bit i of the (low bits of the) mask, in registers
+    using V = typename B::value_type;
+    using I = xsimd::batch<xsimd::as_integer_t<V>, typename B::arch_type>;
+    alignas(64) xsimd::as_integer_t<V> lane_bit[B::size];
+    for (std::size_t i = 0; i < B::size; ++i) lane_bit[i] = xsimd::as_integer_t<V>(1) << i;
+    const I lane = I::load_aligned(lane_bit);
+    return xsimd::bool_cast((I(xsimd::as_integer_t<V>(bits & ((std::uint64_t(1) << B::size) - 1))) & lane) == lane);
   }
 }
 

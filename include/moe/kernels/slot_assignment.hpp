@@ -16,8 +16,8 @@ namespace moe::kernels {
 
 struct SlotRequest {
   std::span<const std::int32_t> choice_token;  // token of each choice
-  std::span<const std::int32_t> order;         // the priority sequence (choice ids); empty:
-                                               // the choices in their own order
+  std::span<const std::int32_t> order;         // the priority sequence: a permutation of the
+                                               // choice ids, or empty for their own order
   Index capacity = -1;                         // slots per expert, -1 = unlimited
   bool pad = false;                            // every expert gets exactly `capacity` slots
   bool token_order = true;                     // slots by token (else by priority)

@@ -116,7 +116,8 @@ void softmax_rows_token_parallel(MatrixIn<S> logits, MatrixOut<S> probs) {
   MOE_ASSERT(E <= max_experts);
   alignas(64) xsimd::as_integer_t<S> offsets[B::size];
   Index t = 0;
-  if (logits.outerStride() == probs.outerStride()) {
+  if (logits.outerStride() == probs.outerStride() &&
+      logits.outerStride() * w <= std::numeric_limits<xsimd::as_integer_t<S>>::max()) {  // lane offsets fit
     for (std::size_t i = 0; i < B::size; ++i) offsets[i] = xsimd::as_integer_t<S>(Index(i) * logits.outerStride());
     const I rows = I::load_aligned(offsets);
     // the expert count fixed at compile time keeps the E columns in registers

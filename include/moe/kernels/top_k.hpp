@@ -153,8 +153,8 @@ void top_k_row(const float* v, Index n, Index k, std::int32_t* out) {
   constexpr Index w = Index(B::size);
   switch (n % w == 0 ? n / w : 0) {
     case 1: return top_k_rows_registers<B, 1, 1>(v, 0, k, out);
-    case 2: if constexpr (2 * w <= 64) return top_k_rows_registers<B, 2, 1>(v, 0, k, out); else return top_k_row_registers<B, 2>(v, k, out);
-    case 4: if constexpr (4 * w <= 64) return top_k_rows_registers<B, 4, 1>(v, 0, k, out); else return top_k_row_registers<B, 4>(v, k, out);
+    case 2: return top_k_rows_registers<B, 2, 1>(v, 0, k, out);
+    case 4: return top_k_rows_registers<B, 4, 1>(v, 0, k, out);
     case 8: return top_k_row_registers<B, 8>(v, k, out);
     case 16: return top_k_row_registers<B, 16>(v, k, out);
     default: return top_k_row_passes<B>(v, n, k, out);
@@ -177,8 +177,8 @@ void top_k_rows(const float* v, Index stride, Index T, Index n, Index k, std::in
   };
   switch (n % w == 0 && n <= 64 ? n / w : 0) {
     case 1: return rows_of(std::integral_constant<int, 1>{});
-    case 2: if constexpr (2 * w <= 64) return rows_of(std::integral_constant<int, 2>{}); else break;
-    case 4: if constexpr (4 * w <= 64) return rows_of(std::integral_constant<int, 4>{}); else break;
+    case 2: return rows_of(std::integral_constant<int, 2>{});
+    case 4: return rows_of(std::integral_constant<int, 4>{});
     default: break;
   }
   for (Index t = 0; t < T; ++t) top_k_row<B>(v + t * stride, n, k, out + t * k);
@@ -207,7 +207,7 @@ template <class B>
 Index top_k_rows_token_parallel(const float* v, Index stride, Index T, Index n, Index k, std::int32_t* out) {
   using I = xsimd::batch<std::int32_t, typename B::arch_type>;
   constexpr Index w = Index(B::size), max_k = 16;
-  if (n > 16 || k > max_k || stride * w > std::numeric_limits<std::int32_t>::max()) return 0;
+  if (n > max_k || stride * w > std::numeric_limits<std::int32_t>::max()) return 0;  // k <= n
   const float lowest = -std::numeric_limits<float>::infinity();
   alignas(64) std::int32_t offsets[B::size];
   for (std::size_t i = 0; i < B::size; ++i) offsets[i] = std::int32_t(Index(i) * stride);
@@ -221,11 +221,13 @@ Index top_k_rows_token_parallel(const float* v, Index stride, Index T, Index n, 
       MOE_UNROLL
       for (int j = 0; j < K; ++j) val[j] = B(lowest), idx[j] = B(-1.0f);
       for (Index e = 0; e < n; ++e) {
-        B xv = gather<B>(v + t * stride + e, rows);
-        B xi = B(float(e));
+        const B x = gather<B>(v + t * stride + e, rows);
+        B xv = x, xi = B(float(e));
         MOE_UNROLL
-        for (int j = 0; j < K; ++j) {  // insert: a larger x takes slot j and pushes its entry down
-          const auto up = xv > val[j];
+        for (int j = 0; j < K; ++j) {
+          // insert: where x beats entry j it takes that slot, and from there on every entry
+          // moves down one (compared by x, not by the carried entry, which may equal the next)
+          const auto up = x > val[j];
           const B nv = xsimd::select(up, xv, val[j]), ni = xsimd::select(up, xi, idx[j]);
           xv = xsimd::select(up, val[j], xv);
           xi = xsimd::select(up, idx[j], xi);

@@ -89,6 +89,7 @@ public:
   // Each real token of [begin, end) picks its top-k, in rank order, with its pre-drop combine
   // weights; only the scratch is written, so disjoint ranges may run in parallel.
   void select_rows(const SelectorInput<S>& in, Index begin, Index end) {
+    if (begin >= end) return;
     const Index experts = in.scores.cols();
     const bool all_real = token_offsets_[end] - token_offsets_[begin] == (end - begin) * k_;
     const bool renormalize = opt_.weighting == Weighting::renormalize_before_drop ||
