@@ -287,11 +287,18 @@ TEMPLATE_TEST_CASE("GEMM kernel matches its twin on edge tiles, strides and tran
       }
 }
 
-TEST_CASE("GEMM kernel: blocks deeper than kc and taller than mc, and repeat calls give the same bits", "[kernel]") {
+TEST_CASE("GEMM kernel: several row and depth blocks, and repeat calls give the same bits", "[kernel]") {
   using K = k::gebp::Blocking<float>;
   k::GemmBuffers<float> buffers;
-  check_gemm<float, false, false>(K::mc_max + 3, 40, 2 * K::kc_max + 5, 1.0f, false, buffers);
-  check_gemm<float, true, true>(K::mc_max + 3, 40, 2 * K::kc_max + 5, 1.0f, true, buffers);
+  // A blocks hold the whole depth unless that leaves fewer than rows_min rows: a depth of 389
+  // leaves room for a_elements / 389 rows (two row blocks here); rows_min rows leave room for a
+  // depth of a_elements / rows_min (two depth blocks here).
+  const Index tall = K::a_elements / 389 + 20, deep = K::a_elements / K::rows_min + 130;
+  REQUIRE((tall <= 1390 && deep <= 1390));  // within the test pool
+  check_gemm<float, false, false>(tall, 40, 389, 1.0f, false, buffers);
+  check_gemm<float, true, true>(tall, 40, 389, 1.0f, true, buffers);
+  check_gemm<float, false, true>(K::rows_min + 5, 50, deep, 0.5f, false, buffers);
+  check_gemm<float, true, false>(K::rows_min + 5, 50, deep, 0.5f, true, buffers);
   const Matrix<float> a = random_matrix<float>(29, 300, 5), b = random_matrix<float>(300, 70, 6);
   Matrix<float> first(29, 70), again(29, 70);
   k::gemm<false, false, float>(a, b, first, 1.0f, false, buffers);

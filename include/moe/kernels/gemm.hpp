@@ -60,17 +60,22 @@ struct Tile {
 };
 
 // Cache blocking. The B micro-panel (kc x nr) is reused by every A micro-panel of the block, so
-// it should stay in L1: half of a 48 KiB L1d leaves room for the streamed A panel and C tile,
-// giving kc = 192 for AVX-512 float (24 KiB). The packed A block (mc x kc) is swept once per B
-// micro-panel and stays in L2: half of a 2 MiB L2 gives mc ~ 1360 rows, so an expert block of
-// ~128 tokens is a single A block and the weights are packed, one micro-panel at a time just
-// before use, exactly once. Smaller caches only cost speed, never correctness.
+// it stays in L1: half of a 48 KiB L1d leaves room for the streamed A panel and the C tile,
+// giving kc = 192 for AVX-512 float (24 KiB). The packed A block (mc rows, the whole depth when
+// it fits) stays in half of a 2 MiB L2, read from memory in whole rows, and is swept once per B
+// block; an expert block of <= 224 tokens is one A block, so the weights (B) are read exactly
+// once. B is packed in blocks of kc x nc (~170 KiB, in L2) just before use, the next one
+// prefetched meanwhile. Smaller caches only cost speed, never correctness.
 template <class S>
 struct Blocking {
   static constexpr std::size_t l1_bytes = std::size_t(48) << 10, l2_bytes = std::size_t(2) << 20;
   static constexpr Index kc_max = Index(l1_bytes / 2 / (std::size_t(Tile<S>::nr) * sizeof(S)));
-  static constexpr Index mc_max =
-      Index(l2_bytes / 2 / (std::size_t(kc_max) * sizeof(S))) / Tile<S>::mr * Tile<S>::mr;
+  static constexpr Index a_elements = Index(l2_bytes / 2 / sizeof(S));
+  static constexpr Index rows_min = 16 * Tile<S>::mr;  // B, packed per A block, amortised over them
+#ifndef MOE_GEMM_NC
+#define MOE_GEMM_NC 256
+#endif
+  static constexpr Index nc_max = MOE_GEMM_NC;
 
   // n items in the fewest blocks of at most max, of near-equal size rounded up to a multiple
   // of unit (a short last block would waste a pass over the other operand).
@@ -81,50 +86,70 @@ struct Blocking {
   }
 };
 
-// op(A)[i0 + i, p0 + p] for i < rows, p < kc into panels of mr rows: panel-major, then depth,
-// then row (mr values per depth step; a short last panel keeps the stride mr).
+// op(A)[i, p] for i < rows, p < depth into depth blocks of kc (each at dst + block * stride),
+// each made of panels of mr rows: panel, then depth step, then row (mr values per step; a short
+// last panel keeps the stride mr).
 template <bool TransA, class S>
-void pack_a(const S* a, Index lda, Index rows, Index kc, S* dst) {
+void pack_a(const S* a, Index lda, Index rows, Index depth, Index kc, S* dst, Index stride) {
   constexpr Index mr = Tile<S>::mr;
-  for (Index i = 0; i < rows; i += mr, dst += mr * kc) {
-    const Index r_end = std::min(mr, rows - i);
-    if constexpr (TransA) {  // op(A)[i, p] = a[p, i]: a depth step is contiguous
-      for (Index p = 0; p < kc; ++p) {
-        const S* src = a + p * lda + i;
-        for (Index r = 0; r < r_end; ++r) dst[p * mr + r] = src[r];
+  for (Index p0 = 0, block = 0; p0 < depth; p0 += kc, ++block) {
+    const Index kb = std::min(kc, depth - p0);
+    S* out = dst + block * stride;
+    if constexpr (TransA) {  // op(A)[i, p] = a[p, i]: a row of a is a depth step of every panel
+      for (Index p = 0; p < kb; ++p) {
+        const S* src = a + (p0 + p) * lda;
+        for (Index i = 0; i < rows; i += mr) {
+          const Index r_end = std::min(mr, rows - i);
+          for (Index r = 0; r < r_end; ++r) out[i * kb + p * mr + r] = src[i + r];
+        }
       }
-    } else {  // a row is contiguous: mr streams
-      for (Index r = 0; r < r_end; ++r) {
-        const S* src = a + (i + r) * lda;
-        for (Index p = 0; p < kc; ++p) dst[p * mr + r] = src[p];
+    } else {  // mr rows read side by side, a depth step written at a time
+      for (Index i = 0; i < rows; i += mr) {
+        const S* src = a + i * lda + p0;
+        S* panel = out + i * kb;
+        if (rows - i >= mr) {
+          for (Index p = 0; p < kb; ++p)
+#pragma GCC unroll 16
+            for (Index r = 0; r < mr; ++r) panel[p * mr + r] = src[r * lda + p];
+        } else {
+          for (Index p = 0; p < kb; ++p)
+            for (Index r = 0; r < rows - i; ++r) panel[p * mr + r] = src[r * lda + p];
+        }
       }
     }
   }
 }
 
-// op(B)[p, j0 + j] for p < kc, j < cols (cols <= nr) into one micro-panel: nr values per depth
-// step, zero-padded past cols so the micro-kernel always runs full batches.
+// op(B)[p, j0 + j] for p < kc, j < cols into micro-panels of nr columns (panel j / nr at
+// dst + j * kc, nr values per depth step), zero-padded past cols so that the micro-kernel always
+// runs full batches.
 template <bool TransB, class S>
 void pack_b(const S* b, Index ldb, Index kc, Index cols, S* dst) {
   using B = Batch<S>;
   constexpr Index nr = Tile<S>::nr, w = Tile<S>::w;
+  const Index full = cols / nr * nr;
   if constexpr (!TransB) {
-    if (cols == nr) {  // the common case: whole batches of a row
-      for (Index p = 0; p < kc; ++p)
-        for (Index q = 0; q < nr; q += w) B::load_unaligned(b + p * ldb + q).store_aligned(dst + p * nr + q);
-      return;
+    for (Index p = 0; p < kc; ++p) {  // row by row: contiguous reads that the hardware prefetches
+      const S* src = b + p * ldb;
+      for (Index j = 0; j < full; j += nr)
+        for (Index q = 0; q < nr; q += w) B::load_unaligned(src + j + q).store_aligned(dst + j * kc + p * nr + q);
+      if (full < cols) {
+        S* out = dst + full * kc + p * nr;
+        for (Index j = full; j < cols; ++j) out[j - full] = src[j];
+        for (Index j = cols - full; j < nr; ++j) out[j] = S(0);
+      }
     }
-    for (Index p = 0; p < kc; ++p) {
-      for (Index j = 0; j < cols; ++j) dst[p * nr + j] = b[p * ldb + j];
-      for (Index j = cols; j < nr; ++j) dst[p * nr + j] = S(0);
+  } else {  // op(B)[p, j] = b[j, p]: each column of a panel is a contiguous row of b
+    for (Index j0 = 0; j0 < cols; j0 += nr) {
+      S* out = dst + j0 * kc;
+      const Index width = std::min(nr, cols - j0);
+      for (Index j = 0; j < width; ++j) {
+        const S* src = b + (j0 + j) * ldb;
+        for (Index p = 0; p < kc; ++p) out[p * nr + j] = src[p];
+      }
+      for (Index j = width; j < nr; ++j)
+        for (Index p = 0; p < kc; ++p) out[p * nr + j] = S(0);
     }
-  } else {  // op(B)[p, j] = b[j, p]: each column of the panel is a contiguous row of b
-    for (Index j = 0; j < cols; ++j) {
-      const S* src = b + j * ldb;
-      for (Index p = 0; p < kc; ++p) dst[p * nr + j] = src[p];
-    }
-    for (Index j = cols; j < nr; ++j)
-      for (Index p = 0; p < kc; ++p) dst[p * nr + j] = S(0);
   }
 }
 
@@ -137,9 +162,10 @@ void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index col
   constexpr Index nb = T::nb, w = T::w, mr = T::mr, nr = T::nr;
   B acc[R][nb];
 #pragma GCC unroll 32
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (Index q = 0; q < nb; ++q) acc[r][q] = B(S(0));
+  }
   for (Index p = 0; p < kc; ++p, pa += mr, pb += nr) {
     B bv[nb];
 #pragma GCC unroll 4
@@ -168,6 +194,18 @@ void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index col
     S* dst = c + r * ldc;
     for (Index j = 0; j < cols; ++j) dst[j] = overwrite ? tile[j] : dst[j] + tile[j];
   }
+}
+
+// Part `part` of `parts` of the cache lines of rows [0, count) of length len (stride ld), fetched
+// into L2: the next B block is requested while the current one is multiplied, since the weights
+// come from memory exactly once and the packing would otherwise wait on every line.
+template <class S>
+MOE_INLINE void prefetch_rows(const S* src, Index ld, Index count, Index len, Index part, Index parts) {
+  constexpr Index line = Index(64 / sizeof(S));
+  const Index per_row = (len + line - 1) / line, lines = count * per_row;
+  const Index end = (part + 1) * lines / parts;
+  for (Index l = part * lines / parts; l < end; ++l)
+    __builtin_prefetch(src + (l / per_row) * ld + (l % per_row) * line, 0, 2);
 }
 
 template <class S>
@@ -204,27 +242,51 @@ void gemm(MatrixIn<S> a, MatrixIn<S> b, MatrixOut<S> c, S alpha, bool accumulate
     if (!accumulate) c.setZero();
     return;
   }
-  const Index kc = K::split(depth, K::kc_max, 1), mc = K::split(m, K::mc_max, mr);
+  // A block: mc rows by kd depth (the whole depth unless that would leave fewer than rows_min
+  // rows), in depth blocks of kc.
+  const Index mc = K::split(m, std::max(K::rows_min, K::a_elements / depth / mr * mr), mr);
+  const Index kd = K::split(depth, std::max(K::kc_max, K::a_elements / mc), 1);
+  const Index kc = K::split(kd, K::kc_max, 1), nc = K::split(n, K::nc_max, nr);
+  const Index a_stride = mc * kc;
   const auto grow = [](gebp::Buffer<S>& buf, Index size) {
     if (Index(buf.size()) < size) buf.resize(std::size_t(size));
   };
-  grow(buffers.a, mc * kc);
-  grow(buffers.b, kc * nr);
-  S* pa = buffers.a.data();
+  grow(buffers.a, (kd + kc - 1) / kc * a_stride);
+  grow(buffers.b, kc * nc);
   S* pb = buffers.b.data();
   const Index lda = a.outerStride(), ldb = b.outerStride(), ldc = c.outerStride();
-  for (Index i0 = 0; i0 < m; i0 += mc) {
-    const Index rows = std::min(mc, m - i0);
-    for (Index p0 = 0; p0 < depth; p0 += kc) {
-      const Index kb = std::min(kc, depth - p0);
-      const bool overwrite = !accumulate && p0 == 0;
-      gebp::pack_a<TransA>(a.data() + (TransA ? p0 * lda + i0 : i0 * lda + p0), lda, rows, kb, pa);
-      for (Index j0 = 0; j0 < n; j0 += nr) {
-        const Index cols = std::min(nr, n - j0);
-        gebp::pack_b<TransB>(b.data() + (TransB ? j0 * ldb + p0 : p0 * ldb + j0), ldb, kb, cols, pb);
-        for (Index i = 0; i < rows; i += mr) {
-          const Index r = std::min(mr, rows - i);
-          kernels[std::size_t(r - 1)](kb, pa + i * kb, pb, c.data() + (i0 + i) * ldc + j0, ldc, cols, alpha, overwrite);
+  for (Index d0 = 0; d0 < depth; d0 += kd) {
+    const Index kd_block = std::min(kd, depth - d0);
+    for (Index i0 = 0; i0 < m; i0 += mc) {
+      const Index rows = std::min(mc, m - i0);
+      gebp::pack_a<TransA>(a.data() + (TransA ? d0 * lda + i0 : i0 * lda + d0), lda, rows, kd_block, kc,
+                           buffers.a.data(), a_stride);
+      for (Index p0 = d0; p0 < d0 + kd_block; p0 += kc) {
+        const Index kb = std::min(kc, d0 + kd_block - p0);
+        const S* pa = buffers.a.data() + (p0 - d0) / kc * a_stride;
+        const bool overwrite = !accumulate && p0 == 0;
+        for (Index j0 = 0; j0 < n; j0 += nc) {
+          const Index block = std::min(nc, n - j0);
+          gebp::pack_b<TransB>(b.data() + (TransB ? j0 * ldb + p0 : p0 * ldb + j0), ldb, kb, block, pb);
+          // the next B block: the next columns of these rows, else the first ones of the next rows
+          const Index nj = j0 + nc < n ? j0 + nc : 0, np = j0 + nc < n ? p0 : p0 + kb;
+          const Index next_k = np < d0 + kd_block ? std::min(kc, d0 + kd_block - np) : 0;
+          const Index next_cols = std::min(nc, n - nj);
+          const S* next = b.data() + (TransB ? nj * ldb + np : np * ldb + nj);
+          const Index calls = (block + nr - 1) / nr * ((rows + mr - 1) / mr);
+          Index call = 0;
+          for (Index j = 0; j < block; j += nr)
+            for (Index i = 0; i < rows; i += mr, ++call) {
+#ifndef MOE_GEMM_NO_PREFETCH_B
+              if (next_k > 0) {
+                if constexpr (TransB) gebp::prefetch_rows(next, ldb, next_cols, next_k, call, calls);
+                else gebp::prefetch_rows(next, ldb, next_k, next_cols, call, calls);
+              }
+#endif
+              kernels[std::size_t(std::min(mr, rows - i) - 1)](kb, pa + i * kb, pb + j * kb,
+                                                               c.data() + (i0 + i) * ldc + j0 + j, ldc,
+                                                               std::min(nr, block - j), alpha, overwrite);
+            }
         }
       }
     }
