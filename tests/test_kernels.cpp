@@ -296,3 +296,78 @@ TEMPLATE_TEST_CASE("small-E logits kernel matches its twin", "[kernel]", float, 
         REQUIRE(max_rel(simd, twin) <= forward_tol<S>(D) * std::sqrt(double(D)));
       }
 }
+
+namespace {
+// C = alpha op(A) op(B) (+ C) through the GEBP kernel and through its twin, on views with an
+// outer stride larger than their width (blocks of bigger matrices); C is NaN before an
+// overwrite, so reading it would show, and the entries around the view must stay untouched.
+template <class S, bool TransA, bool TransB>
+void check_gemm(Index M, Index N, Index K, S alpha, bool accumulate, k::GemmBuffers<S>& buffers) {
+  const Index ar = TransA ? K : M, ac = TransA ? M : K, br = TransB ? N : K, bc = TransB ? K : N;
+  static Matrix<S> pool;  // the views are blocks of it: generated once, regrown only when too small
+  const Index side = std::max({Index(1400), ar + 10, ac + 10, br + 10, bc + 10, M + 10, N + 10});
+  if (pool.rows() < side) pool = random_matrix<S>(side, side, 41);
+  const auto a = pool.block(1, 2, ar, ac);
+  const auto b = pool.block(7, 3, br, bc);
+  Matrix<S> c_all = pool.block(5, 1, M + 4, N + 6);
+  if (!accumulate) c_all.block(3, 1, M, N).setConstant(std::numeric_limits<S>::quiet_NaN());
+  const Matrix<S> c_before = c_all;
+  Matrix<S> twin = c_all;
+  k::gemm<TransA, TransB, S>(a, b, c_all.block(3, 1, M, N), alpha, accumulate, buffers);
+  k::scalar::gemm<TransA, TransB, S>(a, b, twin.block(3, 1, M, N), alpha, accumulate);
+  // Each entry is a sum of K products plus C: kernel and twin are each within
+  // gamma_(K+2) ~ (K + 2) eps of |alpha| sum_p |a_ip| |b_pj| + |c_ij| (Higham, eq. 3.5).
+  Matrix<S> bound = accumulate ? Matrix<S>(c_before.block(3, 1, M, N).cwiseAbs()) : Matrix<S>::Zero(M, N);
+  k::scalar::gemm<TransA, TransB, S>(a.cwiseAbs(), b.cwiseAbs(), bound, std::abs(alpha), true);
+  const double gemm_tol = 2.0 * double(K + 2) * double(std::numeric_limits<S>::epsilon());
+  INFO("M " << M << " N " << N << " K " << K << " transA " << TransA << " transB " << TransB << " accumulate " << accumulate);
+  double worst = 0;  // largest error in units of the entry's tolerance
+  bool outside_kept = true;
+  for (Index i = 0; i < M + 4; ++i)
+    for (Index j = 0; j < N + 6; ++j) {
+      if (i < 3 || i >= M + 3 || j < 1 || j >= N + 1) {
+        outside_kept = outside_kept && c_all(i, j) == c_before(i, j);
+        continue;
+      }
+      const double err = std::abs(double(c_all(i, j)) - double(twin(i, j)));
+      const double limit = gemm_tol * double(bound(i - 3, j - 1)) + std::numeric_limits<S>::min();
+      worst = std::isnan(err) ? INFINITY : std::max(worst, err / limit);
+    }
+  REQUIRE(outside_kept);
+  REQUIRE(worst <= 1.0);
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("GEMM kernel matches its twin on edge tiles, strides and transposes", "[kernel]", float, double) {
+  using S = TestType;
+  k::GemmBuffers<S> buffers;  // shared across shapes, as moe::Gemm reuses them
+  int n_case = 0;
+  for (Index M : {1, 2, 13, 14, 15, 29, 160})
+    for (Index N : {1, 3, 17, 31, 32, 33, 100})
+      for (Index K : {1, 3, 257, 1000}) {
+        const bool accumulate = (n_case++ % 2) == 1;
+        const S alpha = accumulate ? S(-0.75) : S(1.5);
+        check_gemm<S, false, false>(M, N, K, alpha, accumulate, buffers);
+        check_gemm<S, true, false>(M, N, K, alpha, !accumulate, buffers);
+        check_gemm<S, false, true>(M, N, K, alpha, accumulate, buffers);
+        check_gemm<S, true, true>(M, N, K, alpha, !accumulate, buffers);
+      }
+}
+
+TEST_CASE("GEMM kernel: several row and depth blocks, and repeat calls give the same bits", "[kernel]") {
+  using K = k::gebp::Blocking<float>;
+  k::GemmBuffers<float> buffers;
+  // A blocks hold the whole depth unless that leaves fewer than rows_min rows: a depth of 389
+  // leaves room for a_elements / 389 rows (two row blocks here); rows_min rows leave room for a
+  // depth of a_elements / rows_min (two depth blocks here).
+  const Index tall = K::a_elements / 389 + 20, deep = K::a_elements / K::rows_min + 130;
+  check_gemm<float, false, false>(tall, 40, 389, 1.0f, false, buffers);
+  check_gemm<float, true, true>(tall, 40, 389, 1.0f, true, buffers);
+  check_gemm<float, false, true>(K::rows_min + 5, 50, deep, 0.5f, false, buffers);
+  check_gemm<float, true, false>(K::rows_min + 5, 50, deep, 0.5f, true, buffers);
+  const Matrix<float> a = random_matrix<float>(29, 300, 5), b = random_matrix<float>(300, 70, 6);
+  Matrix<float> first(29, 70), again(29, 70);
+  k::gemm<false, false, float>(a, b, first, 1.0f, false, buffers);
+  k::gemm<false, false, float>(a, b, again, 1.0f, false, buffers);
+  REQUIRE(first == again);
+}

@@ -1,0 +1,296 @@
+#pragma once
+// C = alpha * op(A) * op(B) (+ C) on row-major views: a GEBP kernel (Goto & van de Geijn) in
+// xsimd. op(A) is packed into micro-panels of mr rows, op(B) into micro-panels of nr columns
+// (the transposes are only strides of the packing), and a register-blocked mr x nr micro-kernel
+// runs over them: per step of the depth it loads nr values of B and broadcasts mr values of A.
+// Fixed summation order, no threads: the same inputs give the same bits on every call.
+// scalar::gemm is the twin.
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <utility>
+#include <vector>
+
+#include <xsimd/xsimd.hpp>
+
+#include "moe/core/tensor.hpp"
+#include "moe/kernels/simd.hpp"
+
+namespace moe::kernels {
+
+namespace scalar {
+// The plain triple loop, each entry summed in double (raw strides: debug builds run it often).
+template <bool TransA, bool TransB, class S>
+void gemm(MatrixIn<S> a, MatrixIn<S> b, MatrixOut<S> c, S alpha, bool accumulate) {
+  const Index depth = TransA ? a.rows() : a.cols(), lda = a.outerStride(), ldb = b.outerStride();
+  // op(A)[i, p] is a[i, p] or a[p, i]: the step along p and along i
+  const Index a_p = TransA ? lda : 1, a_i = TransA ? 1 : lda, b_p = TransB ? 1 : ldb, b_j = TransB ? ldb : 1;
+  for (Index i = 0; i < c.rows(); ++i)
+    for (Index j = 0; j < c.cols(); ++j) {
+      const S* ap = a.data() + i * a_i;
+      const S* bp = b.data() + j * b_j;
+      double sum = 0;
+      for (Index p = 0; p < depth; ++p) sum += double(ap[p * a_p]) * double(bp[p * b_p]);
+      S& out = c.data()[i * c.outerStride() + j];
+      out = S(double(alpha) * sum + (accumulate ? double(out) : 0.0));
+    }
+}
+}  // namespace scalar
+
+namespace gebp {
+
+template <class S>
+using Buffer = std::vector<S, xsimd::aligned_allocator<S, 64>>;
+
+// The tile: nb batches across (nr columns) by mr rows, mr * nb accumulators plus nb loaded B
+// batches and one broadcast A value filling the vector registers (AVX-512 float: 14 x 32 with
+// 28 accumulators; AVX2 / SSE: 6 x 2 batches with 12).
+template <class S>
+struct Tile {
+  using B = Batch<S>;
+#if defined(__AVX512F__) || defined(__aarch64__)
+  static constexpr Index registers = 32;
+#else
+  static constexpr Index registers = 16;
+#endif
+  static constexpr Index w = Index(B::size);
+  static constexpr Index nb = 2;
+  static constexpr Index nr = nb * w;
+  static constexpr Index mr = (registers - nb - 1) / nb;
+};
+
+// Cache blocking. The B micro-panel (kc x nr) is reused by every A micro-panel of the block, so
+// it stays in L1: half of a 48 KiB L1d leaves room for the streamed A panel and the C tile,
+// giving kc = 192 for AVX-512 float (24 KiB). The packed A block (mc rows, the whole depth when
+// it fits) stays in half of a 2 MiB L2, read from memory in whole rows, and is swept once per B
+// block; an expert block of <= 224 tokens is one A block, so the weights (B) are read exactly
+// once. B is packed in blocks of kc x nc (~170 KiB, in L2) just before use, the next one
+// prefetched meanwhile. Smaller caches only cost speed, never correctness.
+template <class S>
+struct Blocking {
+  static constexpr std::size_t l1_bytes = std::size_t(48) << 10, l2_bytes = std::size_t(2) << 20;
+  static constexpr Index kc_max = Index(l1_bytes / 2 / (std::size_t(Tile<S>::nr) * sizeof(S)));
+  static constexpr Index a_elements = Index(l2_bytes / 2 / sizeof(S));
+  static constexpr Index rows_min = 16 * Tile<S>::mr;  // B, packed per A block, amortised over them
+#ifndef MOE_GEMM_NC
+#define MOE_GEMM_NC 256
+#endif
+  static constexpr Index nc_max = MOE_GEMM_NC;
+
+  // n items in the fewest blocks of at most max, of near-equal size rounded up to a multiple
+  // of unit (a short last block would waste a pass over the other operand).
+  static Index split(Index n, Index max, Index unit) {
+    const Index blocks = (n + max - 1) / max;
+    const Index size = (n + blocks - 1) / blocks;
+    return std::min(max, (size + unit - 1) / unit * unit);
+  }
+};
+
+// op(A)[i, p] for i < rows, p < depth into depth blocks of kc (each at dst + block * stride),
+// each made of panels of mr rows: panel, then depth step, then row (mr values per step; a short
+// last panel keeps the stride mr).
+template <bool TransA, class S>
+void pack_a(const S* a, Index lda, Index rows, Index depth, Index kc, S* dst, Index stride) {
+  constexpr Index mr = Tile<S>::mr;
+  for (Index p0 = 0, block = 0; p0 < depth; p0 += kc, ++block) {
+    const Index kb = std::min(kc, depth - p0);
+    S* out = dst + block * stride;
+    if constexpr (TransA) {  // op(A)[i, p] = a[p, i]: a row of a is a depth step of every panel
+      for (Index p = 0; p < kb; ++p) {
+        const S* src = a + (p0 + p) * lda;
+        for (Index i = 0; i < rows; i += mr) {
+          const Index r_end = std::min(mr, rows - i);
+          for (Index r = 0; r < r_end; ++r) out[i * kb + p * mr + r] = src[i + r];
+        }
+      }
+    } else {  // mr rows read side by side, a depth step written at a time
+      for (Index i = 0; i < rows; i += mr) {
+        const S* src = a + i * lda + p0;
+        S* panel = out + i * kb;
+        if (rows - i >= mr) {
+          for (Index p = 0; p < kb; ++p)
+#pragma GCC unroll 16
+            for (Index r = 0; r < mr; ++r) panel[p * mr + r] = src[r * lda + p];
+        } else {
+          for (Index p = 0; p < kb; ++p)
+            for (Index r = 0; r < rows - i; ++r) panel[p * mr + r] = src[r * lda + p];
+        }
+      }
+    }
+  }
+}
+
+// op(B)[p, j0 + j] for p < kc, j < cols into micro-panels of nr columns (panel j / nr at
+// dst + j * kc, nr values per depth step), zero-padded past cols so that the micro-kernel always
+// runs full batches.
+template <bool TransB, class S>
+void pack_b(const S* b, Index ldb, Index kc, Index cols, S* dst) {
+  using B = Batch<S>;
+  constexpr Index nr = Tile<S>::nr, w = Tile<S>::w;
+  const Index full = cols / nr * nr;
+  if constexpr (!TransB) {
+    for (Index p = 0; p < kc; ++p) {  // row by row: contiguous reads that the hardware prefetches
+      const S* src = b + p * ldb;
+      for (Index j = 0; j < full; j += nr)
+        for (Index q = 0; q < nr; q += w) B::load_unaligned(src + j + q).store_aligned(dst + j * kc + p * nr + q);
+      if (full < cols) {
+        S* out = dst + full * kc + p * nr;
+        for (Index j = full; j < cols; ++j) out[j - full] = src[j];
+        for (Index j = cols - full; j < nr; ++j) out[j] = S(0);
+      }
+    }
+  } else {  // op(B)[p, j] = b[j, p]: each column of a panel is a contiguous row of b
+    for (Index j0 = 0; j0 < cols; j0 += nr) {
+      S* out = dst + j0 * kc;
+      const Index width = std::min(nr, cols - j0);
+      for (Index j = 0; j < width; ++j) {
+        const S* src = b + (j0 + j) * ldb;
+        for (Index p = 0; p < kc; ++p) out[p * nr + j] = src[p];
+      }
+      for (Index j = width; j < nr; ++j)
+        for (Index p = 0; p < kc; ++p) out[p * nr + j] = S(0);
+    }
+  }
+}
+
+// C[0:R, 0:cols] = alpha * Apanel * Bpanel (+ C unless overwrite): R <= mr rows of a packed A
+// panel (stride mr) against one packed B panel.
+template <class S, int R>
+void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index cols, S alpha, bool overwrite) {
+  using T = Tile<S>;
+  using B = typename T::B;
+  constexpr Index nb = T::nb, w = T::w, mr = T::mr, nr = T::nr;
+  B acc[R][nb];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (Index q = 0; q < nb; ++q) acc[r][q] = B(S(0));
+  }
+  for (Index p = 0; p < kc; ++p, pa += mr, pb += nr) {
+    B bv[nb];
+#pragma GCC unroll 4
+    for (Index q = 0; q < nb; ++q) bv[q] = B::load_aligned(pb + q * w);
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) {
+      const B av(pa[r]);
+#pragma GCC unroll 4
+      for (Index q = 0; q < nb; ++q) acc[r][q] = xsimd::fma(av, bv[q], acc[r][q]);
+    }
+  }
+  const B al(alpha);
+  if (cols == nr) {
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (Index q = 0; q < nb; ++q) {
+        S* dst = c + r * ldc + q * w;
+        (overwrite ? acc[r][q] * al : xsimd::fma(acc[r][q], al, B::load_unaligned(dst))).store_unaligned(dst);
+      }
+    return;
+  }
+  alignas(64) S tile[nr];  // a column edge: through a buffer, one row at a time
+  for (int r = 0; r < R; ++r) {
+    for (Index q = 0; q < nb; ++q) (acc[r][q] * al).store_aligned(tile + q * w);
+    S* dst = c + r * ldc;
+    for (Index j = 0; j < cols; ++j) dst[j] = overwrite ? tile[j] : dst[j] + tile[j];
+  }
+}
+
+// Part `part` of `parts` of the cache lines of rows [0, count) of length len (stride ld), fetched
+// into L2: the next B block is requested while the current one is multiplied, since the weights
+// come from memory exactly once and the packing would otherwise wait on every line.
+template <class S>
+MOE_INLINE void prefetch_rows(const S* src, Index ld, Index count, Index len, Index part, Index parts) {
+  constexpr Index line = Index(64 / sizeof(S));
+  const Index per_row = (len + line - 1) / line, lines = count * per_row;
+  const Index end = (part + 1) * lines / parts;
+  for (Index l = part * lines / parts; l < end; ++l)
+    __builtin_prefetch(src + (l / per_row) * ld + (l % per_row) * line, 0, 2);
+}
+
+template <class S>
+using MicroKernel = void (*)(Index, const S*, const S*, S*, Index, Index, S, bool);
+
+// micro_kernel<S, R> for R = 1..mr: a short last row panel computes only its rows.
+template <class S, std::size_t... R>
+constexpr std::array<MicroKernel<S>, sizeof...(R)> micro_kernels(std::index_sequence<R...>) {
+  return {&micro_kernel<S, int(R) + 1>...};
+}
+
+}  // namespace gebp
+
+// Packing buffers, grown to the largest shape seen and then reused.
+template <class S>
+struct GemmBuffers {
+  gebp::Buffer<S> a, b;
+};
+
+// C = alpha op(A) op(B) (+ C when accumulate). Loops, outermost first: row blocks of mc (A block
+// in L2), depth blocks of kc, column micro-panels of nr (B panel packed, then kept in L1),
+// row micro-panels of mr (the micro-kernel).
+template <bool TransA, bool TransB, class S>
+void gemm(MatrixIn<S> a, MatrixIn<S> b, MatrixOut<S> c, S alpha, bool accumulate, GemmBuffers<S>& buffers) {
+  using T = gebp::Tile<S>;
+  using K = gebp::Blocking<S>;
+  constexpr Index mr = T::mr, nr = T::nr;
+  static constexpr auto kernels = gebp::micro_kernels<S>(std::make_index_sequence<std::size_t(mr)>{});
+  const Index m = c.rows(), n = c.cols(), depth = TransA ? a.rows() : a.cols();
+  MOE_ASSERT((TransA ? a.cols() : a.rows()) == m && (TransB ? b.rows() : b.cols()) == n &&
+             (TransB ? b.cols() : b.rows()) == depth);
+  if (m == 0 || n == 0) return;
+  if (depth == 0) {
+    if (!accumulate) c.setZero();
+    return;
+  }
+  // A block: mc rows by kd depth (the whole depth unless that would leave fewer than rows_min
+  // rows), in depth blocks of kc.
+  const Index mc = K::split(m, std::max(K::rows_min, K::a_elements / depth / mr * mr), mr);
+  const Index kd = K::split(depth, std::max(K::kc_max, K::a_elements / mc), 1);
+  const Index kc = K::split(kd, K::kc_max, 1), nc = K::split(n, K::nc_max, nr);
+  const Index a_stride = mc * kc;
+  const auto grow = [](gebp::Buffer<S>& buf, Index size) {
+    if (Index(buf.size()) < size) buf.resize(std::size_t(size));
+  };
+  grow(buffers.a, (kd + kc - 1) / kc * a_stride);
+  grow(buffers.b, kc * nc);
+  S* pb = buffers.b.data();
+  const Index lda = a.outerStride(), ldb = b.outerStride(), ldc = c.outerStride();
+  for (Index d0 = 0; d0 < depth; d0 += kd) {
+    const Index kd_block = std::min(kd, depth - d0);
+    for (Index i0 = 0; i0 < m; i0 += mc) {
+      const Index rows = std::min(mc, m - i0);
+      gebp::pack_a<TransA>(a.data() + (TransA ? d0 * lda + i0 : i0 * lda + d0), lda, rows, kd_block, kc,
+                           buffers.a.data(), a_stride);
+      for (Index p0 = d0; p0 < d0 + kd_block; p0 += kc) {
+        const Index kb = std::min(kc, d0 + kd_block - p0);
+        const S* pa = buffers.a.data() + (p0 - d0) / kc * a_stride;
+        const bool overwrite = !accumulate && p0 == 0;
+        for (Index j0 = 0; j0 < n; j0 += nc) {
+          const Index block = std::min(nc, n - j0);
+          gebp::pack_b<TransB>(b.data() + (TransB ? j0 * ldb + p0 : p0 * ldb + j0), ldb, kb, block, pb);
+          // the next B block: the next columns of these rows, else the first ones of the next rows
+          const Index nj = j0 + nc < n ? j0 + nc : 0, np = j0 + nc < n ? p0 : p0 + kb;
+          const Index next_k = np < d0 + kd_block ? std::min(kc, d0 + kd_block - np) : 0;
+          const Index next_cols = std::min(nc, n - nj);
+          const S* next = b.data() + (TransB ? nj * ldb + np : np * ldb + nj);
+          const Index calls = (block + nr - 1) / nr * ((rows + mr - 1) / mr);
+          Index call = 0;
+          for (Index j = 0; j < block; j += nr)
+            for (Index i = 0; i < rows; i += mr, ++call) {
+#ifndef MOE_GEMM_NO_PREFETCH_B
+              if (next_k > 0) {
+                if constexpr (TransB) gebp::prefetch_rows(next, ldb, next_cols, next_k, call, calls);
+                else gebp::prefetch_rows(next, ldb, next_k, next_cols, call, calls);
+              }
+#endif
+              kernels[std::size_t(std::min(mr, rows - i) - 1)](kb, pa + i * kb, pb + j * kb,
+                                                               c.data() + (i0 + i) * ldc + j0 + j, ldc,
+                                                               std::min(nr, block - j), alpha, overwrite);
+            }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace moe::kernels
