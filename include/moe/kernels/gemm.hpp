@@ -72,10 +72,7 @@ struct Blocking {
   static constexpr Index kc_max = Index(l1_bytes / 2 / (std::size_t(Tile<S>::nr) * sizeof(S)));
   static constexpr Index a_elements = Index(l2_bytes / 2 / sizeof(S));
   static constexpr Index rows_min = 16 * Tile<S>::mr;  // B, packed per A block, amortised over them
-#ifndef MOE_GEMM_NC
-#define MOE_GEMM_NC 256
-#endif
-  static constexpr Index nc_max = MOE_GEMM_NC;
+  static constexpr Index nc_max = 256;  // 512 measured no better
 
   // n items in the fewest blocks of at most max, of near-equal size rounded up to a multiple
   // of unit (a short last block would waste a pass over the other operand).
@@ -277,12 +274,10 @@ void gemm(MatrixIn<S> a, MatrixIn<S> b, MatrixOut<S> c, S alpha, bool accumulate
           Index call = 0;
           for (Index j = 0; j < block; j += nr)
             for (Index i = 0; i < rows; i += mr, ++call) {
-#ifndef MOE_GEMM_NO_PREFETCH_B
               if (next_k > 0) {
                 if constexpr (TransB) gebp::prefetch_rows(next, ldb, next_cols, next_k, call, calls);
                 else gebp::prefetch_rows(next, ldb, next_k, next_cols, call, calls);
               }
-#endif
               kernels[std::size_t(std::min(mr, rows - i) - 1)](kb, pa + i * kb, pb + j * kb,
                                                                c.data() + (i0 + i) * ldc + j0 + j, ldc,
                                                                std::min(nr, block - j), alpha, overwrite);
