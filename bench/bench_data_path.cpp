@@ -45,6 +45,7 @@ static void BM_Combine(benchmark::State& state) {
 static void BM_LayerIdentity(benchmark::State& state) {
   const Index T = state.range(0), D = state.range(1), E = state.range(2), k = state.range(3);
   moe::MoELayer layer(benchmark_router(D, E, k), moe::IdentityExperts<float>(E, D));
+  layer.set_grad_enabled(false);  // a forward pass, as PyTorch's without autograd
   std::vector<Matrix<float>> xs;
   for (int s = 0; s < rotating_sets; ++s) xs.push_back(random_matrix(T, D, 3000 + s));
   Matrix<float> y(T, D);
@@ -61,6 +62,7 @@ static void BM_LayerIdentity(benchmark::State& state) {
 static void BM_LayerSwiGLUForward(benchmark::State& state) {
   const Index T = state.range(0), D = state.range(1), H = state.range(2), E = state.range(3), k = state.range(4);
   moe::MoELayer layer(benchmark_router(D, E, k), moe::SwiGLUExperts<float>(E, D, H));
+  layer.set_grad_enabled(false);
   const Matrix<float> x = random_matrix(T, D, 4);
   Matrix<float> y(T, D);
   layer.forward(x, y);  // warm-up outside the timer

@@ -911,6 +911,40 @@ TEST_CASE("bad input: a rejected forward leaves the last good forward for backwa
   for (std::size_t i = 0; i < grads.size(); ++i) REQUIRE(bit_identical(grads[i], want_grads[i]));
 }
 
+TEST_CASE("inference: with grad disabled forward gives the same y, and backward refuses to run",
+          "[layer][errors]") {
+  const Shape s{12, 6, 4, 8, 2};
+  const auto make = [&] {
+    return moe::MoELayer(moe::make_gshard_router<double>(s.dim, s.experts, 1.0, 81),
+                         moe::SwiGLUExperts<double>(s.experts, s.dim, s.hidden, 82));
+  };
+  auto training = make(), inference = make();
+  inference.set_grad_enabled(false);
+  REQUIRE(training.grad_enabled());
+  REQUIRE_FALSE(inference.grad_enabled());
+  const Matrix<double> x = random_matrix<double>(s.tokens, s.dim, 83), dy = random_matrix<double>(s.tokens, s.dim, 84);
+  Matrix<double> y_train(s.tokens, s.dim), y_infer(s.tokens, s.dim);
+  training.forward(x, y_train);
+  inference.forward(x, y_infer);
+  REQUIRE(bit_identical(y_infer, y_train));
+  constexpr double sentinel = 12345.5;
+  Matrix<double> dx = Matrix<double>::Constant(s.tokens, s.dim, sentinel);
+  moe::zero_grad(inference);
+  REQUIRE_THROWS_AS(inference.backward(dy, dx), moe::config_error);
+  REQUIRE_THROWS_WITH(inference.backward(dy, dx), Contains("'grad_enabled'") && Contains("with grad enabled"));
+  REQUIRE((dx.array() == sentinel).all());
+  for (const auto& g : gradients_of(inference)) REQUIRE((g.array() == 0).all());
+  // turned back on, the next forward is differentiable again, and matches the training layer
+  inference.set_grad_enabled(true);
+  inference.forward(x, y_infer);
+  moe::zero_grad(training);
+  moe::zero_grad(inference);
+  Matrix<double> dx_train(s.tokens, s.dim);
+  training.backward(dy, dx_train);
+  inference.backward(dy, dx);
+  REQUIRE(bit_identical(dx, dx_train));
+}
+
 TEST_CASE("bad input: experts that do not fit the router are rejected at construction",
           "[layer][errors]") {
   const Shape s{12, 6, 4, 8, 2};

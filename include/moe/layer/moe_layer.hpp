@@ -67,6 +67,11 @@ public:
   Index input_dim() const { return router_.input_dim(); }
   Index output_dim() const { return experts_.output_dim(); }
 
+  // Whether forward keeps what backward needs (a copy of x and of the token inputs): on by
+  // default; off for inference, as under torch.no_grad(), which saves copying x every call.
+  void set_grad_enabled(bool enabled) { grad_enabled_ = enabled; }
+  bool grad_enabled() const { return grad_enabled_; }
+
   // y [T, D_out] = sum of the weighted expert outputs (+ the shared expert). `tokens` is copied,
   // so its buffers need not outlive the call. On a bad argument nothing is written.
   void forward(MatrixIn<S> x, MatrixOut<S> y, const TokenInputs<S>& tokens = {}) {
@@ -74,9 +79,12 @@ public:
     detail::check_shape(where, "x", x, x.rows(), input_dim());
     detail::check_shape(where, "y", y, x.rows(), output_dim());
     const auto& r = router_.forward(x, tokens);  // validates tokens and logits
-    keep_tokens(tokens);
-    fit(x_, x.rows(), x.cols());
-    x_ = x;
+    backward_ready_ = grad_enabled_;
+    if (grad_enabled_) {
+      keep_tokens(tokens);
+      fit(x_, x.rows(), x.cols());
+      x_ = x;
+    }
     auto in = fit_rows(blocks_in_, r.num_slots(), input_dim());
     kernels::gather_rows<S>(x, r.slot_token, in);
     if constexpr (identity_experts) {
@@ -97,6 +105,8 @@ public:
   // dy [T, D_out] -> dx [T, D]; adds every parameter's gradient. Uses the last forward's state.
   void backward(MatrixIn<S> dy, MatrixOut<S> dx) {
     constexpr std::string_view where = "MoELayer::backward";
+    detail::require<config_error>(backward_ready_, where, "grad_enabled", "false",
+                                  "backward follows a forward run with grad enabled");
     detail::check_shape(where, "dy", dy, x_.rows(), output_dim());
     detail::check_shape(where, "dx", dx, x_.rows(), input_dim());
     const auto& r = router_.routing();
@@ -155,6 +165,7 @@ private:
   Experts experts_;
   [[no_unique_address]] Shared shared_;
   // state of the last forward, and scratch
+  bool grad_enabled_ = true, backward_ready_ = false;
   Matrix<S> x_, blocks_in_, blocks_out_, dblocks_out_, dblocks_in_, shared_out_, dshared_in_;
   std::vector<S> dslot_weight_, noise_;
   std::vector<std::uint8_t> valid_;
