@@ -10,7 +10,7 @@ using namespace moe_test;
 namespace k = moe::kernels;
 
 namespace {
-const std::vector<Index> awkward_widths = {1, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 100};
+const std::vector<Index> awkward_widths = {1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 100};
 
 // Logits of the chosen flavour: random, all equal, large, or rounded to integers.
 template <class S>
@@ -61,6 +61,29 @@ TEST_CASE("exp_approx is within 2 float epsilons (relative) of exp over the floa
   REQUIRE(std::isinf(k::exp_approx(std::numeric_limits<float>::infinity())));
   REQUIRE(std::isnan(k::exp_approx(std::numeric_limits<float>::quiet_NaN())));
   REQUIRE(std::isfinite(k::exp_approx(88.72f)));  // just below FLT_MAX
+}
+
+TEST_CASE("a block of short rows loads and stores as columns (in-register transpose or gathers)", "[kernel]") {
+  using B = k::Batch<float>;
+  constexpr Index w = Index(B::size);
+  const auto check = [&]<int N>() {
+    for (Index stride : {Index(N), Index(N + 3)}) {  // contiguous rows (transposed), strided (gathered)
+      std::vector<float> rows(std::size_t(w * stride)), back(rows.size(), -1.0f);
+      std::iota(rows.begin(), rows.end(), 0.0f);
+      const k::RowBlock<B, N> block(stride);
+      REQUIRE(block.usable());
+      B columns[N];
+      block.load(rows.data(), columns);
+      INFO("N " << N << " stride " << stride);
+      for (int e = 0; e < N; ++e)
+        for (Index i = 0; i < w; ++i) REQUIRE(columns[e].get(std::size_t(i)) == rows[std::size_t(i * stride + e)]);
+      block.store(columns, back.data());
+      for (Index i = 0; i < w; ++i)
+        for (Index e = 0; e < stride; ++e)  // the row, and nothing written past it
+          REQUIRE(back[std::size_t(i * stride + e)] == (e < N ? rows[std::size_t(i * stride + e)] : -1.0f));
+    }
+  };
+  [&]<int... N>(std::integer_sequence<int, N...>) { (check.template operator()<N + 1>(), ...); }(std::make_integer_sequence<int, 16>{});
 }
 
 TEMPLATE_TEST_CASE("top-k kernel matches its twin, ties to the lowest index", "[kernel]", float, double) {
@@ -206,22 +229,29 @@ TEST_CASE("slot assignment matches its twin for every order and capacity", "[ker
   std::sort(order.begin(), order.end(), [&](auto a, auto b) { return rng.bits(a, 0) < rng.bits(b, 0); });  // a random priority
   std::vector<std::int32_t> identity(token.size());
   std::iota(identity.begin(), identity.end(), 0);
+  std::vector<float> weight(token.size());
+  for (std::size_t c = 0; c < weight.size(); ++c) weight[c] = 1.0f + float(c);  // every slot's is its own
   for (Index cap : {Index(-1), Index(3), Index(17), Index(100)})
     for (bool pad : {false, true})
       for (bool token_order : {false, true})
-        for (int sequence : {0, 1}) {  // a random priority; none (the kernel's implicit choice order)
+        for (int sequence : {0, 1})  // a random priority; none (the kernel's implicit choice order)
+          for (bool weighted : {false, true}) {
           if (pad && cap < 0) continue;
-          const k::SlotRequest q{.choice_token = token, .order = order, .capacity = cap, .pad = pad, .token_order = token_order};
-          k::SlotRequest implicit = q, spelled = q;
+          const k::SlotRequest<float> q{.choice_token = token, .order = order,
+                                        .weight = weighted ? std::span<const float>(weight) : std::span<const float>(),
+                                        .capacity = cap, .pad = pad, .token_order = token_order};
+          k::SlotRequest<float> implicit = q, spelled = q;
           implicit.order = {};
           spelled.order = identity;
           auto a = r, b = r;
           std::vector<Index> cursor;
           k::assign_slots<float>(sequence == 0 ? q : implicit, a, cursor);
           k::scalar::assign_slots<float>(sequence == 0 ? q : spelled, b);
-          INFO("capacity " << cap << " pad " << pad << " token order " << token_order << " sequence " << sequence);
+          INFO("capacity " << cap << " pad " << pad << " token order " << token_order << " sequence " << sequence
+                            << " weighted " << weighted);
           REQUIRE(a.choice_slot == b.choice_slot);
           REQUIRE(a.slot_token == b.slot_token);
+          REQUIRE(a.slot_weight == b.slot_weight);
           REQUIRE(a.expert_offsets == b.expert_offsets);
           REQUIRE(a.expert_count == b.expert_count);
         }

@@ -4,6 +4,7 @@
 // library one, horizontal reductions and lane masks. Every kernel built on these has a scalar
 // twin in kernels/scalar.hpp that the tests compare it with.
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <concepts>
@@ -162,6 +163,138 @@ MOE_INLINE void scatter(B v, typename B::value_type* base, I offsets) {
 #endif
   v.scatter(base, offsets);
 }
+
+namespace detail {
+// The in-register transpose of 16 rows of N floats (N = 2^b, b <= 3) into N registers of 16
+// lanes: b stages of two-source permutes. Stage s pairs the registers that differ in bit s and
+// swaps that bit with lane bit s (the column bit s); the last stage also puts the lanes in row
+// order. The index vectors come from following every element's position through the stages.
+template <int N>
+struct TransposePlan {
+  static constexpr int lanes = 16, bits = std::countr_zero(unsigned(N));
+  using Layout = std::array<std::array<int, lanes>, N>;  // flat element index per register, lane
+  std::array<std::array<std::array<std::int32_t, lanes>, N>, bits> to_columns{}, to_rows{};
+
+  static constexpr Layout layout(int stage) {  // after `stage` stages
+    Layout l{};
+    for (int r = 0; r < N; ++r)
+      for (int i = 0; i < lanes; ++i) {
+        int p = r * lanes + i;
+        if (stage == bits) {
+          p = i * N + r;  // register r is column r, lane i is row i
+        } else {
+          for (int s = 0; s < stage; ++s)  // swap register bit s (position bit 4+s) with lane bit s
+            if (((p >> s) & 1) != ((p >> (4 + s)) & 1)) p ^= (1 << s) | (1 << (4 + s));
+        }
+        l[r][i] = p;
+      }
+    return l;
+  }
+  // Index vectors that turn layout `from` into `to`, taking register r from the pair (r without,
+  // r with bit s): lane j of the first source is index j, of the second 16 + j.
+  static constexpr void plan(const Layout& from, const Layout& to, int s,
+                             std::array<std::array<std::int32_t, lanes>, N>& idx) {
+    for (int r = 0; r < N; ++r)
+      for (int i = 0; i < lanes; ++i)
+        for (int src = 0; src < 2; ++src) {
+          const int reg = src ? (r | (1 << s)) : (r & ~(1 << s));
+          for (int j = 0; j < lanes; ++j)
+            if (from[reg][j] == to[r][i]) idx[r][i] = src * lanes + j;
+        }
+  }
+  constexpr TransposePlan() {
+    for (int s = 0; s < bits; ++s) {
+      plan(layout(s), layout(s + 1), s, to_columns[s]);
+      plan(layout(s + 1), layout(s), s, to_rows[s]);
+    }
+  }
+};
+}  // namespace detail
+
+// A block of `width` consecutive rows of N values (row stride `stride`) seen as N batches, one
+// per column: lane i of column e is row i's entry e. Kernels for rows shorter than a register
+// work across rows this way. Contiguous rows of 1, 2, 4 or 8 floats under AVX-512 are transposed
+// in registers (N log2 N permutes each way); any other block goes through gathers and scatters.
+template <class B, int N>
+class RowBlock {
+  using S = typename B::value_type;
+  using I = xsimd::batch<xsimd::as_integer_t<S>, typename B::arch_type>;
+
+public:
+  explicit RowBlock(Index stride) : usable_(stride * Index(B::size) <= std::numeric_limits<xsimd::as_integer_t<S>>::max()) {
+    alignas(64) xsimd::as_integer_t<S> offsets[B::size];
+    for (std::size_t i = 0; i < B::size; ++i) offsets[i] = xsimd::as_integer_t<S>(usable_ ? Index(i) * stride : 0);
+    offsets_ = I::load_aligned(offsets);
+#if defined(__AVX512F__)
+    transpose_ = stride == N && (N & (N - 1)) == 0 && N <= 8 && std::is_same_v<S, float> && B::size == 16;
+#endif
+  }
+  // False when the lane offsets overflow the index type: the caller takes a row-by-row path.
+  bool usable() const { return usable_; }
+
+  MOE_INLINE void load(const S* first, B (&col)[N]) const {
+#if defined(__AVX512F__)
+    if constexpr (transposable) {
+      if (transpose_) {
+        __m512 z[N];
+        MOE_UNROLL
+        for (int r = 0; r < N; ++r) z[r] = _mm512_loadu_ps(first + 16 * r);
+        permute(z, plan_.to_columns);
+        MOE_UNROLL
+        for (int r = 0; r < N; ++r) col[r] = B(z[r]);
+        return;
+      }
+    }
+#endif
+    MOE_UNROLL
+    for (int e = 0; e < N; ++e) col[e] = column(first, e);
+  }
+
+  MOE_INLINE void store(const B (&col)[N], S* first) const {
+#if defined(__AVX512F__)
+    if constexpr (transposable) {
+      if (transpose_) {
+        __m512 z[N];
+        MOE_UNROLL
+        for (int r = 0; r < N; ++r) z[r] = col[r];
+        permute<true>(z, plan_.to_rows);
+        MOE_UNROLL
+        for (int r = 0; r < N; ++r) _mm512_storeu_ps(first + 16 * r, z[r]);
+        return;
+      }
+    }
+#endif
+    MOE_UNROLL
+    for (int e = 0; e < N; ++e) scatter(col[e], first + e, offsets_);
+  }
+
+  // One column of the block (a gather).
+  MOE_INLINE B column(const S* first, Index e) const { return gather<B>(first + e, offsets_); }
+
+private:
+#if defined(__AVX512F__)
+  static constexpr bool transposable = std::is_same_v<S, float> && B::size == 16 && N <= 8 && (N & (N - 1)) == 0;
+  static constexpr detail::TransposePlan<transposable ? N : 1> plan_{};
+  // Runs the stages in order (to columns) or in reverse (back to rows).
+  template <bool Reverse = false, class Plan>
+  MOE_INLINE static void permute(__m512 (&z)[N], const Plan& idx) {
+    constexpr int bits = int(std::tuple_size_v<Plan>);
+    MOE_UNROLL
+    for (int k = 0; k < bits; ++k) {
+      const int s = Reverse ? bits - 1 - k : k;
+      __m512 y[N];
+      MOE_UNROLL
+      for (int r = 0; r < N; ++r)
+        y[r] = _mm512_permutex2var_ps(z[r & ~(1 << s)], _mm512_loadu_si512(idx[s][r].data()), z[r | (1 << s)]);
+      MOE_UNROLL
+      for (int r = 0; r < N; ++r) z[r] = y[r];
+    }
+  }
+#endif
+  bool usable_;
+  bool transpose_ = false;
+  I offsets_;
+};
 
 // Calls f(std::integral_constant<int, n>{}) for n in [1, Max]: a run-time count becomes a
 // compile-time one, so per-lane arrays of that length stay in registers. False if n is outside.

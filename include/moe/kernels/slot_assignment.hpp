@@ -5,6 +5,7 @@
 // prefix sum; no comparison sort, no atomics. scalar::assign_slots is the twin.
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <vector>
 
@@ -14,26 +15,34 @@
 
 namespace moe::kernels {
 
+template <class S>
 struct SlotRequest {
   std::span<const std::int32_t> choice_token;  // token of each choice
   std::span<const std::int32_t> order;         // the priority sequence: a permutation of the
                                                // choice ids, or empty for their own order
+  std::span<const S> weight;                   // combine weight of each choice if it keeps a
+                                               // slot, or empty for zero weights
   Index capacity = -1;                         // slots per expert, -1 = unlimited
   bool pad = false;                            // every expert gets exactly `capacity` slots
   bool token_order = true;                     // slots by token (else by priority)
 };
 
-// Fills r.choice_slot, r.expert_count, r.expert_offsets and r.slot_token from r.choice_expert;
-// r.slot_weight is sized and zeroed for the caller to fill. `cursor` is scratch.
+// Fills r.choice_slot, r.expert_count, r.expert_offsets, r.slot_token and r.slot_weight from
+// r.choice_expert. `cursor` is scratch.
 template <class S>
-void assign_slots(const SlotRequest& q, SparseRouting<S>& r, std::vector<Index>& cursor) {
+void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r, std::vector<Index>& cursor) {
   const Index experts = r.num_experts, choices = r.num_choices();
   fit(cursor, experts);
-  std::fill(cursor.begin(), cursor.end(), 0);
+  // locals: the compiler cannot tell that the stores below leave the vectors' pointers alone
+  Index* const count = cursor.data();
+  const std::int32_t* const expert = r.choice_expert.data();
+  std::int32_t* const slot_of = r.choice_slot.data();
+  const Index capacity = q.capacity < 0 ? std::numeric_limits<Index>::max() : q.capacity;
+  std::fill_n(count, experts, 0);
   const auto keep_first = [&](Index c) {  // keep: the first C of each expert in priority order
-    auto& n = cursor[r.choice_expert[c]];
-    const bool keep = q.capacity < 0 || n < q.capacity;
-    r.choice_slot[c] = keep ? 0 : -1;
+    Index& n = count[expert[c]];
+    const bool keep = n < capacity;
+    slot_of[c] = keep ? 0 : -1;
     n += keep;
   };
   if (q.order.empty())
@@ -42,18 +51,25 @@ void assign_slots(const SlotRequest& q, SparseRouting<S>& r, std::vector<Index>&
     for (const auto c : q.order) keep_first(c);
   r.expert_offsets[0] = 0;
   for (Index e = 0; e < experts; ++e) {
-    r.expert_count[e] = cursor[e];
-    r.expert_offsets[e + 1] = r.expert_offsets[e] + (q.pad ? q.capacity : cursor[e]);
+    r.expert_count[e] = count[e];
+    r.expert_offsets[e + 1] = r.expert_offsets[e] + (q.pad ? q.capacity : count[e]);
   }
   const Index slots = r.expert_offsets[experts];
-  r.slot_token.assign(std::size_t(slots), -1);
-  r.slot_weight.assign(std::size_t(slots), S(0));
-  std::copy_n(r.expert_offsets.begin(), experts, cursor.begin());  // now write cursors
+  fit(r.slot_token, slots);  // every slot is written below, unless padding leaves some empty
+  fit(r.slot_weight, slots);
+  if (q.pad) std::fill(r.slot_token.begin(), r.slot_token.end(), -1);
+  if (q.pad || q.weight.empty()) std::fill(r.slot_weight.begin(), r.slot_weight.end(), S(0));
+  std::copy_n(r.expert_offsets.begin(), experts, count);  // now write cursors
+  std::int32_t* const slot_token = r.slot_token.data();
+  S* const slot_weight = r.slot_weight.data();
+  const std::int32_t* const token = q.choice_token.data();
+  const S* const weight = q.weight.empty() ? nullptr : q.weight.data();
   const auto place = [&](Index c) {
-    if (r.choice_slot[c] < 0) return;
-    const auto slot = cursor[r.choice_expert[c]]++;
-    r.choice_slot[c] = std::int32_t(slot);
-    r.slot_token[slot] = q.choice_token[c];
+    if (slot_of[c] < 0) return;
+    const auto slot = count[expert[c]]++;
+    slot_of[c] = std::int32_t(slot);
+    slot_token[slot] = token[c];
+    if (weight) slot_weight[slot] = weight[c];
   };
   if (q.token_order || q.order.empty())
     for (Index c = 0; c < choices; ++c) place(c);  // choices are stored in token order
@@ -65,13 +81,14 @@ namespace scalar {
 // The twin, by the definition: per expert, its candidates in priority order, the first C kept,
 // then sorted by token when slots follow token order.
 template <class S>
-void assign_slots(const SlotRequest& q, SparseRouting<S>& r) {
+void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r) {
   const Index experts = r.num_experts;
   std::vector<std::int32_t> order(q.order.begin(), q.order.end());
   if (order.empty())
     for (Index c = 0; c < r.num_choices(); ++c) order.push_back(std::int32_t(c));
   std::fill(r.choice_slot.begin(), r.choice_slot.end(), -1);
   r.slot_token.clear();
+  r.slot_weight.clear();
   r.expert_offsets.assign(std::size_t(experts + 1), 0);
   for (Index e = 0; e < experts; ++e) {
     std::vector<std::int32_t> kept;
@@ -82,11 +99,12 @@ void assign_slots(const SlotRequest& q, SparseRouting<S>& r) {
     for (const auto c : kept) {
       r.choice_slot[c] = std::int32_t(r.slot_token.size());
       r.slot_token.push_back(q.choice_token[c]);
+      r.slot_weight.push_back(q.weight.empty() ? S(0) : q.weight[c]);
     }
     if (q.pad) r.slot_token.resize(r.slot_token.size() + std::size_t(q.capacity - Index(kept.size())), -1);
+    r.slot_weight.resize(r.slot_token.size(), S(0));
     r.expert_offsets[e + 1] = Index(r.slot_token.size());
   }
-  r.slot_weight.assign(r.slot_token.size(), S(0));
 }
 }  // namespace scalar
 

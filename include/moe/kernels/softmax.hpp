@@ -105,37 +105,34 @@ void softmax_rows(MatrixIn<S> logits, MatrixOut<S> probs) {
 }  // namespace detail
 
 // Token-parallel layout for rows shorter than a register (E <= 16 floats): lane i holds token
-// t + i, one gather per expert reads a column of the block, and max, exp, sum and scale run
-// across tokens instead of inside one short row.
+// t + i, each batch is one column of the block (kernels::RowBlock), and max, exp, sum and scale
+// run across tokens instead of inside one short row.
 template <class S>
 void softmax_rows_token_parallel(MatrixIn<S> logits, MatrixOut<S> probs) {
   using B = Batch<S>;
-  using I = xsimd::batch<xsimd::as_integer_t<S>, typename B::arch_type>;
   constexpr Index w = Index(B::size), max_experts = 16;
   const Index T = logits.rows(), E = logits.cols();
   MOE_ASSERT(E <= max_experts);
-  alignas(64) xsimd::as_integer_t<S> offsets[B::size];
   Index t = 0;
-  if (logits.outerStride() == probs.outerStride() &&
-      logits.outerStride() * w <= std::numeric_limits<xsimd::as_integer_t<S>>::max()) {  // lane offsets fit
-    for (std::size_t i = 0; i < B::size; ++i) offsets[i] = xsimd::as_integer_t<S>(Index(i) * logits.outerStride());
-    const I rows = I::load_aligned(offsets);
+  if (logits.outerStride() == probs.outerStride()) {
     // the expert count fixed at compile time keeps the E columns in registers
     with_static_count<max_experts>(E, [&](auto experts) {
       constexpr int n = decltype(experts)::value;
+      const RowBlock<B, n> block(logits.outerStride());
+      if (!block.usable()) return;
       for (; t + w <= T; t += w) {
-        const S* in = logits.row(t).data();
-        S* out = probs.row(t).data();
         B v[n];
-        B top(-std::numeric_limits<S>::infinity());
+        block.load(logits.row(t).data(), v);
+        B top = v[0];
         MOE_UNROLL
-        for (int e = 0; e < n; ++e) top = xsimd::max(top, v[e] = gather<B>(in + e, rows));
+        for (int e = 1; e < n; ++e) top = xsimd::max(top, v[e]);
         B sum(S(0));
         MOE_UNROLL
         for (int e = 0; e < n; ++e) sum += (v[e] = exp_approx(v[e] - top));
         const B inv = B(S(1)) / sum;
         MOE_UNROLL
-        for (int e = 0; e < n; ++e) scatter(v[e] * inv, out + e, rows);
+        for (int e = 0; e < n; ++e) v[e] *= inv;
+        block.store(v, probs.row(t).data());
       }
     });
   }

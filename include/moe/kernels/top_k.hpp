@@ -199,19 +199,17 @@ void top_k_row(const S* values, Index n, Index k, std::int32_t* out) {
 }
 
 // Token-parallel top-k for rows shorter than a register (n <= 16): lane i follows row t + i,
-// one gather per column, and each lane keeps its best k (value, index) pairs sorted by insertion.
-// Columns arrive in ascending index and only a strictly larger value moves an entry, so ties go
-// to the lowest index. Returns the rows done (whole groups of width without -inf); the caller
-// finishes the rest.
-template <class B>
+// the columns of a block of rows arrive one batch each (kernels::RowBlock), and each lane keeps
+// its best k (value, index) pairs sorted by insertion. Columns arrive in ascending index and only
+// a strictly larger value moves an entry, so ties go to the lowest index. N is the column count
+// when fixed at compile time (the block is then transposed in registers), else 0. Returns the
+// rows done (whole groups of width without -inf); the caller finishes the rest.
+template <class B, int N = 0>
 Index top_k_rows_token_parallel(const float* v, Index stride, Index T, Index n, Index k, std::int32_t* out) {
-  using I = xsimd::batch<std::int32_t, typename B::arch_type>;
-  constexpr Index w = Index(B::size), max_k = 16;
-  if (n > max_k || stride * w > std::numeric_limits<std::int32_t>::max()) return 0;  // k <= n
+  constexpr Index w = Index(B::size), max_k = N > 0 ? N : 16;
+  const RowBlock<B, (N > 0 ? N : 1)> block(stride);
+  if (n > max_k || !block.usable()) return 0;  // k <= n
   const float lowest = -std::numeric_limits<float>::infinity();
-  alignas(64) std::int32_t offsets[B::size];
-  for (std::size_t i = 0; i < B::size; ++i) offsets[i] = std::int32_t(Index(i) * stride);
-  const I rows = I::load_aligned(offsets);
   alignas(64) std::int32_t picked[max_k][B::size];
   Index t = 0;
   with_static_count<max_k>(k, [&](auto kk) {  // k fixed at compile time: the lists stay in registers
@@ -220,13 +218,12 @@ Index top_k_rows_token_parallel(const float* v, Index stride, Index T, Index n, 
       B val[K], idx[K];
       MOE_UNROLL
       for (int j = 0; j < K; ++j) val[j] = B(lowest), idx[j] = B(-1.0f);
-      for (Index e = 0; e < n; ++e) {
-        const B x = gather<B>(v + t * stride + e, rows);
+      const auto insert = [&](B x, Index e) {
         B xv = x, xi = B(float(e));
         MOE_UNROLL
         for (int j = 0; j < K; ++j) {
-          // insert: where x beats entry j it takes that slot, and from there on every entry
-          // moves down one (compared by x, not by the carried entry, which may equal the next)
+          // where x beats entry j it takes that slot, and from there on every entry moves down
+          // one (compared by x, not by the carried entry, which may equal the next)
           const auto up = x > val[j];
           const B nv = xsimd::select(up, xv, val[j]), ni = xsimd::select(up, xi, idx[j]);
           xv = xsimd::select(up, val[j], xv);
@@ -234,6 +231,14 @@ Index top_k_rows_token_parallel(const float* v, Index stride, Index T, Index n, 
           val[j] = nv;
           idx[j] = ni;
         }
+      };
+      if constexpr (N > 0) {
+        B columns[N];
+        block.load(v + t * stride, columns);
+        MOE_UNROLL
+        for (int e = 0; e < N; ++e) insert(columns[e], e);
+      } else {
+        for (Index e = 0; e < n; ++e) insert(block.column(v + t * stride, e), e);
       }
       if (xsimd::any(idx[K - 1] < B(0.0f))) break;  // a row with -inf entries: the caller's path
       if constexpr (K == 1) {
@@ -257,9 +262,16 @@ void top_k_rows(MatrixIn<S> values, Index k, std::int32_t* out) {
   MOE_ASSERT(k <= n);
   if constexpr (std::is_same_v<S, float>) {
     // short rows: token-parallel for whole groups of rows, row by row for the rest
-    const Index done = n < Index(width<float>)
-        ? top_k_rows_token_parallel<Batch<float>>(values.data(), values.outerStride(), T, n, k, out)
-        : 0;
+    // contiguous rows of 2, 4 or 8 are transposed in registers, other short rows gathered
+    const auto token_parallel = [&]<int N>() {
+      return top_k_rows_token_parallel<Batch<float>, N>(values.data(), values.outerStride(), T, n, k, out);
+    };
+    const bool packed = values.outerStride() == n;
+    const Index done = n >= Index(width<float>) ? 0
+                       : packed && n == 8   ? token_parallel.template operator()<8>()
+                       : packed && n == 4   ? token_parallel.template operator()<4>()
+                       : packed && n == 2   ? token_parallel.template operator()<2>()
+                                            : token_parallel.template operator()<0>();
     const auto rows = [&](auto batch) {
       detail::top_k_rows<decltype(batch)>(values.data() + done * values.outerStride(), values.outerStride(),
                                           T - done, n, k, out + done * k);

@@ -63,13 +63,24 @@ private:
     const Index experts = in.scores.cols();
     const S tokens = S(std::max<Index>(r.num_valid_tokens, 1));  // all padded: no division by 0
     const S k = r.num_valid_tokens > 0 ? S(r.num_choices()) / S(r.num_valid_tokens) : S(1);
-    fit(f_, experts);
-    std::fill(f_.begin(), f_.end(), S(0));
+    // integer counts in four interleaved histograms, so that a run of one expert does not wait
+    // on its own previous increment
+    constexpr Index ways = 4;
+    fit(counts_, ways * experts);
+    std::fill(counts_.begin(), counts_.end(), 0);
+    Index* const counts = counts_.data();
+    const Index* const offsets = r.token_offsets.data();
+    const std::int32_t* const expert = r.choice_expert.data();
     const bool first_only = norm_ == BalanceNorm::switch_top1;
     for (Index t = 0; t < r.num_tokens; ++t) {
-      const Index lo = r.token_offsets[t], hi = first_only ? std::min(lo + 1, r.token_offsets[t + 1])
-                                                           : r.token_offsets[t + 1];
-      for (Index c = lo; c < hi; ++c) f_[r.choice_expert[c]] += S(1);
+      const Index lo = offsets[t], hi = first_only ? std::min(lo + 1, offsets[t + 1]) : offsets[t + 1];
+      for (Index c = lo; c < hi; ++c) ++counts[(t % ways) * experts + expert[c]];
+    }
+    fit(f_, experts);
+    for (Index e = 0; e < experts; ++e) {
+      Index n = 0;
+      for (Index way = 0; way < ways; ++way) n += counts[way * experts + e];
+      f_[e] = S(n);
     }
     S f_scale = S(experts) / tokens, p_scale = S(1) / tokens;
     if (norm_ == BalanceNorm::topk_mean || norm_ == BalanceNorm::megatron) f_scale /= k;
@@ -81,6 +92,7 @@ private:
   BalanceNorm norm_;
   S coefficient_;
   mutable std::vector<S> f_;         // scratch
+  mutable std::vector<Index> counts_;
   mutable Matrix<S> score_sum_;      // scratch
 };
 

@@ -90,35 +90,42 @@ public:
   // weights; only the scratch is written, so disjoint ranges may run in parallel.
   void select_rows(const SelectorInput<S>& in, Index begin, Index end) {
     if (begin >= end) return;
-    const Index experts = in.scores.cols();
-    const bool all_real = token_offsets_[end] - token_offsets_[begin] == (end - begin) * k_;
-    const bool renormalize = opt_.weighting == Weighting::renormalize_before_drop ||
-                             opt_.weighting == Weighting::renormalize_after_drop;
+    // locals: the compiler cannot tell that the stores below leave the members alone
+    const Index experts = in.scores.cols(), k = k_;
+    const Index* offsets = token_offsets_.data();
+    std::int32_t* const expert = choice_expert_.data();
+    std::int32_t* const token = choice_token_.data();
+    S* const score = choice_score_.data();
+    S* const weight = pre_weight_.data();
+    const Weighting weighting = opt_.weighting;
+    const bool renormalize = weighting == Weighting::renormalize_before_drop ||
+                             weighting == Weighting::renormalize_after_drop;
     const S scale = S(opt_.scale);
+    const bool all_real = offsets[end] - offsets[begin] == (end - begin) * k;
     if (all_real)  // whole rows at a time (the kernel interleaves them)
-      kernels::top_k_rows<S>(in.rank.middleRows(begin, end - begin), k_, &choice_expert_[token_offsets_[begin]]);
-    const auto rows = [&](auto kk) {  // kk: k as a compile-time constant (small k) or k_
+      kernels::top_k_rows<S>(in.rank.middleRows(begin, end - begin), k, expert + offsets[begin]);
+    const auto rows = [&](auto kk) {  // kk: k as a compile-time constant (small k) or k
       for (Index t = begin; t < end; ++t) {
-        const Index c = token_offsets_[t];
-        if (c == token_offsets_[t + 1]) continue;  // padding
-        std::int32_t* e = &choice_expert_[c];
-        if (!all_real) kernels::top_k_row(in.rank.row(t).data(), experts, k_, e);
-        const S* scores = in.scores.row(t).data();
+        const Index c = offsets[t];
+        if (c == offsets[t + 1]) continue;  // padding
+        const std::int32_t* e = expert + c;
+        if (!all_real) kernels::top_k_row(in.rank.row(t).data(), experts, k, expert + c);
+        const S* row = in.scores.row(t).data();  // still in cache
         S z = S(1);  // scale * (p / z): p / p is exactly 1, so equal weights stay equal for by_weight
         if (renormalize) {
           z = 0;
-          for (Index j = 0; j < Index(kk); ++j) z += scores[e[j]];
+          for (Index j = 0; j < Index(kk); ++j) z += row[e[j]];
           z = std::max(z, floor());
         }
         for (Index j = 0; j < Index(kk); ++j) {
-          choice_token_[c + j] = std::int32_t(t);
-          choice_score_[c + j] = scores[e[j]];  // while the row is in cache
-          pre_weight_[c + j] = scale * (scores[e[j]] / z);
+          token[c + j] = std::int32_t(t);
+          score[c + j] = row[e[j]];
+          weight[c + j] = scale * (row[e[j]] / z);
         }
-        if (opt_.weighting == Weighting::softmax_of_kept_logits) kept_logit_weights(in, t, e, &pre_weight_[c]);
+        if (weighting == Weighting::softmax_of_kept_logits) kept_logit_weights(in, t, e, weight + c);
       }
     };
-    if (!kernels::with_static_count<2>(k_, rows)) rows(k_);
+    if (!kernels::with_static_count<2>(k, rows)) rows(k);
   }
 
   // Capacity and slots from the choices of every row: writes the routing.
@@ -134,23 +141,23 @@ public:
     // the priority sequence; each expert keeps its first C entries of it, counting-sorted into
     // expert-grouped slots
     priority_sequence(in, r);
-    kernels::assign_slots<S>({.choice_token = choice_token_, .order = order_, .capacity = capacity_,
-                              .pad = opt_.capacity.pad,
+    kernels::assign_slots<S>({.choice_token = choice_token_, .order = order_, .weight = pre_weight_,
+                              .capacity = capacity_, .pad = opt_.capacity.pad,
                               .token_order = opt_.capacity.slot_order == SlotOrder::token},
                              r, count_);
 
-    // final combine weights: the pre-drop ones, or renormalised over the survivors
-    const bool after = opt_.weighting == Weighting::renormalize_after_drop;
-    for (Index t = 0; t < tokens; ++t) {
-      const Index lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
+    // The slots hold the pre-drop weights. Renormalised after the drop, they differ only for a
+    // token that lost some but not all of its choices: its survivors share the weight again.
+    if (opt_.weighting != Weighting::renormalize_after_drop || k_ == 1) return;
+    for (Index c = 0; c < r.num_choices(); ++c) {
+      if (r.choice_slot[c] >= 0) continue;
+      const Index t = choice_token_[c], lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
       S kept = 0;
-      if (after)
-        for (Index c = lo; c < hi; ++c)
-          if (r.choice_slot[c] >= 0) kept += choice_score_[c];
+      for (Index i = lo; i < hi; ++i)
+        if (r.choice_slot[i] >= 0) kept += choice_score_[i];
       const S z = std::max(kept, floor());
-      for (Index c = lo; c < hi; ++c)
-        if (const auto s = r.choice_slot[c]; s >= 0)
-          r.slot_weight[s] = after ? S(opt_.scale) * (choice_score_[c] / z) : pre_weight_[c];
+      for (Index i = lo; i < hi; ++i)
+        if (const auto s = r.choice_slot[i]; s >= 0) r.slot_weight[s] = S(opt_.scale) * (choice_score_[i] / z);
     }
   }
 
