@@ -227,34 +227,37 @@ TEST_CASE("slot assignment matches its twin for every order and capacity", "[ker
   moe::CounterRng rng(5);
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](auto a, auto b) { return rng.bits(a, 0) < rng.bits(b, 0); });  // a random priority
-  std::vector<std::int32_t> identity(token.size());
+  std::vector<std::int32_t> identity(token.size()), by_rank;
   std::iota(identity.begin(), identity.end(), 0);
+  for (Index rank = 0; rank < kk; ++rank)  // every token's first choice, then every second one
+    for (Index t = 0; t < T; ++t) by_rank.push_back(std::int32_t(t * kk + rank));
   std::vector<float> weight(token.size());
   for (std::size_t c = 0; c < weight.size(); ++c) weight[c] = 1.0f + float(c);  // every slot's is its own
   for (Index cap : {Index(-1), Index(3), Index(17), Index(100)})
     for (bool pad : {false, true})
       for (bool token_order : {false, true})
-        for (int sequence : {0, 1})  // a random priority; none (the kernel's implicit choice order)
+        for (int sequence : {0, 1, 2})  // a random priority; implicit: choice order, rank by rank
           for (bool weighted : {false, true}) {
-          if (pad && cap < 0) continue;
-          const k::SlotRequest<float> q{.choice_token = token, .order = order,
-                                        .weight = weighted ? std::span<const float>(weight) : std::span<const float>(),
-                                        .capacity = cap, .pad = pad, .token_order = token_order};
-          k::SlotRequest<float> implicit = q, spelled = q;
-          implicit.order = {};
-          spelled.order = identity;
-          auto a = r, b = r;
-          std::vector<Index> cursor;
-          k::assign_slots<float>(sequence == 0 ? q : implicit, a, cursor);
-          k::scalar::assign_slots<float>(sequence == 0 ? q : spelled, b);
-          INFO("capacity " << cap << " pad " << pad << " token order " << token_order << " sequence " << sequence
-                            << " weighted " << weighted);
-          REQUIRE(a.choice_slot == b.choice_slot);
-          REQUIRE(a.slot_token == b.slot_token);
-          REQUIRE(a.slot_weight == b.slot_weight);
-          REQUIRE(a.expert_offsets == b.expert_offsets);
-          REQUIRE(a.expert_count == b.expert_count);
-        }
+            if (pad && cap < 0) continue;
+            const k::SlotRequest<float> q{.choice_token = token, .order = order,
+                                          .weight = weighted ? std::span<const float>(weight) : std::span<const float>(),
+                                          .capacity = cap, .pad = pad, .token_order = token_order};
+            k::SlotRequest<float> implicit = q, spelled = q;
+            implicit.order = {};
+            implicit.ranks = sequence == 2 ? kk : 1;
+            spelled.order = sequence == 2 ? by_rank : identity;
+            auto a = r, b = r;
+            std::vector<Index> cursor;
+            k::assign_slots<float>(sequence == 0 ? q : implicit, a, cursor);
+            k::scalar::assign_slots<float>(sequence == 0 ? q : spelled, b);
+            INFO("capacity " << cap << " pad " << pad << " token order " << token_order << " sequence " << sequence
+                              << " weighted " << weighted);
+            REQUIRE(a.choice_slot == b.choice_slot);
+            REQUIRE(a.slot_token == b.slot_token);
+            REQUIRE(a.slot_weight == b.slot_weight);
+            REQUIRE(a.expert_offsets == b.expert_offsets);
+            REQUIRE(a.expert_count == b.expert_count);
+          }
 }
 
 TEMPLATE_TEST_CASE("Sinkhorn kernel matches its twin and balances the plan", "[kernel]", float, double) {

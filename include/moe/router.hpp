@@ -158,8 +158,11 @@ private:
     parallel_for(logits.rows(), block, [&](Index t, Index end) {
       const Index n = end - t;
       const auto rows = logits.middleRows(t, n);
-      detail::check_finite<S>("Router", "logits", rows, t);
+      // checked after the gate has brought the block into cache, which is then a cheap pass
+      // (a first pass over logits from memory costs as much as the softmax); a bad block's
+      // scores are only ever written to the spare state
       gate_.forward(rows, st.scores.middleRows(t, n));
+      detail::check_finite<S>("Router", "logits", rows, t);
       if constexpr (gate_ranks)
         gate_.rank(rows, st.scores.middleRows(t, n), tokens.rows(t, n, logits.cols()), st.rank.middleRows(t, n));
       if constexpr (staged_selector<Selector>) selector_.select_rows(in, t, end);

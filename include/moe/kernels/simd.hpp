@@ -39,17 +39,20 @@ using NarrowBatch = std::conditional_t<
 // exp(x) for float lanes: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then Cephes' degree-6
 // minimax polynomial for e^r (relative error ~1 ulp), scaled by 2^n. Results past FLT_MAX are
 // +inf, results under the smallest denormal 0, NaN stays NaN.
-template <class S, class A>
+// NonPositive: the caller guarantees x <= 0 or NaN (softmax's x - max), so no upper clamp.
+template <bool NonPositive = false, class S, class A>
 MOE_INLINE xsimd::batch<S, A> exp_approx(xsimd::batch<S, A> x) {
   using B = xsimd::batch<S, A>;
   if constexpr (std::is_same_v<S, double>) {
     return xsimd::exp(x);  // double paths are for accuracy, not speed
   } else {
     // Clamping keeps n finite for +-inf; max(lo, x) and min(hi, .) return x when it is NaN.
-    const B xc = xsimd::min(B(89.0f), xsimd::max(B(-104.0f), x));
+    const B low = xsimd::max(B(-104.0f), x);
+    const B xc = NonPositive ? low : xsimd::min(B(89.0f), low);
     const B n = xsimd::nearbyint(xc * B(1.44269504088896341f));
-    B r = xsimd::fnma(n, B(0.693359375f), xc);
-    r = xsimd::fnma(n, B(-2.12194440e-4f), r);
+    // x - n ln2 as fma(n, -c, x): xsimd's fnma would negate n first, an extra instruction
+    B r = xsimd::fma(n, B(-0.693359375f), xc);
+    r = xsimd::fma(n, B(2.12194440e-4f), r);
     B p(1.9875691500e-4f);
     p = xsimd::fma(p, r, B(1.3981999507e-3f));
     p = xsimd::fma(p, r, B(8.3334519073e-3f));

@@ -19,7 +19,10 @@ template <class S>
 struct SlotRequest {
   std::span<const std::int32_t> choice_token;  // token of each choice
   std::span<const std::int32_t> order;         // the priority sequence: a permutation of the
-                                               // choice ids, or empty for their own order
+                                               // choice ids, or empty for the implicit order:
+  Index ranks = 1;                             // the choices rank by rank, c = rank + i * ranks
+                                               // (each token holds `ranks` choices; 1: their
+                                               // own order)
   std::span<const S> weight;                   // combine weight of each choice if it keeps a
                                                // slot, or empty for zero weights
   Index capacity = -1;                         // slots per expert, -1 = unlimited
@@ -45,10 +48,15 @@ void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r, std::vector<Inde
     slot_of[c] = keep ? 0 : -1;
     n += keep;
   };
-  if (q.order.empty())
-    for (Index c = 0; c < choices; ++c) keep_first(c);
-  else
-    for (const auto c : q.order) keep_first(c);
+  // the priority sequence, implicit or given
+  const auto in_priority = [&](auto&& visit) {
+    if (!q.order.empty())
+      for (const auto c : q.order) visit(c);
+    else
+      for (Index rank = 0; rank < q.ranks; ++rank)
+        for (Index c = rank; c < choices; c += q.ranks) visit(c);
+  };
+  in_priority(keep_first);
   r.expert_offsets[0] = 0;
   for (Index e = 0; e < experts; ++e) {
     r.expert_count[e] = count[e];
@@ -71,10 +79,10 @@ void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r, std::vector<Inde
     slot_token[slot] = token[c];
     if (weight) slot_weight[slot] = weight[c];
   };
-  if (q.token_order || q.order.empty())
+  if (q.token_order)
     for (Index c = 0; c < choices; ++c) place(c);  // choices are stored in token order
   else
-    for (const auto c : q.order) place(c);
+    in_priority(place);
 }
 
 namespace scalar {
@@ -85,7 +93,8 @@ void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r) {
   const Index experts = r.num_experts;
   std::vector<std::int32_t> order(q.order.begin(), q.order.end());
   if (order.empty())
-    for (Index c = 0; c < r.num_choices(); ++c) order.push_back(std::int32_t(c));
+    for (Index rank = 0; rank < q.ranks; ++rank)
+      for (Index c = rank; c < r.num_choices(); c += q.ranks) order.push_back(std::int32_t(c));
   std::fill(r.choice_slot.begin(), r.choice_slot.end(), -1);
   r.slot_token.clear();
   r.slot_weight.clear();

@@ -37,7 +37,7 @@ void softmax_row(const S* in, S* out, Index n) {
   for (; e < n; ++e) top = std::max(top, in[e]);
   B acc(S(0));
   for (e = 0; e + w <= n; e += w) {
-    const B v = exp_approx(B::load_unaligned(in + e) - B(top));
+    const B v = exp_approx<true>(B::load_unaligned(in + e) - B(top));
     v.store_unaligned(out + e);
     acc += v;
   }
@@ -69,7 +69,7 @@ MOE_INLINE void softmax_rows_registers(const S* in, Index in_stride, S* out, Ind
   for (int r = 0; r < Rows; ++r) {
     acc[r] = B(S(0));
     MOE_UNROLL
-    for (int c = 0; c < Chunks; ++c) acc[r] += (v[r][c] = exp_approx(v[r][c] - top[r]));
+    for (int c = 0; c < Chunks; ++c) acc[r] += (v[r][c] = exp_approx<true>(v[r][c] - top[r]));
   }
   MOE_UNROLL
   for (int r = 0; r < Rows; ++r) {
@@ -128,7 +128,7 @@ void softmax_rows_token_parallel(MatrixIn<S> logits, MatrixOut<S> probs) {
         for (int e = 1; e < n; ++e) top = xsimd::max(top, v[e]);
         B sum(S(0));
         MOE_UNROLL
-        for (int e = 0; e < n; ++e) sum += (v[e] = exp_approx(v[e] - top));
+        for (int e = 0; e < n; ++e) sum += (v[e] = exp_approx<true>(v[e] - top));
         const B inv = B(S(1)) / sum;
         MOE_UNROLL
         for (int e = 0; e < n; ++e) v[e] *= inv;

@@ -45,27 +45,20 @@ MOE_INLINE B lane_index() {
 // Rows of exactly Chunks full batches and at most 64 values stay in registers: k passes of
 // (row maximum in every lane, lowest index holding it as a bit mask, knock it out with -inf), no
 // memory traffic and no branch on the data. Rows at a time, so that their dependent chains of
-// reductions overlap. A row holding -inf itself takes the scalar twin (the knock-out marker would
-// be ambiguous); that check comes first so no call sits inside the passes.
+// reductions overlap. A pick of -inf means the row holds -inf itself (the knock-out marker is
+// then ambiguous): such rows are redone by the scalar twin after the passes.
 template <class B, int Chunks, int Rows>
 MOE_INLINE void top_k_rows_registers(const float* v, Index stride, Index k, std::int32_t* out) {
   constexpr Index w = Index(B::size);
   static_assert(Chunks * w <= 64, "one 64-bit mask per row");
-  const B knocked(-std::numeric_limits<float>::infinity());
+  constexpr float lowest = -std::numeric_limits<float>::infinity();
+  const B knocked(lowest);
   B chunk[Rows][Chunks];
-  bool holds_inf = false;
   MOE_UNROLL
   for (int r = 0; r < Rows; ++r)
     MOE_UNROLL
-    for (int c = 0; c < Chunks; ++c) {
-      chunk[r][c] = B::load_unaligned(v + r * stride + c * w);
-      holds_inf |= xsimd::any(chunk[r][c] == knocked);
-    }
-  if (holds_inf) {
-    MOE_UNROLL
-    for (int r = 0; r < Rows; ++r) scalar::top_k_row(v + r * stride, Index(Chunks) * w, k, out + r * k);
-    return;
-  }
+    for (int c = 0; c < Chunks; ++c) chunk[r][c] = B::load_unaligned(v + r * stride + c * w);
+  bool met_inf = false;
   for (Index j = 0; j < k; ++j) {
     std::uint64_t pick[Rows];
     MOE_UNROLL
@@ -74,17 +67,22 @@ MOE_INLINE void top_k_rows_registers(const float* v, Index stride, Index k, std:
       MOE_UNROLL
       for (int c = 1; c < Chunks; ++c) best = xsimd::max(best, chunk[r][c]);
       const B top = broadcast_max(best);
+      met_inf |= top.get(0) == lowest;
       std::uint64_t bits = 0;
       MOE_UNROLL
       for (int c = 0; c < Chunks; ++c) bits |= mask_bits(chunk[r][c] == top) << (c * w);
       pick[r] = bits & (~bits + 1);  // the lowest set bit: ties go to the lowest index
       out[r * k + j] = std::int32_t(std::countr_zero(bits));
     }
+    if (j + 1 == k) break;  // the last pick needs no knock-out
     MOE_UNROLL
     for (int r = 0; r < Rows; ++r)
       MOE_UNROLL
       for (int c = 0; c < Chunks; ++c) chunk[r][c] = xsimd::select(lane_mask<B>(pick[r] >> (c * w)), knocked, chunk[r][c]);
   }
+  if (met_inf)
+    MOE_UNROLL
+    for (int r = 0; r < Rows; ++r) scalar::top_k_row(v + r * stride, Index(Chunks) * w, k, out + r * k);
 }
 
 // Longer rows of full batches: the same passes, the lowest index found chunk by chunk.

@@ -140,8 +140,8 @@ public:
 
     // the priority sequence; each expert keeps its first C entries of it, counting-sorted into
     // expert-grouped slots
-    priority_sequence(in, r);
-    kernels::assign_slots<S>({.choice_token = choice_token_, .order = order_, .weight = pre_weight_,
+    const Index ranks = priority_sequence(in, r);
+    kernels::assign_slots<S>({.choice_token = choice_token_, .order = order_, .ranks = ranks, .weight = pre_weight_,
                               .capacity = capacity_, .pad = opt_.capacity.pad,
                               .token_order = opt_.capacity.slot_order == SlotOrder::token},
                              r, count_);
@@ -241,16 +241,19 @@ private:
     for (Index j = 0; j < k_; ++j) w[j] = S(opt_.scale) * (w[j] / sum);
   }
 
-  void priority_sequence(const SelectorInput<S>& in, const routing_type& r) {
+  // The priority sequence into order_, or empty order_ and the ranks of assign_slots' implicit
+  // one (every real token holds exactly k choices).
+  Index priority_sequence(const SelectorInput<S>& in, const routing_type& r) {
     const Index choices = r.num_choices(), valid = r.num_valid_tokens;
     const auto overflow = opt_.capacity.overflow;
-    if (overflow == OverflowOrder::token_major || (overflow == OverflowOrder::rank_major && k_ == 1)) {
-      order_.clear();  // the choices in their own order: assign_slots needs no sequence
-      return;
+    if (overflow == OverflowOrder::token_major || overflow == OverflowOrder::rank_major) {
+      order_.clear();
+      return overflow == OverflowOrder::rank_major ? k_ : 1;
     }
     fit(order_, choices);
     switch (overflow) {
-      case OverflowOrder::token_major:  // handled above
+      case OverflowOrder::token_major:  // implicit: handled above
+      case OverflowOrder::rank_major:
         break;
       case OverflowOrder::by_weight:
         // a total order (weight, then token and rank), so the in-place sort is deterministic
@@ -259,27 +262,24 @@ private:
           return pre_weight_[a] != pre_weight_[b] ? pre_weight_[a] > pre_weight_[b] : a < b;
         });
         break;
-      case OverflowOrder::rank_major:
       case OverflowOrder::batch_priority: {
-        // the valid tokens by their first choice index (choice c = first + rank)
+        // the valid tokens by their first choice index (choice c = first + rank), sorted by
+        // priority = the token's top score; ties keep token order (a stable sort, done as a
+        // total order so the in-place sort needs no buffer)
         fit(token_order_, valid);
         for (Index i = 0; i < valid; ++i) token_order_[i] = std::int32_t(i * k_);
-        if (opt_.capacity.overflow == OverflowOrder::batch_priority) {
-          // priority = the token's top score; ties keep token order (a stable sort, done as a
-          // total order so the in-place sort needs no buffer)
-          fit(token_priority_, valid);
-          for (Index i = 0; i < valid; ++i)
-            token_priority_[i] = in.scores.row(choice_token_[i * k_]).maxCoeff();
-          std::sort(token_order_.begin(), token_order_.end(), [&](auto a, auto b) {
-            const S pa = token_priority_[a / k_], pb = token_priority_[b / k_];
-            return pa != pb ? pa > pb : a < b;
-          });
-        }
+        fit(token_priority_, valid);
+        for (Index i = 0; i < valid; ++i) token_priority_[i] = in.scores.row(choice_token_[i * k_]).maxCoeff();
+        std::sort(token_order_.begin(), token_order_.end(), [&](auto a, auto b) {
+          const S pa = token_priority_[a / k_], pb = token_priority_[b / k_];
+          return pa != pb ? pa > pb : a < b;
+        });
         for (Index rank = 0, i = 0; rank < k_; ++rank)
           for (Index j = 0; j < valid; ++j) order_[i++] = std::int32_t(token_order_[j] + rank);
         break;
       }
     }
+    return 1;
   }
 
   Index k_;
