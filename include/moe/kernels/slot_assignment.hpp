@@ -53,8 +53,8 @@ void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r, std::vector<Inde
     if (!q.order.empty())
       for (const auto c : q.order) visit(c);
     else
-      for (Index rank = 0; rank < q.ranks; ++rank)
-        for (Index c = rank; c < choices; c += q.ranks) visit(c);
+      for (Index rank = 0, ranks = q.ranks; rank < ranks; ++rank)
+        for (Index c = rank; c < choices; c += ranks) visit(c);
   };
   in_priority(keep_first);
   r.expert_offsets[0] = 0;

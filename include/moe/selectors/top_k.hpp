@@ -101,28 +101,40 @@ public:
     const bool renormalize = weighting == Weighting::renormalize_before_drop ||
                              weighting == Weighting::renormalize_after_drop;
     const S scale = S(opt_.scale);
-    const bool all_real = offsets[end] - offsets[begin] == (end - begin) * k;
-    if (all_real)  // whole rows at a time (the kernel interleaves them)
-      kernels::top_k_rows<S>(in.rank.middleRows(begin, end - begin), k, expert + offsets[begin]);
+    const Index first = offsets[begin], last = offsets[end];
+    const S* const scores = in.scores.data();
+    const Index stride = in.scores.outerStride();
     const auto rows = [&](auto kk) {  // kk: k as a compile-time constant (small k) or k
-      for (Index t = begin; t < end; ++t) {
-        const Index c = offsets[t];
-        if (c == offsets[t + 1]) continue;  // padding
-        const std::int32_t* e = expert + c;
-        if (!all_real) kernels::top_k_row(in.rank.row(t).data(), experts, k, expert + c);
-        const S* row = in.scores.row(t).data();  // still in cache
+      // the picks and their scores, while the block's rows are in cache
+      if (last - first == (end - begin) * k) {  // no padding: whole rows at a time, and flat
+        // loops the compiler vectorizes (the kernel interleaves rows)
+        kernels::top_k_rows<S>(in.rank.middleRows(begin, end - begin), k, expert + first);
+        for (Index i = 0; i < last - first; ++i) {
+          const Index t = begin + i / Index(kk);
+          token[first + i] = std::int32_t(t);
+          score[first + i] = scores[t * stride + expert[first + i]];
+        }
+      } else {
+        for (Index t = begin; t < end; ++t) {
+          const Index c = offsets[t];
+          if (c == offsets[t + 1]) continue;  // padding
+          kernels::top_k_row(in.rank.row(t).data(), experts, k, expert + c);
+          for (Index j = 0; j < Index(kk); ++j) {
+            token[c + j] = std::int32_t(t);
+            score[c + j] = scores[t * stride + expert[c + j]];
+          }
+        }
+      }
+      // pre-drop weights, token by token (each real token holds k consecutive choices)
+      for (Index c = first; c < last; c += Index(kk)) {
         S z = S(1);  // scale * (p / z): p / p is exactly 1, so equal weights stay equal for by_weight
         if (renormalize) {
           z = 0;
-          for (Index j = 0; j < Index(kk); ++j) z += row[e[j]];
+          for (Index j = 0; j < Index(kk); ++j) z += score[c + j];
           z = std::max(z, floor());
         }
-        for (Index j = 0; j < Index(kk); ++j) {
-          token[c + j] = std::int32_t(t);
-          score[c + j] = row[e[j]];
-          weight[c + j] = scale * (row[e[j]] / z);
-        }
-        if (weighting == Weighting::softmax_of_kept_logits) kept_logit_weights(in, t, e, weight + c);
+        for (Index j = 0; j < Index(kk); ++j) weight[c + j] = scale * (score[c + j] / z);
+        if (weighting == Weighting::softmax_of_kept_logits) kept_logit_weights(in, token[c], expert + c, weight + c);
       }
     };
     if (!kernels::with_static_count<2>(k, rows)) rows(k);
