@@ -42,10 +42,10 @@ void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r, std::vector<Inde
   std::int32_t* const slot_of = r.choice_slot.data();
   const Index capacity = q.capacity < 0 ? std::numeric_limits<Index>::max() : q.capacity;
   std::fill_n(count, experts, 0);
-  const auto keep_first = [&](Index c) {  // keep: the first C of each expert in priority order
-    Index& n = count[expert[c]];
+  const auto keep_first = [&](Index c) {  // the first C of each expert in priority order keep a
+    Index& n = count[expert[c]];          // slot: for now their rank among its kept ones
     const bool keep = n < capacity;
-    slot_of[c] = keep ? 0 : -1;
+    slot_of[c] = keep ? std::int32_t(n) : -1;
     n += keep;
   };
   // the priority sequence, implicit or given
@@ -67,22 +67,26 @@ void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r, std::vector<Inde
   fit(r.slot_weight, slots);
   if (q.pad) std::fill(r.slot_token.begin(), r.slot_token.end(), -1);
   if (q.pad || q.weight.empty()) std::fill(r.slot_weight.begin(), r.slot_weight.end(), S(0));
-  std::copy_n(r.expert_offsets.begin(), experts, count);  // now write cursors
   std::int32_t* const slot_token = r.slot_token.data();
   S* const slot_weight = r.slot_weight.data();
   const std::int32_t* const token = q.choice_token.data();
   const S* const weight = q.weight.empty() ? nullptr : q.weight.data();
-  const auto place = [&](Index c) {
-    if (slot_of[c] < 0) return;
-    const auto slot = count[expert[c]]++;
+  const auto place = [&](Index c, Index slot) {
     slot_of[c] = std::int32_t(slot);
     slot_token[slot] = token[c];
     if (weight) slot_weight[slot] = weight[c];
   };
-  if (q.token_order)
-    for (Index c = 0; c < choices; ++c) place(c);  // choices are stored in token order
-  else
-    in_priority(place);
+  if (!q.token_order || (q.order.empty() && q.ranks == 1)) {
+    // slots follow the priority order: a slot is the expert's offset plus the rank, and the
+    // choices may go in any order (no running cursor, so no chain of dependent increments)
+    const Index* const offsets = r.expert_offsets.data();
+    for (Index c = 0; c < choices; ++c)
+      if (slot_of[c] >= 0) place(c, offsets[expert[c]] + slot_of[c]);
+  } else {  // by token, from another priority: cursors in token (= choice) order
+    std::copy_n(r.expert_offsets.begin(), experts, count);
+    for (Index c = 0; c < choices; ++c)
+      if (slot_of[c] >= 0) place(c, count[expert[c]]++);
+  }
 }
 
 namespace scalar {

@@ -71,10 +71,11 @@ private:
     Index* const counts = counts_.data();
     const Index* const offsets = r.token_offsets.data();
     const std::int32_t* const expert = r.choice_expert.data();
-    const bool first_only = norm_ == BalanceNorm::switch_top1;
-    for (Index t = 0; t < r.num_tokens; ++t) {
-      const Index lo = offsets[t], hi = first_only ? std::min(lo + 1, offsets[t + 1]) : offsets[t + 1];
-      for (Index c = lo; c < hi; ++c) ++counts[(t % ways) * experts + expert[c]];
+    if (norm_ == BalanceNorm::switch_top1) {  // first choices only
+      for (Index t = 0; t < r.num_tokens; ++t)
+        if (offsets[t] != offsets[t + 1]) ++counts[(t % ways) * experts + expert[offsets[t]]];
+    } else {
+      for (Index c = 0; c < r.num_choices(); ++c) ++counts[(c % ways) * experts + expert[c]];
     }
     fit(f_, experts);
     for (Index e = 0; e < experts; ++e) {

@@ -93,10 +93,10 @@ public:
     // locals: the compiler cannot tell that the stores below leave the members alone
     const Index experts = in.scores.cols(), k = k_;
     const Index* offsets = token_offsets_.data();
-    std::int32_t* const expert = choice_expert_.data();
-    std::int32_t* const token = choice_token_.data();
-    S* const score = choice_score_.data();
-    S* const weight = pre_weight_.data();
+    std::int32_t* __restrict const expert = choice_expert_.data();
+    std::int32_t* __restrict const token = choice_token_.data();
+    S* __restrict const score = choice_score_.data();
+    S* __restrict const weight = pre_weight_.data();
     const Weighting weighting = opt_.weighting;
     const bool renormalize = weighting == Weighting::renormalize_before_drop ||
                              weighting == Weighting::renormalize_after_drop;
@@ -125,16 +125,19 @@ public:
           }
         }
       }
-      // pre-drop weights, token by token (each real token holds k consecutive choices)
-      for (Index c = first; c < last; c += Index(kk)) {
-        S z = S(1);  // scale * (p / z): p / p is exactly 1, so equal weights stay equal for by_weight
-        if (renormalize) {
-          z = 0;
+      // pre-drop weights, token by token (each real token holds k consecutive choices); one loop
+      // per weighting, so that each is simple enough to vectorize
+      if (renormalize) {
+        for (Index c = first; c < last; c += Index(kk)) {
+          S z = 0;  // scale * (p / z): p / p is exactly 1, so equal weights stay equal for by_weight
           for (Index j = 0; j < Index(kk); ++j) z += score[c + j];
           z = std::max(z, floor());
+          for (Index j = 0; j < Index(kk); ++j) weight[c + j] = scale * (score[c + j] / z);
         }
-        for (Index j = 0; j < Index(kk); ++j) weight[c + j] = scale * (score[c + j] / z);
-        if (weighting == Weighting::softmax_of_kept_logits) kept_logit_weights(in, token[c], expert + c, weight + c);
+      } else if (weighting == Weighting::raw) {
+        for (Index c = first; c < last; ++c) weight[c] = scale * score[c];
+      } else {
+        for (Index c = first; c < last; c += Index(kk)) kept_logit_weights(in, token[c], expert + c, weight + c);
       }
     };
     if (!kernels::with_static_count<2>(k, rows)) rows(k);
