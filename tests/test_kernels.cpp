@@ -38,6 +38,10 @@ TEMPLATE_TEST_CASE("softmax kernel matches its twin", "[kernel]", float, double)
         Matrix<S> simd(T, E), twin(T, E);
         k::softmax_rows<S>(l, simd);
         k::scalar::softmax_rows<S>(l, twin);
+        Matrix<S> wide_in(T, E + 3), wide_out(T, E + 3);  // strided rows: gathered, not transposed
+        wide_in.leftCols(E) = l;
+        k::softmax_rows<S>(wide_in.leftCols(E), wide_out.leftCols(E));
+        REQUIRE(Matrix<S>(wide_out.leftCols(E)) == simd);
         INFO("T " << T << " E " << E << " flavour " << flavour);
         // exp to ~1 ulp per term, a sum of E terms in a different order
         REQUIRE(max_rel(simd, twin) <= forward_tol<S>(E));
@@ -127,11 +131,14 @@ TEMPLATE_TEST_CASE("top-k over whole rows (paired and token-parallel) matches th
           if (flavour == 0 && E > 4) wide(T / 2, E - 1) = wide(T / 2, 0) = wide.row(T / 2).head(E).maxCoeff();
           if (flavour == 2 && T > 3) wide.row(T - 2).head(E).setConstant(lowest), wide(T - 2, E / 2) = 0;  // -inf rows
           const auto v = wide.leftCols(E);
-          std::vector<std::int32_t> simd(std::size_t(T * kk)), twin(std::size_t(T * kk));
+          const Matrix<S> packed = v;  // contiguous rows (short ones are transposed in registers)
+          std::vector<std::int32_t> simd(std::size_t(T * kk)), twin(std::size_t(T * kk)), simd_packed(simd.size());
           k::top_k_rows<S>(v, kk, simd.data());
+          k::top_k_rows<S>(packed, kk, simd_packed.data());
           for (Index t = 0; t < T; ++t) k::scalar::top_k_row(v.row(t).data(), E, kk, &twin[std::size_t(t * kk)]);
           INFO("T " << T << " E " << E << " k " << kk << " flavour " << flavour);
           REQUIRE(simd == twin);
+          REQUIRE(simd_packed == twin);
         }
 }
 
