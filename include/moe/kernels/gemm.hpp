@@ -83,9 +83,20 @@ struct Blocking {
   }
 };
 
+// Height of the row panel starting at row i of rows: mr, except that the last two panels share
+// what is left past the full ones when that is between mr and 2 mr, so that no panel is much
+// shorter than mr (128 rows: 8 x 14 + 8 + 8, not 9 x 14 + 2). A panel of few rows runs few
+// independent accumulators, which the FMA latency leaves idle half the time.
+template <class S>
+MOE_INLINE Index panel_rows(Index rows, Index i) {
+  constexpr Index mr = Tile<S>::mr;
+  const Index left = rows - i;
+  return left >= 2 * mr || left <= mr ? std::min(mr, left) : (left + 1) / 2;
+}
+
 // op(A)[i, p] for i < rows, p < depth into depth blocks of kc (each at dst + block * stride),
-// each made of panels of mr rows: panel, then depth step, then row (mr values per step; a short
-// last panel keeps the stride mr).
+// each made of row panels (heights from panel_rows; panel from row i at i * kb): panel, then
+// depth step, then row (h values per step for a panel of h rows).
 template <bool TransA, class S>
 void pack_a(const S* a, Index lda, Index rows, Index depth, Index kc, S* dst, Index stride) {
   constexpr Index mr = Tile<S>::mr;
@@ -95,22 +106,23 @@ void pack_a(const S* a, Index lda, Index rows, Index depth, Index kc, S* dst, In
     if constexpr (TransA) {  // op(A)[i, p] = a[p, i]: a row of a is a depth step of every panel
       for (Index p = 0; p < kb; ++p) {
         const S* src = a + (p0 + p) * lda;
-        for (Index i = 0; i < rows; i += mr) {
-          const Index r_end = std::min(mr, rows - i);
-          for (Index r = 0; r < r_end; ++r) out[i * kb + p * mr + r] = src[i + r];
+        for (Index i = 0, h; i < rows; i += h) {
+          h = panel_rows<S>(rows, i);
+          for (Index r = 0; r < h; ++r) out[i * kb + p * h + r] = src[i + r];
         }
       }
-    } else {  // mr rows read side by side, a depth step written at a time
-      for (Index i = 0; i < rows; i += mr) {
+    } else {  // h rows read side by side, a depth step written at a time
+      for (Index i = 0, h; i < rows; i += h) {
+        h = panel_rows<S>(rows, i);
         const S* src = a + i * lda + p0;
         S* panel = out + i * kb;
-        if (rows - i >= mr) {
+        if (h == mr) {
           for (Index p = 0; p < kb; ++p)
 #pragma GCC unroll 16
             for (Index r = 0; r < mr; ++r) panel[p * mr + r] = src[r * lda + p];
         } else {
           for (Index p = 0; p < kb; ++p)
-            for (Index r = 0; r < rows - i; ++r) panel[p * mr + r] = src[r * lda + p];
+            for (Index r = 0; r < h; ++r) panel[p * h + r] = src[r * lda + p];
         }
       }
     }
@@ -150,20 +162,20 @@ void pack_b(const S* b, Index ldb, Index kc, Index cols, S* dst) {
   }
 }
 
-// C[0:R, 0:cols] = alpha * Apanel * Bpanel (+ C unless overwrite): R <= mr rows of a packed A
-// panel (stride mr) against one packed B panel.
+// C[0:R, 0:cols] = alpha * Apanel * Bpanel (+ C unless overwrite): a packed A panel of R <= mr
+// rows against one packed B panel.
 template <class S, int R>
 void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index cols, S alpha, bool overwrite) {
   using T = Tile<S>;
   using B = typename T::B;
-  constexpr Index nb = T::nb, w = T::w, mr = T::mr, nr = T::nr;
+  constexpr Index nb = T::nb, w = T::w, nr = T::nr;
   B acc[R][nb];
 #pragma GCC unroll 32
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (Index q = 0; q < nb; ++q) acc[r][q] = B(S(0));
   }
-  for (Index p = 0; p < kc; ++p, pa += mr, pb += nr) {
+  for (Index p = 0; p < kc; ++p, pa += R, pb += nr) {
     B bv[nb];
 #pragma GCC unroll 4
     for (Index q = 0; q < nb; ++q) bv[q] = B::load_aligned(pb + q * w);
@@ -193,16 +205,15 @@ void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index col
   }
 }
 
-// Part `part` of `parts` of the cache lines of rows [0, count) of length len (stride ld), fetched
-// into L2: the next B block is requested while the current one is multiplied, since the weights
-// come from memory exactly once and the packing would otherwise wait on every line.
+// Part `part` of `parts` of rows [0, count) of length len (stride ld), fetched into L2 a whole
+// row at a time: the next B block is requested while the current one is multiplied, since the
+// weights come from memory exactly once and the packing would otherwise wait on every line.
 template <class S>
 MOE_INLINE void prefetch_rows(const S* src, Index ld, Index count, Index len, Index part, Index parts) {
   constexpr Index line = Index(64 / sizeof(S));
-  const Index per_row = (len + line - 1) / line, lines = count * per_row;
-  const Index end = (part + 1) * lines / parts;
-  for (Index l = part * lines / parts; l < end; ++l)
-    __builtin_prefetch(src + (l / per_row) * ld + (l % per_row) * line, 0, 2);
+  const Index end = (part + 1) * count / parts;
+  for (Index r = part * count / parts; r < end; ++r)
+    for (Index j = 0; j < len; j += line) __builtin_prefetch(src + r * ld + j, 0, 2);
 }
 
 template <class S>
@@ -222,9 +233,11 @@ struct GemmBuffers {
   gebp::Buffer<S> a, b;
 };
 
-// C = alpha op(A) op(B) (+ C when accumulate). Loops, outermost first: row blocks of mc (A block
-// in L2), depth blocks of kc, column micro-panels of nr (B panel packed, then kept in L1),
-// row micro-panels of mr (the micro-kernel).
+// C = alpha op(A) op(B) (+ C when accumulate). Loops, outermost first: depth blocks of kd and
+// row blocks of mc (A block packed, in L2), column blocks of nc, depth blocks of kc (B block
+// packed), column micro-panels of nr (B panel, kept in L1), row panels (the micro-kernel).
+// The depth blocks of kc run inside the column blocks so that the mc x nc block of C they all
+// update stays in L2 between them, rather than the whole of C passing through it each time.
 template <bool TransA, bool TransB, class S>
 void gemm(MatrixIn<S> a, MatrixIn<S> b, MatrixOut<S> c, S alpha, bool accumulate, GemmBuffers<S>& buffers) {
   using T = gebp::Tile<S>;
@@ -253,34 +266,36 @@ void gemm(MatrixIn<S> a, MatrixIn<S> b, MatrixOut<S> c, S alpha, bool accumulate
   S* pb = buffers.b.data();
   const Index lda = a.outerStride(), ldb = b.outerStride(), ldc = c.outerStride();
   for (Index d0 = 0; d0 < depth; d0 += kd) {
-    const Index kd_block = std::min(kd, depth - d0);
+    const Index d_end = std::min(depth, d0 + kd);
     for (Index i0 = 0; i0 < m; i0 += mc) {
       const Index rows = std::min(mc, m - i0);
-      gebp::pack_a<TransA>(a.data() + (TransA ? d0 * lda + i0 : i0 * lda + d0), lda, rows, kd_block, kc,
+      gebp::pack_a<TransA>(a.data() + (TransA ? d0 * lda + i0 : i0 * lda + d0), lda, rows, d_end - d0, kc,
                            buffers.a.data(), a_stride);
-      for (Index p0 = d0; p0 < d0 + kd_block; p0 += kc) {
-        const Index kb = std::min(kc, d0 + kd_block - p0);
-        const S* pa = buffers.a.data() + (p0 - d0) / kc * a_stride;
-        const bool overwrite = !accumulate && p0 == 0;
-        for (Index j0 = 0; j0 < n; j0 += nc) {
-          const Index block = std::min(nc, n - j0);
+      Index panels = 0;  // row panels per B panel
+      for (Index i = 0; i < rows; i += gebp::panel_rows<S>(rows, i)) ++panels;
+      for (Index j0 = 0; j0 < n; j0 += nc) {
+        const Index block = std::min(nc, n - j0);
+        for (Index p0 = d0; p0 < d_end; p0 += kc) {
+          const Index kb = std::min(kc, d_end - p0);
+          const S* pa = buffers.a.data() + (p0 - d0) / kc * a_stride;
+          const bool overwrite = !accumulate && p0 == 0;
           gebp::pack_b<TransB>(b.data() + (TransB ? j0 * ldb + p0 : p0 * ldb + j0), ldb, kb, block, pb);
-          // the next B block: the next columns of these rows, else the first ones of the next rows
-          const Index nj = j0 + nc < n ? j0 + nc : 0, np = j0 + nc < n ? p0 : p0 + kb;
-          const Index next_k = np < d0 + kd_block ? std::min(kc, d0 + kd_block - np) : 0;
-          const Index next_cols = std::min(nc, n - nj);
+          // the next B block: the next depth of these columns, else the first depth of the next ones
+          const bool deeper = p0 + kb < d_end;
+          const Index nj = deeper ? j0 : j0 + nc, np = deeper ? p0 + kb : d0;
+          const Index next_k = nj < n ? std::min(kc, d_end - np) : 0, next_cols = std::min(nc, n - nj);
           const S* next = b.data() + (TransB ? nj * ldb + np : np * ldb + nj);
-          const Index calls = (block + nr - 1) / nr * ((rows + mr - 1) / mr);
+          const Index calls = (block + nr - 1) / nr * panels;
           Index call = 0;
           for (Index j = 0; j < block; j += nr)
-            for (Index i = 0; i < rows; i += mr, ++call) {
+            for (Index i = 0, h; i < rows; i += h, ++call) {
+              h = gebp::panel_rows<S>(rows, i);
               if (next_k > 0) {
                 if constexpr (TransB) gebp::prefetch_rows(next, ldb, next_cols, next_k, call, calls);
                 else gebp::prefetch_rows(next, ldb, next_k, next_cols, call, calls);
               }
-              kernels[std::size_t(std::min(mr, rows - i) - 1)](kb, pa + i * kb, pb + j * kb,
-                                                               c.data() + (i0 + i) * ldc + j0 + j, ldc,
-                                                               std::min(nr, block - j), alpha, overwrite);
+              kernels[std::size_t(h - 1)](kb, pa + i * kb, pb + j * kb, c.data() + (i0 + i) * ldc + j0 + j, ldc,
+                                          std::min(nr, block - j), alpha, overwrite);
             }
         }
       }
