@@ -229,7 +229,7 @@ public:
     for (std::size_t i = 0; i < B::size; ++i) offsets[i] = xsimd::as_integer_t<S>(usable_ ? Index(i) * stride : 0);
     offsets_ = I::load_aligned(offsets);
 #if defined(__AVX512F__)
-    transpose_ = stride == N && (N & (N - 1)) == 0 && N <= 8 && std::is_same_v<S, float> && B::size == 16;
+    transpose_ = transposable && stride == N;
 #endif
   }
   // False when the lane offsets overflow the index type: the caller takes a row-by-row path.
