@@ -120,13 +120,16 @@ def pytorch_cases(T, D, E, k, cf, reps):
 
 
 def ours(bench, names, quick):
+    """Median over repetitions of each benchmark's mean time, as the PyTorch side takes medians."""
     result = subprocess.run(
-        [bench, "--benchmark_filter=^(" + "|".join(n.replace("/", "/") for n in names) + ")$",
-         "--benchmark_format=json", "--benchmark_min_time=" + ("0.2" if quick else "1")],
+        [bench, "--benchmark_filter=^(" + "|".join(names) + ")$", "--benchmark_format=json",
+         "--benchmark_min_time=" + ("0.2" if quick else "0.5"),
+         "--benchmark_repetitions=" + ("3" if quick else "5"), "--benchmark_report_aggregates_only=true"],
         check=True, capture_output=True, text=True)
     data = json.loads(result.stdout)
     unit = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
-    return {b["name"]: b["real_time"] * unit[b["time_unit"]] for b in data["benchmarks"]}
+    return {b["run_name"]: b["real_time"] * unit[b["time_unit"]]
+            for b in data["benchmarks"] if b.get("aggregate_name") == "median"}
 
 
 def main():
