@@ -71,11 +71,12 @@ private:
     Index* const counts = counts_.data();
     const Index* const offsets = r.token_offsets.data();
     const std::int32_t* const expert = r.choice_expert.data();
+    const Index num_tokens = r.num_tokens, num_choices = r.num_choices();  // locals: counts may alias
     if (norm_ == BalanceNorm::switch_top1) {  // first choices only
-      for (Index t = 0; t < r.num_tokens; ++t)
+      for (Index t = 0; t < num_tokens; ++t)
         if (offsets[t] != offsets[t + 1]) ++counts[(t % ways) * experts + expert[offsets[t]]];
     } else {
-      for (Index c = 0; c < r.num_choices(); ++c) ++counts[(c % ways) * experts + expert[c]];
+      for (Index c = 0; c < num_choices; ++c) ++counts[(c % ways) * experts + expert[c]];
     }
     fit(f_, experts);
     for (Index e = 0; e < experts; ++e) {
