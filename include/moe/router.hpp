@@ -158,9 +158,9 @@ private:
     parallel_for(logits.rows(), block, [&](Index t, Index end) {
       const Index n = end - t;
       const auto rows = logits.middleRows(t, n);
-      // checked after the gate has brought the block into cache, which is then a cheap pass
-      // (a first pass over logits from memory costs as much as the softmax); a bad block's
-      // scores are only ever written to the spare state
+      // checked after the gate has brought the block into cache, where the pass is cheap (as a
+      // first, cold pass over the logits it took 10-16% of top-2 routing at E=64); a bad
+      // block's scores are only ever written to the spare state
       gate_.forward(rows, st.scores.middleRows(t, n));
       detail::check_finite<S>("Router", "logits", rows, t);
       if constexpr (gate_ranks)
