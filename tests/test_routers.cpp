@@ -540,6 +540,61 @@ TEST_CASE("same input, bit-identical routing and gradients", "[router]") {
   REQUIRE(first.choice_slot == second.choice_slot);
 }
 
+namespace {
+// A loss of sum_t sum_e scores[t, e]^2 / T that reads the score matrix in forward, or (Reads =
+// false) declares it does not and only records how many score rows forward handed it.
+template <bool Reads>
+struct ScoreSquares {
+  using scalar_type = double;
+  static constexpr bool reads_score_matrix = Reads;
+  mutable Index rows_seen = -1;
+  double coefficient() const { return 0.5; }
+  double forward(const moe::LossInput<double>& in) const {
+    rows_seen = in.scores.rows();
+    return Reads ? in.scores.squaredNorm() / double(in.logits.rows()) : 0.0;
+  }
+  void backward(const moe::LossInput<double>& in, moe::MatrixOut<double>, moe::MatrixOut<double> dscores) const {
+    dscores += coefficient() * 2.0 / double(in.logits.rows()) * in.scores;
+  }
+};
+}  // namespace
+
+TEST_CASE("forward writes the score matrix only when a loss reads it", "[router]") {
+  const Index T = 300, D = 5, E = 6;  // several gating blocks and a ragged last one
+  const auto make = [&]<bool Reads>(std::bool_constant<Reads>) {
+    return moe::Router(moe::LinearScorer<double>(D, E, {.seed = 8}), moe::SoftmaxGate<double>{},
+                       moe::TopKSelector<double>(2, {.weighting = Weighting::renormalize_after_drop,
+                                                     .capacity = {.factor = 0.8}}),
+                       moe::LoadBalanceLoss<double>(BalanceNorm::switch_top1, 0.1), ScoreSquares<Reads>{});
+  };
+  auto keeps = make(std::true_type{});
+  auto recomputes = make(std::false_type{});
+  const Matrix<double> x = random_matrix<double>(T, D, 21, 2.0);
+  const auto& a = keeps.forward(x);
+  const auto& b = recomputes.forward(x);
+  REQUIRE(keeps.loss<1>().rows_seen == T);
+  REQUIRE(recomputes.loss<1>().rows_seen == 0);
+  REQUIRE(a.slot_token == b.slot_token);
+  REQUIRE(a.slot_weight == b.slot_weight);
+  REQUIRE(a.choice_slot == b.choice_slot);
+  REQUIRE(keeps.loss_values()[0] == recomputes.loss_values()[0]);
+  // the recomputed scores are the kept ones, bit for bit, and the softmax of the logits
+  Matrix<double> want(T, E);
+  for (Index t = 0; t < T; ++t) want.row(t) = (keeps.logits().row(t).array() - keeps.logits().row(t).maxCoeff()).exp();
+  for (Index t = 0; t < T; ++t) want.row(t) /= want.row(t).sum();
+  REQUIRE(recomputes.scores() == keeps.scores());
+  REQUIRE(keeps.scores().isApprox(want, forward_tol<double>(E)));
+  // so are the gradients: backward reads the same scores, kept or recomputed
+  const Matrix<double> R = random_matrix<double>(T, E, 22);
+  std::vector<double> dw(std::size_t(a.num_slots()));
+  for (Index e = 0; e < E; ++e)
+    for (Index s = a.expert_offsets[e]; s < a.expert_offsets[e + 1]; ++s)
+      dw[std::size_t(s)] = a.slot_token[s] >= 0 ? R(a.slot_token[s], e) : 0.0;
+  const Matrix<double> dl_keeps = keeps.backward_logits({}, dw);
+  REQUIRE(recomputes.backward_logits({}, dw) == dl_keeps);
+  REQUIRE(!dl_keeps.isZero(0));
+}
+
 TEST_CASE("an empty batch is valid", "[router]") {
   auto router = moe::make_topk_router<double>(4, 3, 2);
   const Matrix<double> x(0, 4);

@@ -26,7 +26,7 @@ struct SelectorInput {
 template <class S>
 struct LossInput {
   MatrixIn<S> logits;
-  MatrixIn<S> scores;
+  MatrixIn<S> scores;  // in forward, no rows when no loss reads the matrix (reads_score_matrix)
   const SparseRouting<S>& routing;
   const TokenInputs<S>& tokens;
   // Per expert, the sum of the scores over the real tokens, when the router has it from its
@@ -74,18 +74,28 @@ concept selector = detail::has_scalar<P> &&
       p.backward(in, std::as_const(r), dw, out, out);
     };
 
-// Optional: a selector whose forward splits into prepare (validate and size from the shapes and
-// the token mask), select_rows (per-token work on a row range, scratch only) and finish (writes
-// the routing). The router then runs select_rows inside its blocked gating loop, while each block
-// of scores is still in cache.
+// Optional: a selector whose forward splits into three stages, so that the router can run the
+// per-token work inside its blocked gating loop, on a block of scores that never leaves cache:
+// - prepare(logits, tokens): validate and size the scratch from the shapes and the token mask;
+// - select_rows(block, begin): the per-token work of one block of rows, scratch only; `block`
+//   holds the rows [begin, begin + block.logits.rows()) of logits, scores, rank and tokens;
+// - finish(logits, tokens, routing): writes the routing. It must not need the scores: the router
+//   may not keep them (they are recomputed for backward).
 template <class P>
 concept staged_selector = selector<P> &&
     requires(P& p, const SelectorInput<typename P::scalar_type>& in, typename P::routing_type& r,
              Index i) {
-      p.prepare(in);
-      p.select_rows(in, i, i);
-      p.finish(in, r);
+      p.prepare(in.logits, in.tokens);
+      p.select_rows(in, i);
+      p.finish(in.logits, in.tokens, r);
     };
+
+// Optional: a loss term whose forward reads the scores only through LossInput::score_sums says
+// `static constexpr bool reads_score_matrix = false;`. When every loss says so and the selector
+// is staged, the router does not write the [T, E] scores in forward at all (LossInput::scores is
+// then empty): it recomputes them from the logits when backward or scores() asks.
+template <class P>
+concept reads_score_matrix = !requires { requires !P::reads_score_matrix; };
 
 template <class P>
 concept loss_term = detail::has_scalar<P> &&

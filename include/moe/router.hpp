@@ -6,6 +6,7 @@
 #include <array>
 #include <span>
 #include <tuple>
+#include <utility>
 
 #include "moe/concepts.hpp"
 #include "moe/core/parallel.hpp"
@@ -90,12 +91,12 @@ public:
     fit(dlogits_, logits.rows(), logits.cols());
     dscores_.setZero();
     dlogits_.setZero();
-    const State& st = state_[current_];
-    const SelectorInput<S> sel{logits, st.scores, rank_view(st), tokens};
+    const Matrix<S>& scores = this->scores();
+    const SelectorInput<S> sel{logits, scores, rank_for_backward(logits, scores, tokens), tokens};
     selector_.backward(sel, routing_, dslot_weight, dscores_, dlogits_);
-    const LossInput<S> li{logits, st.scores, routing_, tokens};
+    const LossInput<S> li{logits, scores, routing_, tokens};
     std::apply([&](auto&... l) { (l.backward(li, dlogits_, dscores_), ...); }, losses_);
-    gate_.backward(logits, st.scores, dscores_, dlogits_);
+    gate_.backward(logits, scores, dscores_, dlogits_);
     return dlogits_;
   }
 
@@ -105,7 +106,20 @@ public:
     using View = Eigen::Map<const Matrix<S>, 0, Eigen::OuterStride<>>;
     return View(logits_data_, logits_rows_, num_experts(), Eigen::OuterStride<>(logits_stride_));
   }
-  const Matrix<S>& scores() const { return state_[current_].scores; }
+  // The gate's scores of the last forward or route. When forward did not keep them (see
+  // keeps_scores), the first call after it recomputes them from the logits.
+  const Matrix<S>& scores() {
+    if constexpr (keeps_scores) {
+      return state_[current_].scores;
+    } else {
+      if (scores_stale_) {
+        fit(scores_, logits_rows_, num_experts());
+        gate_.forward(logits(), scores_);
+        scores_stale_ = false;
+      }
+      return scores_;
+    }
+  }
   // Raw values of the aux losses of the last forward, in the order of Losses...
   const std::array<S, num_losses>& loss_values() const { return loss_values_; }
   // sum of coefficient * value: the term backward differentiates.
@@ -128,59 +142,92 @@ public:
 private:
   static constexpr bool gate_ranks = requires(Gate& g, MatrixIn<S> in, const TokenInputs<S>& tok,
                                               MatrixOut<S> out) { g.rank(in, in, tok, out); };
+  // Forward writes the [T, E] scores (and rank) only when something reads them after the gating
+  // loop: a selector that is not staged, or a loss that reads the score matrix. Otherwise each
+  // block's scores live in a per-thread scratch that stays in cache, which saves writing (and
+  // first reading for ownership) a T x E matrix; backward recomputes them from the logits.
+  static constexpr bool keeps_scores = !staged_selector<Selector> || (reads_score_matrix<Losses> || ...);
 
   // The per-call matrices, double-buffered: a call works in the spare set and makes it current
   // only once it has succeeded, without copying or allocating.
   struct State {
     Matrix<S> logits, scores, rank;
   };
+  struct BlockScratch {
+    Matrix<S> scores, rank;
+  };
 
   MatrixIn<S> rank_view(const State& st) const {
     if constexpr (gate_ranks) return st.rank; else return st.scores;
   }
 
+  MatrixIn<S> rank_for_backward(MatrixIn<S> logits, const Matrix<S>& scores, const TokenInputs<S>& tokens) {
+    if constexpr (keeps_scores) {
+      return rank_view(state_[current_]);
+    } else if constexpr (gate_ranks) {
+      fit(rank_, logits.rows(), logits.cols());
+      gate_.rank(logits, scores, tokens, rank_);
+      return rank_;
+    } else {
+      return scores;
+    }
+  }
+
   const routing_type& route_logits(MatrixIn<S> logits, const TokenInputs<S>& tokens) {
     const int next = 1 - current_;
     State& st = state_[next];
-    for (State* s : {&st, &state_[current_]}) {  // the current set only on the first call
-      if (s != &st && s->scores.size() != 0) continue;
-      fit(s->scores, logits.rows(), logits.cols());
-      if constexpr (gate_ranks) fit(s->rank, logits.rows(), logits.cols());
-    }
-    const SelectorInput<S> in{logits, st.scores, rank_view(st), tokens};
-    if constexpr (staged_selector<Selector>) selector_.prepare(in);
+    const Index T = logits.rows(), E = logits.cols();
+    if constexpr (keeps_scores)
+      for (State* s : {&st, &state_[current_]}) {  // the current set only on the first call
+        if (s != &st && s->scores.size() != 0) continue;
+        fit(s->scores, T, E);
+        if constexpr (gate_ranks) fit(s->rank, T, E);
+      }
+    if constexpr (staged_selector<Selector>) selector_.prepare(logits, tokens);
     // Validation, gating and the selector's per-token work run block by block, so each block of
     // logits is read from memory once and its scores are still in cache for the selector. A bad
     // block throws before the routing is touched: only the spare state and scratch are written.
     // ~16 KiB of logits per block, in whole groups of 16 rows (the token-parallel kernels' unit)
-    const Index block = std::max<Index>(1, 256 / std::max<Index>(logits.cols(), 1)) * 16;
-    if constexpr (num_losses > 0) fit(block_sums_, (logits.rows() + block - 1) / block, logits.cols());
-    parallel_for(logits.rows(), block, [&](Index t, Index end) {
+    const Index block = std::max<Index>(1, 256 / std::max<Index>(E, 1)) * 16;
+    if constexpr (num_losses > 0) fit(block_sums_, (T + block - 1) / block, E);
+    if constexpr (!keeps_scores) block_scratch_.reserve();
+    parallel_for(T, block, [&](Index t, Index end) {
       const Index n = end - t;
       const auto rows = logits.middleRows(t, n);
+      const TokenInputs<S> tok = tokens.rows(t, n, E);
+      auto [scores, rank] = [&]() -> std::pair<MatrixOut<S>, MatrixOut<S>> {
+        if constexpr (keeps_scores) {
+          return {st.scores.middleRows(t, n), (gate_ranks ? st.rank : st.scores).middleRows(t, n)};
+        } else {
+          BlockScratch& b = block_scratch_.local();
+          fit(b.scores, block, E);
+          if constexpr (gate_ranks) fit(b.rank, block, E);
+          return {b.scores.topRows(n), (gate_ranks ? b.rank : b.scores).topRows(n)};
+        }
+      }();
       // checked after the gate has brought the block into cache, where the pass is cheap (as a
       // first, cold pass over the logits it took 10-16% of top-2 routing at E=64); a bad
-      // block's scores are only ever written to the spare state
-      gate_.forward(rows, st.scores.middleRows(t, n));
+      // block's scores are only ever written to the spare state or scratch
+      gate_.forward(rows, scores);
       detail::check_finite<S>("Router", "logits", rows, t);
-      if constexpr (gate_ranks)
-        gate_.rank(rows, st.scores.middleRows(t, n), tokens.rows(t, n, logits.cols()), st.rank.middleRows(t, n));
-      if constexpr (staged_selector<Selector>) selector_.select_rows(in, t, end);
+      if constexpr (gate_ranks) gate_.rank(rows, scores, tok, rank);
+      if constexpr (staged_selector<Selector>) selector_.select_rows(SelectorInput<S>{rows, scores, rank, tok}, t);
       if constexpr (num_losses > 0)  // per block, summed below in block order: any thread count
-        kernels::column_sums<S>(st.scores.middleRows(t, n), block_sums_.row(t / block).data(),
-                                tokens.rows(t, n, logits.cols()).valid);
+        kernels::column_sums<S>(scores, block_sums_.row(t / block).data(), tok.valid);
     });
-    if constexpr (staged_selector<Selector>) selector_.finish(in, routing_);
-    else selector_.forward(in, routing_);  // validates before it writes the routing
+    if constexpr (staged_selector<Selector>) selector_.finish(logits, tokens, routing_);
+    else selector_.forward({logits, st.scores, rank_view(st), tokens}, routing_);  // validates before it writes
     current_ = next;
+    scores_stale_ = true;
     logits_data_ = logits.data();
-    logits_rows_ = logits.rows();
+    logits_rows_ = T;
     logits_stride_ = logits.outerStride();
-    fit(score_sums_, logits.cols());
+    fit(score_sums_, E);
     std::fill(score_sums_.begin(), score_sums_.end(), S(0));
     for (Index b = 0; b < block_sums_.rows(); ++b)
-      for (Index e = 0; e < logits.cols(); ++e) score_sums_[e] += block_sums_(b, e);
-    const LossInput<S> li{logits, st.scores, routing_, tokens, score_sums_};
+      for (Index e = 0; e < E; ++e) score_sums_[e] += block_sums_(b, e);
+    const LossInput<S> li{logits, keeps_scores ? MatrixIn<S>(st.scores) : MatrixIn<S>(logits.topRows(0)),
+                          routing_, tokens, score_sums_};
     std::size_t i = 0;
     std::apply([&](const auto&... l) { ((loss_values_[i++] = l.forward(li)), ...); }, losses_);
     return routing_;
@@ -194,6 +241,9 @@ private:
   State state_[2];
   int current_ = 0;
   Matrix<S> dscores_, dlogits_;
+  PerThread<BlockScratch> block_scratch_;  // a gating block's scores and rank (!keeps_scores)
+  Matrix<S> scores_, rank_;      // recomputed from the logits on demand (!keeps_scores)
+  bool scores_stale_ = true;
   Matrix<S> block_sums_;         // per gating block, the column sums of its scores (real tokens)
   std::vector<S> score_sums_;    // their sum: LossInput::score_sums
   const S* logits_data_ = nullptr;  // the logits routed last: the router's own or the caller's

@@ -27,6 +27,7 @@ template <scalar S>
 class LoadBalanceLoss {
 public:
   using scalar_type = S;
+  static constexpr bool reads_score_matrix = false;  // P from LossInput::score_sums
 
   explicit LoadBalanceLoss(BalanceNorm norm = BalanceNorm::switch_top1, S coefficient = S(1e-2))
       : norm_(norm), coefficient_(coefficient) {
@@ -39,11 +40,12 @@ public:
 
   S forward(const LossInput<S>& in) const {
     const auto [f, p_scale] = fractions(in);
-    fit(score_sum_, 1, in.scores.cols());
+    const Index experts = in.logits.cols();
+    fit(score_sum_, 1, experts);
     if (in.score_sums.empty()) kernels::column_sums<S>(in.scores, score_sum_.data(), in.tokens.valid);
     const S* sums = in.score_sums.empty() ? score_sum_.data() : in.score_sums.data();
     S value = 0;
-    for (Index e = 0; e < in.scores.cols(); ++e) value += f[e] * sums[e] * p_scale;
+    for (Index e = 0; e < experts; ++e) value += f[e] * sums[e] * p_scale;
     return value;
   }
 
@@ -60,24 +62,32 @@ private:
   // E-scaled f_e (into f_) and the factor that turns sum_t g[t, e] into P_e.
   std::pair<const std::vector<S>&, S> fractions(const LossInput<S>& in) const {
     const auto& r = in.routing;
-    const Index experts = in.scores.cols();
+    const Index experts = in.logits.cols();
     const S tokens = S(std::max<Index>(r.num_valid_tokens, 1));  // all padded: no division by 0
     const S k = r.num_valid_tokens > 0 ? S(r.num_choices()) / S(r.num_valid_tokens) : S(1);
-    // integer counts in four interleaved histograms, so that a run of one expert does not wait
-    // on its own previous increment
+    // integer counts in four histograms, position i counted in histogram i % 4, so that a run of
+    // one expert does not wait on its own previous increment
     constexpr Index ways = 4;
     fit(counts_, ways * experts);
     std::fill(counts_.begin(), counts_.end(), 0);
     Index* const counts = counts_.data();
+    Index* const histogram[ways] = {counts, counts + experts, counts + 2 * experts, counts + 3 * experts};
     const Index* const offsets = r.token_offsets.data();
     const std::int32_t* const expert = r.choice_expert.data();
     const Index num_tokens = r.num_tokens, num_choices = r.num_choices();  // locals: counts may alias
-    if (norm_ == BalanceNorm::switch_top1) {  // first choices only
-      for (Index t = 0; t < num_tokens; ++t)
-        if (offsets[t] != offsets[t + 1]) ++counts[(t % ways) * experts + expert[offsets[t]]];
-    } else {
-      for (Index c = 0; c < num_choices; ++c) ++counts[(c % ways) * experts + expert[c]];
-    }
+    // i over [0, n), choice(i) the choice counted at position i or -1
+    const auto tally = [&](Index n, auto choice) {
+      Index i = 0;
+      for (; i + ways <= n; i += ways)
+        for (Index way = 0; way < ways; ++way)
+          if (const Index c = choice(i + way); c >= 0) ++histogram[way][expert[c]];
+      for (; i < n; ++i)
+        if (const Index c = choice(i); c >= 0) ++histogram[0][expert[c]];
+    };
+    if (norm_ == BalanceNorm::switch_top1)  // first choices only
+      tally(num_tokens, [&](Index t) { return offsets[t] != offsets[t + 1] ? offsets[t] : Index(-1); });
+    else
+      tally(num_choices, [](Index c) { return c; });
     fit(f_, experts);
     for (Index e = 0; e < experts; ++e) {
       Index n = 0;

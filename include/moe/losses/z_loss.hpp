@@ -14,6 +14,7 @@ template <scalar S>
 class ZLoss {
 public:
   using scalar_type = S;
+  static constexpr bool reads_score_matrix = false;  // logits only
 
   explicit ZLoss(S coefficient = S(1e-3)) : coefficient_(coefficient) {
     detail::require<config_error>(coefficient >= 0, "ZLoss", "coefficient", coefficient,

@@ -51,29 +51,31 @@ public:
   const Options& options() const { return opt_; }
 
   void forward(const SelectorInput<S>& in, routing_type& r) {
-    prepare(in);
-    select_rows(in, 0, in.scores.rows());
-    finish(in, r);
+    detail::check_shape("TopKSelector", "scores", in.scores, in.logits.rows(), in.logits.cols());
+    detail::check_shape("TopKSelector", "rank", in.rank, in.logits.rows(), in.logits.cols());
+    prepare(in.logits, in.tokens);
+    select_rows(in, 0);
+    finish(in.logits, in.tokens, r);
   }
 
   // The staged form of forward (moe::staged_selector): the router runs select_rows inside its
-  // blocked gating loop, while each block of scores is still in cache.
+  // blocked gating loop, on each block of scores while it is in cache.
   // prepare reads only the shapes and the token mask: it validates, counts the real tokens and
   // sizes the scratch, so a bad call throws before anything is written.
-  void prepare(const SelectorInput<S>& in) {
-    const Index tokens = in.scores.rows(), experts = in.scores.cols();
-    validate(in, tokens, experts);
+  void prepare(MatrixIn<S> logits, const TokenInputs<S>& tokens_in) {
+    const Index tokens = logits.rows(), experts = logits.cols();
+    validate(tokens_in, tokens, experts);
     fit(token_offsets_, tokens + 1);
     const Index k = k_;  // a local: the stores below could alias the member
     Index valid = 0;
     Index* offsets = token_offsets_.data();
-    if (in.tokens.valid.empty()) {
+    if (tokens_in.valid.empty()) {
       for (Index t = 0; t <= tokens; ++t) offsets[t] = t * k;
       valid = tokens;
     } else {
       for (Index t = 0; t < tokens; ++t) {
         offsets[t] = valid * k;
-        valid += in.tokens.valid[std::size_t(t)] != 0;
+        valid += tokens_in.valid[std::size_t(t)] != 0;
       }
       offsets[tokens] = valid * k;
     }
@@ -84,14 +86,17 @@ public:
     fit(choice_token_, choices);
     fit(pre_weight_, choices);
     fit(choice_score_, choices);
+    if (opt_.capacity.overflow == OverflowOrder::batch_priority) fit(token_priority_, valid);
   }
 
-  // Each real token of [begin, end) picks its top-k, in rank order, with its pre-drop combine
-  // weights; only the scratch is written, so disjoint ranges may run in parallel.
-  void select_rows(const SelectorInput<S>& in, Index begin, Index end) {
+  // Each real token of the block (rows [begin, begin + rows) of the batch) picks its top-k, in
+  // rank order, with its pre-drop combine weights; only the scratch is written, so disjoint
+  // blocks may run in parallel.
+  void select_rows(const SelectorInput<S>& block, Index begin) {
+    const Index end = begin + block.scores.rows();
     if (begin >= end) return;
     // locals: the compiler cannot tell that the stores below leave the members alone
-    const Index experts = in.scores.cols(), k = k_;
+    const Index experts = block.scores.cols(), k = k_;
     const Index* offsets = token_offsets_.data();
     std::int32_t* __restrict const expert = choice_expert_.data();
     std::int32_t* __restrict const token = choice_token_.data();
@@ -102,26 +107,26 @@ public:
                              weighting == Weighting::renormalize_after_drop;
     const S scale = S(opt_.scale);
     const Index first = offsets[begin], last = offsets[end];
-    const S* const scores = in.scores.data();
-    const Index stride = in.scores.outerStride();
+    const Index stride = block.scores.outerStride();
+    const S* const scores = block.scores.data();
     const auto rows = [&](auto kk) {  // kk: k as a compile-time constant (small k) or k
       // the picks and their scores, while the block's rows are in cache
       if (last - first == (end - begin) * k) {  // no padding: whole rows at a time, and flat
         // loops the compiler vectorizes (the kernel interleaves rows)
-        kernels::top_k_rows<S>(in.rank.middleRows(begin, end - begin), k, expert + first);
+        kernels::top_k_rows<S>(block.rank, k, expert + first);
         for (Index i = 0; i < last - first; ++i) {
-          const Index t = begin + i / Index(kk);
-          token[first + i] = std::int32_t(t);
-          score[first + i] = scores[t * stride + expert[first + i]];
+          const Index row = i / Index(kk);
+          token[first + i] = std::int32_t(begin + row);
+          score[first + i] = scores[row * stride + expert[first + i]];
         }
       } else {
         for (Index t = begin; t < end; ++t) {
           const Index c = offsets[t];
           if (c == offsets[t + 1]) continue;  // padding
-          kernels::top_k_row(in.rank.row(t).data(), experts, k, expert + c);
+          kernels::top_k_row(block.rank.row(t - begin).data(), experts, k, expert + c);
           for (Index j = 0; j < Index(kk); ++j) {
             token[c + j] = std::int32_t(t);
-            score[c + j] = scores[t * stride + expert[c + j]];
+            score[c + j] = scores[(t - begin) * stride + expert[c + j]];
           }
         }
       }
@@ -137,25 +142,36 @@ public:
       } else if (weighting == Weighting::raw) {
         for (Index c = first; c < last; ++c) weight[c] = scale * score[c];
       } else {
-        for (Index c = first; c < last; c += Index(kk)) kept_logit_weights(in, token[c], expert + c, weight + c);
+        for (Index c = first; c < last; c += Index(kk))
+          kept_logit_weights(block.logits.row(token[c] - begin).data(), expert + c, weight + c);
       }
+      // batch priority (BPR): a token's largest score, kept here as the scores are not kept
+      if (opt_.capacity.overflow == OverflowOrder::batch_priority)
+        for (Index c = first; c < last; c += Index(kk))
+          token_priority_[c / k] = block.scores.row(token[c] - begin).maxCoeff();
     };
     if (!kernels::with_static_count<2>(k, rows)) rows(k);
   }
 
   // Capacity and slots from the choices of every row: writes the routing.
-  void finish(const SelectorInput<S>& in, routing_type& r) {
-    const Index tokens = in.scores.rows(), experts = in.scores.cols();
-    r.reset(tokens, experts);
+  void finish(MatrixIn<S> logits, const TokenInputs<S>&, routing_type& r) {
+    // The routing takes the choice arrays by swap (its old ones become the next call's scratch)
+    // and every other array is overwritten whole below, so nothing is cleared or copied.
+    r.num_tokens = logits.rows();
+    r.num_experts = logits.cols();
     r.num_valid_tokens = valid_;
     r.capacity = capacity_;
-    std::copy(token_offsets_.begin(), token_offsets_.end(), r.token_offsets.begin());
-    r.choice_expert.assign(choice_expert_.begin(), choice_expert_.end());
+    r.token_offsets.swap(token_offsets_);
+    r.choice_expert.swap(choice_expert_);
+    fit(token_offsets_, Index(r.token_offsets.size()));  // the first call's swap leaves them empty
+    fit(choice_expert_, r.num_choices());
+    fit(r.expert_offsets, r.num_experts + 1);
+    fit(r.expert_count, r.num_experts);
     fit(r.choice_slot, r.num_choices());
 
     // the priority sequence; each expert keeps its first C entries of it, counting-sorted into
     // expert-grouped slots
-    const Index ranks = priority_sequence(in, r);
+    const Index ranks = priority_sequence(r);
     kernels::assign_slots<S>({.choice_token = choice_token_, .order = order_, .ranks = ranks, .weight = pre_weight_,
                               .capacity = capacity_, .pad = opt_.capacity.pad,
                               .token_order = opt_.capacity.slot_order == SlotOrder::token},
@@ -233,12 +249,10 @@ private:
   // fairseq/DeepSpeed clamp the renormalisation denominator at float epsilon.
   static constexpr S floor() { return S(std::numeric_limits<float>::epsilon()); }
 
-  void validate(const SelectorInput<S>& in, Index tokens, Index experts) const {
+  void validate(const TokenInputs<S>& in, Index tokens, Index experts) const {
     if (k_ > experts)  // the message is built only on failure: no allocation per call
       detail::fail<config_error>("TopKSelector", "k", k_, "k <= number of experts (" + std::to_string(experts) + ")");
-    detail::check_shape("TopKSelector", "rank", in.rank, tokens, experts);
-    detail::check_shape("TopKSelector", "logits", in.logits, tokens, experts);
-    detail::check_tokens("TopKSelector", in.tokens, tokens, experts);
+    detail::check_tokens("TopKSelector", in, tokens, experts);
   }
 
   S max_logit(const SelectorInput<S>& in, const routing_type& r, Index t) const {
@@ -249,16 +263,16 @@ private:
   }
 
   // Pre-drop weights of softmax_of_kept_logits: scale * softmax over the k chosen logits.
-  void kept_logit_weights(const SelectorInput<S>& in, Index t, const std::int32_t* e, S* w) const {
-    S top = in.logits(t, e[0]), sum = 0;
-    for (Index j = 1; j < k_; ++j) top = std::max(top, in.logits(t, e[j]));
-    for (Index j = 0; j < k_; ++j) sum += (w[j] = std::exp(in.logits(t, e[j]) - top));
+  void kept_logit_weights(const S* logits, const std::int32_t* e, S* w) const {
+    S top = logits[e[0]], sum = 0;
+    for (Index j = 1; j < k_; ++j) top = std::max(top, logits[e[j]]);
+    for (Index j = 0; j < k_; ++j) sum += (w[j] = std::exp(logits[e[j]] - top));
     for (Index j = 0; j < k_; ++j) w[j] = S(opt_.scale) * (w[j] / sum);
   }
 
   // The priority sequence into order_, or empty order_ and the ranks of assign_slots' implicit
   // one (every real token holds exactly k choices).
-  Index priority_sequence(const SelectorInput<S>& in, const routing_type& r) {
+  Index priority_sequence(const routing_type& r) {
     const Index choices = r.num_choices(), valid = r.num_valid_tokens;
     const auto overflow = opt_.capacity.overflow;
     if (overflow == OverflowOrder::token_major || overflow == OverflowOrder::rank_major) {
@@ -283,8 +297,6 @@ private:
         // total order so the in-place sort needs no buffer)
         fit(token_order_, valid);
         for (Index i = 0; i < valid; ++i) token_order_[i] = std::int32_t(i * k_);
-        fit(token_priority_, valid);
-        for (Index i = 0; i < valid; ++i) token_priority_[i] = in.scores.row(choice_token_[i * k_]).maxCoeff();
         std::sort(token_order_.begin(), token_order_.end(), [&](auto a, auto b) {
           const S pa = token_priority_[a / k_], pb = token_priority_[b / k_];
           return pa != pb ? pa > pb : a < b;
