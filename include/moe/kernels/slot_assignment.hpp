@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "moe/core/tensor.hpp"
+#include "moe/kernels/simd.hpp"
 #include "moe/core/workspace.hpp"
 #include "moe/routing.hpp"
 
@@ -29,6 +30,43 @@ struct SlotRequest {
   bool pad = false;                            // every expert gets exactly `capacity` slots
   bool token_order = true;                     // slots by token (else by priority)
 };
+
+namespace detail {
+// The placing pass of slots in priority order, 16 choices at a time: slot = the expert's offset
+// plus the choice's rank (r.choice_slot on entry, -1 if dropped), tokens and weights scattered.
+// Returns how many leading choices it placed (0 where it does not apply); the caller's scalar
+// loop does the rest, and is its twin.
+template <class S>
+Index place_ranked_simd([[maybe_unused]] SparseRouting<S>& r, [[maybe_unused]] const std::int32_t* token,
+                        [[maybe_unused]] const S* weight) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<S, float>) {
+    constexpr Index max_experts = 256;
+    const Index experts = r.num_experts, choices = r.num_choices();
+    if (experts > max_experts || r.expert_offsets[experts] > std::numeric_limits<std::int32_t>::max()) return 0;
+    alignas(64) std::int32_t offset[max_experts];
+    for (Index e = 0; e < std::max<Index>(experts, 32); ++e) offset[e] = e < experts ? std::int32_t(r.expert_offsets[e]) : 0;
+    const __m512i first16 = _mm512_load_si512(offset), first32 = _mm512_load_si512(offset + 16);
+    const std::int32_t* const expert = r.choice_expert.data();
+    std::int32_t* const slot_of = r.choice_slot.data();
+    Index c = 0;
+    for (; c + 16 <= choices; c += 16) {
+      const __m512i rank = _mm512_loadu_si512(slot_of + c), e = _mm512_loadu_si512(expert + c);
+      const __mmask16 kept = _mm512_cmpge_epi32_mask(rank, _mm512_setzero_si512());
+      // the experts' offsets from registers when they fit two, else from the stack
+      const __m512i base = experts <= 32 ? _mm512_permutex2var_epi32(first16, e, first32)
+                                         : _mm512_i32gather_epi32(e, offset, 4);
+      const __m512i slot = _mm512_add_epi32(base, rank);
+      _mm512_mask_storeu_epi32(slot_of + c, kept, slot);
+      _mm512_mask_i32scatter_epi32(r.slot_token.data(), kept, slot, _mm512_loadu_si512(token + c), 4);
+      if (weight) _mm512_mask_i32scatter_ps(r.slot_weight.data(), kept, slot, _mm512_loadu_ps(weight + c), 4);
+    }
+    return c;
+  }
+#endif
+  return 0;
+}
+}  // namespace detail
 
 // Fills r.choice_slot, r.expert_count, r.expert_offsets, r.slot_token and r.slot_weight from
 // r.choice_expert. `cursor` is scratch.
@@ -80,7 +118,7 @@ void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r, std::vector<Inde
     // slots follow the priority order: a slot is the expert's offset plus the rank, and the
     // choices may go in any order (no running cursor, so no chain of dependent increments)
     const Index* const offsets = r.expert_offsets.data();
-    for (Index c = 0; c < choices; ++c)
+    for (Index c = detail::place_ranked_simd<S>(r, token, weight); c < choices; ++c)
       if (slot_of[c] >= 0) place(c, offsets[expert[c]] + slot_of[c]);
   } else {  // by token, from another priority: cursors in token (= choice) order
     std::copy_n(r.expert_offsets.begin(), experts, count);
