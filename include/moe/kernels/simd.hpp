@@ -83,6 +83,12 @@ MOE_INLINE S exp_approx(S x) {
   }
 }
 
+// A read hint for the cache line `bytes` past p, which may lie past the end of p's array (the
+// address is formed as an integer, and a prefetch never faults).
+MOE_INLINE void prefetch_ahead(const void* p, std::ptrdiff_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + std::uintptr_t(bytes)), 0, 3);
+}
+
 // Largest lane.
 template <class B>
 MOE_INLINE typename B::value_type reduce_max(B v) {
