@@ -107,6 +107,15 @@ void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r, std::vector<Inde
   if (q.pad || q.weight.empty()) std::fill(r.slot_weight.begin(), r.slot_weight.end(), S(0));
   std::int32_t* const slot_token = r.slot_token.data();
   S* const slot_weight = r.slot_weight.data();
+  // The placing pass below writes all experts' slots interleaved. Past a few experts, these are
+  // more streams than the hardware prefetcher follows, and the lines would be fetched for
+  // ownership one miss at a time; requested in one sequential sweep first, they arrive fast
+  // (routing 1-2% faster at E = 64, 4-7% at E = 256; at E = 8 the sweep cost 2%).
+  if (experts > 16) {
+    for (Index s = 0; s < slots; s += Index(64 / sizeof(std::int32_t))) __builtin_prefetch(slot_token + s, 1, 2);
+    if (!q.weight.empty())
+      for (Index s = 0; s < slots; s += Index(64 / sizeof(S))) __builtin_prefetch(slot_weight + s, 1, 2);
+  }
   const std::int32_t* const token = q.choice_token.data();
   const S* const weight = q.weight.empty() ? nullptr : q.weight.data();
   const auto place = [&](Index c, Index slot) {
