@@ -168,10 +168,19 @@ void pack_b(const S* b, Index ldb, Index kc, Index cols, S* dst) {
   }
 }
 
+// Cache lines to request into L2 while a micro-kernel runs, spread over its steps: a burst of
+// prefetches that miss to memory fills the line buffers and stalls on them.
+template <class S>
+struct Prefetch {
+  const S* from = nullptr;
+  Index lines = 0;
+};
+
 // C[0:R, 0:cols] = alpha * Apanel * Bpanel (+ C unless overwrite): a packed A panel of R <= mr
-// rows against one packed B panel.
+// rows against one packed B panel, fetching `ahead` meanwhile.
 template <class S, int R>
-void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index cols, S alpha, bool overwrite) {
+void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index cols, S alpha, bool overwrite,
+                  Prefetch<S> ahead) {
   using T = Tile<S>;
   using B = typename T::B;
   constexpr Index nb = T::nb, w = T::w, nr = T::nr;
@@ -181,7 +190,10 @@ void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index col
 #pragma GCC unroll 4
     for (Index q = 0; q < nb; ++q) acc[r][q] = B(S(0));
   }
+  constexpr Index line = Index(64 / sizeof(S));
+  Index owed = 0;  // lines * steps done - kc * lines requested: one more line each time it reaches kc
   for (Index p = 0; p < kc; ++p, pa += R, pb += nr) {
+    for (owed += ahead.lines; owed >= kc; owed -= kc, ahead.from += line) __builtin_prefetch(ahead.from, 0, 2);
     B bv[nb];
 #pragma GCC unroll 4
     for (Index q = 0; q < nb; ++q) bv[q] = B::load_aligned(pb + q * w);
@@ -223,7 +235,7 @@ MOE_INLINE void prefetch_rows(const S* src, Index ld, Index count, Index len, In
 }
 
 template <class S>
-using MicroKernel = void (*)(Index, const S*, const S*, S*, Index, Index, S, bool);
+using MicroKernel = void (*)(Index, const S*, const S*, S*, Index, Index, S, bool, Prefetch<S>);
 
 // micro_kernel<S, R> for R = 1..mr: a short last row panel computes only its rows.
 template <class S, std::size_t... R>
@@ -243,10 +255,12 @@ public:
     pack_b<TransB>(at(p0, j0), ldb_, kb, cols, buffer_);
     return buffer_;
   }
-  // Part `part` of `parts` of the block at (p0, j0), kb x cols, requested ahead of its packing.
-  MOE_INLINE void prefetch(Index p0, Index j0, Index kb, Index cols, Index part, Index parts) const {
+  // Part `part` of `parts` of the block at (p0, j0), kb x cols, requested ahead of its packing
+  // (whole rows here: nothing left for the micro-kernel).
+  MOE_INLINE Prefetch<S> prefetch(Index p0, Index j0, Index kb, Index cols, Index part, Index parts) const {
     if constexpr (TransB) prefetch_rows(at(p0, j0), ldb_, cols, kb, part, parts);
     else prefetch_rows(at(p0, j0), ldb_, kb, cols, part, parts);
+    return {};
   }
 
 private:
@@ -315,9 +329,9 @@ void multiply(MatrixIn<S> a, Index depth, Source& source, MatrixOut<S> c, S alph
           for (Index j = 0; j < block; j += nr)
             for (Index i = 0, h; i < rows; i += h, ++call) {
               h = panel_rows<S>(rows, i);
-              if (next_k > 0) source.prefetch(np, nj, next_k, next_cols, call, calls);
+              const Prefetch<S> ahead = next_k > 0 ? source.prefetch(np, nj, next_k, next_cols, call, calls) : Prefetch<S>{};
               kernels[std::size_t(h - 1)](kb, pa + i * kb, pb + j * kb, c.data() + (i0 + i) * ldc + j0 + j, ldc,
-                                          std::min(nr, block - j), alpha, overwrite);
+                                          std::min(nr, block - j), alpha, overwrite, ahead);
             }
         }
       }

@@ -71,7 +71,14 @@ class PackedSource {
 public:
   explicit PackedSource(const PackedB<S>& b) : b_(b) {}
   const S* block(Index p0, Index j0, Index, Index) const { return b_.block(p0, j0); }
-  MOE_INLINE void prefetch(Index, Index, Index, Index, Index, Index) const {}
+  // The next block is contiguous: part `part` of `parts` of its lines, left to the micro-kernel
+  // to request between its steps.
+  MOE_INLINE Prefetch<S> prefetch(Index p0, Index j0, Index kb, Index cols, Index part, Index parts) const {
+    constexpr Index line = Index(64 / sizeof(S)), nr = Tile<S>::nr;
+    const Index lines = kb * ((cols + nr - 1) / nr * nr) / line;
+    const Index first = part * lines / parts;
+    return {b_.block(p0, j0) + first * line, (part + 1) * lines / parts - first};
+  }
 
 private:
   const PackedB<S>& b_;
