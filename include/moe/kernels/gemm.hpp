@@ -65,7 +65,8 @@ struct Tile {
 // it fits) stays in half of a 2 MiB L2, read from memory in whole rows, and is swept once per B
 // block; an expert block of <= 224 tokens is one A block, so the weights (B) are read exactly
 // once. B is packed in blocks of kc x nc (~170 KiB, in L2) just before use, the next one
-// prefetched meanwhile. Smaller caches only cost speed, never correctness.
+// prefetched meanwhile, or packed ahead once (PackedB, packed_b.hpp). Smaller caches only cost
+// speed, never correctness.
 template <class S>
 struct Blocking {
   static constexpr std::size_t l1_bytes = std::size_t(48) << 10, l2_bytes = std::size_t(2) << 20;
