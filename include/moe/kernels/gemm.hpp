@@ -178,10 +178,11 @@ struct Prefetch {
 };
 
 // C[0:R, 0:cols] = alpha * Apanel * Bpanel (+ C unless overwrite): a packed A panel of R <= mr
-// rows against one packed B panel, fetching `ahead` meanwhile.
-template <class S, int R>
+// rows against one packed B panel, fetching `ahead` meanwhile when Ahead (else the step loop
+// carries no prefetch bookkeeping).
+template <class S, int R, bool Ahead>
 void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index cols, S alpha, bool overwrite,
-                  Prefetch<S> ahead) {
+                  [[maybe_unused]] Prefetch<S> ahead) {
   using T = Tile<S>;
   using B = typename T::B;
   constexpr Index nb = T::nb, w = T::w, nr = T::nr;
@@ -191,10 +192,12 @@ void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index col
 #pragma GCC unroll 4
     for (Index q = 0; q < nb; ++q) acc[r][q] = B(S(0));
   }
-  constexpr Index line = Index(64 / sizeof(S));
-  Index owed = 0;  // lines * steps done - kc * lines requested: one more line each time it reaches kc
+  [[maybe_unused]] constexpr Index line = Index(64 / sizeof(S));
+  // lines * steps done - kc * lines requested: one more line is due each time it reaches kc
+  [[maybe_unused]] Index owed = 0;
   for (Index p = 0; p < kc; ++p, pa += R, pb += nr) {
-    for (owed += ahead.lines; owed >= kc; owed -= kc, ahead.from += line) __builtin_prefetch(ahead.from, 0, 2);
+    if constexpr (Ahead)
+      for (owed += ahead.lines; owed >= kc; owed -= kc, ahead.from += line) __builtin_prefetch(ahead.from, 0, 2);
     B bv[nb];
 #pragma GCC unroll 4
     for (Index q = 0; q < nb; ++q) bv[q] = B::load_aligned(pb + q * w);
@@ -238,10 +241,10 @@ MOE_INLINE void prefetch_rows(const S* src, Index ld, Index count, Index len, In
 template <class S>
 using MicroKernel = void (*)(Index, const S*, const S*, S*, Index, Index, S, bool, Prefetch<S>);
 
-// micro_kernel<S, R> for R = 1..mr: a short last row panel computes only its rows.
-template <class S, std::size_t... R>
+// micro_kernel<S, R, Ahead> for R = 1..mr: a short last row panel computes only its rows.
+template <class S, bool Ahead, std::size_t... R>
 constexpr std::array<MicroKernel<S>, sizeof...(R)> micro_kernels(std::index_sequence<R...>) {
-  return {&micro_kernel<S, int(R) + 1>...};
+  return {&micro_kernel<S, int(R) + 1, Ahead>...};
 }
 
 // The B operand as the caller holds it: each block packed into `buffer` just before use, and the
@@ -258,6 +261,7 @@ public:
   }
   // Part `part` of `parts` of the block at (p0, j0), kb x cols, requested ahead of its packing
   // (whole rows here: nothing left for the micro-kernel).
+  static constexpr bool kernel_prefetches = false;
   MOE_INLINE Prefetch<S> prefetch(Index p0, Index j0, Index kb, Index cols, Index part, Index parts) const {
     if constexpr (TransB) prefetch_rows(at(p0, j0), ldb_, cols, kb, part, parts);
     else prefetch_rows(at(p0, j0), ldb_, kb, cols, part, parts);
@@ -294,7 +298,8 @@ void multiply(MatrixIn<S> a, Index depth, Source& source, MatrixOut<S> c, S alph
               Buffer<S>& a_buffer) {
   using K = Blocking<S>;
   constexpr Index mr = Tile<S>::mr, nr = Tile<S>::nr;
-  static constexpr auto kernels = micro_kernels<S>(std::make_index_sequence<std::size_t(mr)>{});
+  static constexpr auto kernels =
+      micro_kernels<S, Source::kernel_prefetches>(std::make_index_sequence<std::size_t(mr)>{});
   const Index m = c.rows(), n = c.cols();
   // A block: mc rows (as many as fit with the whole depth, at least rows_min), by kd depth: the
   // whole depth, or near-equal runs of whole kc blocks when that would not fit.
@@ -330,7 +335,8 @@ void multiply(MatrixIn<S> a, Index depth, Source& source, MatrixOut<S> c, S alph
           for (Index j = 0; j < block; j += nr)
             for (Index i = 0, h; i < rows; i += h, ++call) {
               h = panel_rows<S>(rows, i);
-              const Prefetch<S> ahead = next_k > 0 ? source.prefetch(np, nj, next_k, next_cols, call, calls) : Prefetch<S>{};
+              const Prefetch<S> ahead =
+                  next_k > 0 ? source.prefetch(np, nj, next_k, next_cols, call, calls) : Prefetch<S>{};
               kernels[std::size_t(h - 1)](kb, pa + i * kb, pb + j * kb, c.data() + (i0 + i) * ldc + j0 + j, ldc,
                                           std::min(nr, block - j), alpha, overwrite, ahead);
             }

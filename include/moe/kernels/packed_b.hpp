@@ -73,6 +73,7 @@ public:
   const S* block(Index p0, Index j0, Index, Index) const { return b_.block(p0, j0); }
   // The next block is contiguous: part `part` of `parts` of its lines, left to the micro-kernel
   // to request between its steps.
+  static constexpr bool kernel_prefetches = true;
   MOE_INLINE Prefetch<S> prefetch(Index p0, Index j0, Index kb, Index cols, Index part, Index parts) const {
     constexpr Index line = Index(64 / sizeof(S)), nr = Tile<S>::nr;
     const Index lines = kb * ((cols + nr - 1) / nr * nr) / line;
