@@ -630,6 +630,38 @@ TEMPLATE_TEST_CASE("Gemm on degenerate shapes", "[gemm]", float, double) {
   CHECK(c2(1, 0) == S(34));
 }
 
+TEMPLATE_TEST_CASE("Gemm with B packed ahead gives the bits of run(a, b, c), or falls back to b",
+                   "[gemm]", float, double) {
+  using S = TestType;
+  moe::Gemm<S> gemm;
+  moe::kernels::PackedB<S> packed;
+  // 300 columns take the kernel (packed B used); 200 stay on Eigen's product (packed B unused).
+  for (const Index n : {Index(300), Index(200)}) {
+    INFO("n " << n);
+    const Matrix<S> a = random_matrix<S>(37, 260, 7), b = random_matrix<S>(260, n, 8);
+    Matrix<S> plain(37, n), ahead(37, n);
+    packed.pack(b);
+    gemm.run(a, b, plain);
+    gemm.run(a, b, packed, ahead);
+    CHECK(plain == ahead);
+    // accumulating, A transposed
+    const Matrix<S> at = a.transpose();
+    gemm.template run<true, false>(at, b, plain, S(0.5), true);
+    gemm.template run<true, false>(at, b, packed, ahead, S(0.5), true);
+    CHECK(plain == ahead);
+  }
+  // B^T packed (pack<true>), and a packed copy of another shape (b itself is used then)
+  const Matrix<S> a = random_matrix<S>(5, 64, 9), bt = random_matrix<S>(290, 64, 10);
+  Matrix<S> plain(5, 290), ahead(5, 290), other(5, 290);
+  packed.template pack<true>(bt);
+  gemm.template run<false, true>(a, bt, plain);
+  gemm.template run<false, true>(a, bt, packed, ahead);
+  CHECK(plain == ahead);
+  packed.pack(random_matrix<S>(65, 290, 11));
+  gemm.template run<false, true>(a, bt, packed, other);
+  CHECK(plain == other);
+}
+
 // =============================================================================================
 // 5. CounterRng
 // =============================================================================================

@@ -1,6 +1,7 @@
 // Every SIMD kernel against its scalar twin on awkward sizes: one token, expert counts that are
 // not a multiple of the SIMD width, k = E, all-equal values, values near +-1e3.
 #include <cfloat>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -344,7 +345,8 @@ namespace {
 // outer stride larger than their width (blocks of bigger matrices); C is NaN before an
 // overwrite, so reading it would show, and the entries around the view must stay untouched.
 template <class S, bool TransA, bool TransB>
-void check_gemm(Index M, Index N, Index K, S alpha, bool accumulate, k::GemmBuffers<S>& buffers) {
+void check_gemm(Index M, Index N, Index K, S alpha, bool accumulate, k::GemmBuffers<S>& buffers,
+                k::PackedB<S>* packed = nullptr) {
   const Index ar = TransA ? K : M, ac = TransA ? M : K, br = TransB ? N : K, bc = TransB ? K : N;
   static Matrix<S> pool;  // the views are blocks of it: generated once, regrown only when too small
   const Index side = std::max({Index(1400), ar + 10, ac + 10, br + 10, bc + 10, M + 10, N + 10});
@@ -355,14 +357,20 @@ void check_gemm(Index M, Index N, Index K, S alpha, bool accumulate, k::GemmBuff
   if (!accumulate) c_all.block(3, 1, M, N).setConstant(std::numeric_limits<S>::quiet_NaN());
   const Matrix<S> c_before = c_all;
   Matrix<S> twin = c_all;
-  k::gemm<TransA, TransB, S>(a, b, c_all.block(3, 1, M, N), alpha, accumulate, buffers);
+  if (packed) {  // B packed ahead (PackedB) rather than by the call
+    packed->template pack<TransB>(b);
+    k::gemm<TransA, S>(a, *packed, c_all.block(3, 1, M, N), alpha, accumulate, buffers);
+  } else {
+    k::gemm<TransA, TransB, S>(a, b, c_all.block(3, 1, M, N), alpha, accumulate, buffers);
+  }
   k::scalar::gemm<TransA, TransB, S>(a, b, twin.block(3, 1, M, N), alpha, accumulate);
   // Each entry is a sum of K products plus C: kernel and twin are each within
   // gamma_(K+2) ~ (K + 2) eps of |alpha| sum_p |a_ip| |b_pj| + |c_ij| (Higham, eq. 3.5).
   Matrix<S> bound = accumulate ? Matrix<S>(c_before.block(3, 1, M, N).cwiseAbs()) : Matrix<S>::Zero(M, N);
   k::scalar::gemm<TransA, TransB, S>(a.cwiseAbs(), b.cwiseAbs(), bound, std::abs(alpha), true);
   const double gemm_tol = 2.0 * double(K + 2) * double(std::numeric_limits<S>::epsilon());
-  INFO("M " << M << " N " << N << " K " << K << " transA " << TransA << " transB " << TransB << " accumulate " << accumulate);
+  INFO("M " << M << " N " << N << " K " << K << " transA " << TransA << " transB " << TransB << " accumulate "
+              << accumulate << " packed B " << (packed != nullptr));
   double worst = 0;  // largest error in units of the entry's tolerance
   bool outside_kept = true;
   for (Index i = 0; i < M + 4; ++i)
@@ -412,4 +420,66 @@ TEST_CASE("GEMM kernel: several row and depth blocks, and repeat calls give the 
   k::gemm<false, false, float>(a, b, first, 1.0f, false, buffers);
   k::gemm<false, false, float>(a, b, again, 1.0f, false, buffers);
   REQUIRE(first == again);
+}
+
+namespace {
+// op(B) packed once (PackedB) against B packed by each call, on the same A and C: the same bits.
+template <class S, bool TransA, bool TransB>
+void check_packed_same_bits(Index M, Index N, Index K, S alpha, bool accumulate, k::PackedB<S>& packed,
+                            k::GemmBuffers<S>& buffers) {
+  INFO("M " << M << " N " << N << " K " << K << " transA " << TransA << " transB " << TransB << " accumulate " << accumulate);
+  const Matrix<S> a = random_matrix<S>(TransA ? K : M, TransA ? M : K, 51);
+  const Matrix<S> b_all = random_matrix<S>((TransB ? N : K) + 3, (TransB ? K : N) + 5, 52);
+  const auto b = b_all.block(1, 2, TransB ? N : K, TransB ? K : N);  // a strided view
+  Matrix<S> per_call = random_matrix<S>(M, N, 53), ahead = per_call;
+  k::gemm<TransA, TransB, S>(a, b, per_call, alpha, accumulate, buffers);
+  packed.template pack<TransB>(b);
+  REQUIRE(packed.fits(K, N));
+  k::gemm<TransA, S>(a, packed, ahead, alpha, accumulate, buffers);
+  REQUIRE(std::memcmp(per_call.data(), ahead.data(), std::size_t(M * N) * sizeof(S)) == 0);
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("GEMM kernel with B packed ahead gives the bits of packing per call", "[kernel]", float, double) {
+  using S = TestType;
+  using K = k::gebp::Blocking<S>;
+  k::GemmBuffers<S> buffers;
+  k::PackedB<S> packed;  // one for all shapes: repacking reuses (or grows) its storage
+  // Several column blocks (N > nc_max), widths off the nr grid, depths off the kc grid, one row;
+  // rows_min + 5 rows of a deep product split the depth into A blocks (kd), whose boundaries the
+  // packed B does not know about: only the kc boundaries fix the sums.
+  const Index deep = K::a_elements / K::rows_min + 130;
+  int n_case = 0;
+  for (Index M : {Index(1), Index(13), Index(15), Index(128), K::rows_min + 5})
+    for (Index N : {Index(1), Index(33), Index(300), Index(2 * K::nc_max + 17)})
+      for (Index depth : {Index(1), Index(3), K::kc_max + 1, Index(1000), deep}) {
+        // keeps the Debug run short, but not the case of several A depth blocks
+        if (M * N * depth > Index(3'000'000) && !(depth == deep && M > K::rows_min && N == 33)) continue;
+        const bool accumulate = (n_case++ % 2) == 1;
+        const S alpha = accumulate ? S(-0.75) : S(1.5);
+        check_packed_same_bits<S, false, false>(M, N, depth, alpha, accumulate, packed, buffers);
+        check_packed_same_bits<S, true, false>(M, N, depth, alpha, !accumulate, packed, buffers);
+        check_packed_same_bits<S, false, true>(M, N, depth, alpha, accumulate, packed, buffers);
+        check_packed_same_bits<S, true, true>(M, N, depth, alpha, !accumulate, packed, buffers);
+      }
+}
+
+TEMPLATE_TEST_CASE("GEMM kernel with B packed ahead matches the twin", "[kernel]", float, double) {
+  using S = TestType;
+  k::GemmBuffers<S> buffers;
+  k::PackedB<S> packed;
+  int n_case = 0;
+  for (Index M : {1, 14, 29})
+    for (Index N : {1, 31, 33, 300})
+      for (Index K : {1, 257, 1000}) {
+        const bool accumulate = (n_case++ % 2) == 1;
+        const S alpha = accumulate ? S(-0.75) : S(1.5);
+        check_gemm<S, false, false>(M, N, K, alpha, accumulate, buffers, &packed);
+        check_gemm<S, true, false>(M, N, K, alpha, !accumulate, buffers, &packed);
+        check_gemm<S, false, true>(M, N, K, alpha, accumulate, buffers, &packed);
+        check_gemm<S, true, true>(M, N, K, alpha, !accumulate, buffers, &packed);
+      }
+  // released, it fits nothing
+  packed.release();
+  REQUIRE_FALSE(packed.fits(1000, 300));
 }

@@ -1029,3 +1029,177 @@ TEST_CASE("identity experts: y is the weighted sum of the token's own row, gradi
   }
   check_gradients(layer, x);
 }
+
+// ================================================================================================
+// Inference cache: the experts' packed weights (PackedWeights)
+// ================================================================================================
+
+namespace {
+
+// Widths past Gemm::eigen_max_cols, so that every expert GEMM of forward takes the kernel and
+// the cache really packs; 40 tokens top-2 over 3 experts give each expert a block.
+constexpr Shape pack_shape{40, 264, 3, 300, 2};
+
+template <class S>
+auto make_packing_swiglu(std::uint64_t seed) {
+  const Shape s = pack_shape;
+  return moe::MoELayer(moe::make_topk_router<S>(s.dim, s.experts, s.k, seed),
+                       moe::SwiGLUExperts<S>(s.experts, s.dim, s.hidden, seed + 1),
+                       moe::SwiGLUExperts<S>(1, s.dim, s.hidden, seed + 2));
+}
+
+template <class S>
+auto make_packing_ffn(std::uint64_t seed) {
+  const Shape s = pack_shape;
+  return moe::MoELayer(moe::make_topk_router<S>(s.dim, s.experts, s.k, seed),
+                       moe::FFNExperts<S>(s.experts, s.dim, s.hidden, Activation::gelu, seed + 1),
+                       moe::FFNExperts<S>(1, s.dim, s.hidden, Activation::gelu, seed + 2));
+}
+
+template <class Layer>
+bool packed(Layer& layer) {
+  return layer.experts().weights_packed() && layer.shared_expert().weights_packed();
+}
+
+// Two layers built alike: `cached` in inference mode (packs its weights), `plain` never packed.
+template <class S, class Make>
+void check_packed_same_bits(Make make) {
+  static_assert(pack_shape.dim > moe::Gemm<S>::eigen_max_cols && pack_shape.hidden > moe::Gemm<S>::eigen_max_cols);
+  auto plain = make(), cached = make();
+  cached.set_grad_enabled(false);
+  const Matrix<S> x1 = random_matrix<S>(pack_shape.tokens, pack_shape.dim, 201);
+  const Matrix<S> x2 = random_matrix<S>(pack_shape.tokens, pack_shape.dim, 202);
+  Matrix<S> want(pack_shape.tokens, pack_shape.dim), got(pack_shape.tokens, pack_shape.dim);
+  REQUIRE_FALSE(packed(cached));
+  for (const auto* x : {&x1, &x2, &x1}) {  // packs on the first, reuses the copy after
+    plain.forward(*x, want);
+    cached.forward(*x, got);
+    const auto& offsets = cached.routing().expert_offsets;
+    for (Index e = 0; e < pack_shape.experts; ++e) REQUIRE(offsets[e + 1] > offsets[e]);
+    REQUIRE(packed(cached));
+    REQUIRE(bit_identical(got, want));
+  }
+  REQUIRE_FALSE(packed(plain));  // grad enabled: forward leaves the weights alone
+
+  // Packed explicitly while training: forward uses the copy, backward is unchanged.
+  auto trained = make();
+  trained.experts().pack_weights();
+  trained.shared_expert().pack_weights();
+  REQUIRE(packed(trained));
+  const Matrix<S> dy = random_matrix<S>(pack_shape.tokens, pack_shape.dim, 203);
+  Matrix<S> dx_want(pack_shape.tokens, pack_shape.dim), dx_got(pack_shape.tokens, pack_shape.dim);
+  moe::zero_grad(plain);
+  plain.forward(x1, want);
+  plain.backward(dy, dx_want);
+  trained.forward(x1, got);
+  REQUIRE(bit_identical(got, want));
+  moe::zero_grad(trained);  // through for_each_parameter: the copy is stale from here on
+  REQUIRE_FALSE(packed(trained));
+  trained.forward(x1, got);
+  trained.backward(dy, dx_got);
+  REQUIRE(bit_identical(got, want));
+  REQUIRE(bit_identical(dx_got, dx_want));
+  const auto grads_want = gradients_of(plain), grads_got = gradients_of(trained);
+  for (std::size_t i = 0; i < grads_want.size(); ++i) REQUIRE(bit_identical(grads_got[i], grads_want[i]));
+}
+
+// A weight changed through for_each_parameter after an inference forward changes the next
+// forward, which then equals that of a layer never packed with the same weights.
+template <class S, class Make>
+void check_packed_invalidation(Make make) {
+  auto plain = make(), cached = make();
+  cached.set_grad_enabled(false);
+  const Matrix<S> x = random_matrix<S>(pack_shape.tokens, pack_shape.dim, 211);
+  Matrix<S> before(pack_shape.tokens, pack_shape.dim), after(pack_shape.tokens, pack_shape.dim),
+      want(pack_shape.tokens, pack_shape.dim);
+  cached.forward(x, before);
+  REQUIRE(packed(cached));
+  // one entry of every expert matrix (routed and shared): row 0 of the first expert's block
+  const auto nudge = [](auto& layer) {
+    layer.for_each_parameter([](std::string_view name, auto value, auto) {
+      if (name.find("experts.") != std::string_view::npos) value(0, 0) += S(0.5);
+    });
+  };
+  nudge(cached);
+  REQUIRE_FALSE(cached.experts().weights_packed());
+  REQUIRE_FALSE(cached.shared_expert().weights_packed());
+  nudge(plain);
+  cached.forward(x, after);
+  plain.forward(x, want);
+  REQUIRE_FALSE(bit_identical(after, before));  // the change reached the output
+  REQUIRE(bit_identical(after, want));          // through a fresh copy
+  REQUIRE(packed(cached));
+
+  // Released, the next inference forward packs again, the same bits.
+  cached.experts().release_packed_weights();
+  REQUIRE_FALSE(cached.experts().weights_packed());
+  cached.forward(x, after);
+  REQUIRE(bit_identical(after, want));
+  REQUIRE(cached.experts().weights_packed());
+
+  // Back in training mode a stale copy is neither used nor remade.
+  cached.set_grad_enabled(true);
+  nudge(cached);
+  nudge(plain);
+  cached.forward(x, after);
+  plain.forward(x, want);
+  REQUIRE_FALSE(packed(cached));
+  REQUIRE(bit_identical(after, want));
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("inference cache: packed expert weights give the bits of the weights", "[layer][packed]",
+                   float, double) {
+  using S = TestType;
+  SECTION("SwiGLU + shared SwiGLU") { check_packed_same_bits<S>([] { return make_packing_swiglu<S>(301); }); }
+  SECTION("GELU FFN + shared FFN") { check_packed_same_bits<S>([] { return make_packing_ffn<S>(311); }); }
+}
+
+TEMPLATE_TEST_CASE("inference cache: a weight changed after a forward changes the next forward", "[layer][packed]",
+                   float, double) {
+  using S = TestType;
+  SECTION("SwiGLU + shared SwiGLU") { check_packed_invalidation<S>([] { return make_packing_swiglu<S>(321); }); }
+  SECTION("GELU FFN + shared FFN") { check_packed_invalidation<S>([] { return make_packing_ffn<S>(331); }); }
+  SECTION("FFN: writing through the w1 accessor") {
+    auto cached = make_packing_ffn<S>(341);
+    cached.set_grad_enabled(false);
+    const Matrix<S> x = random_matrix<S>(pack_shape.tokens, pack_shape.dim, 342);
+    Matrix<S> before(pack_shape.tokens, pack_shape.dim), after(pack_shape.tokens, pack_shape.dim);
+    cached.forward(x, before);
+    REQUIRE(cached.experts().weights_packed());
+    cached.experts().w1(1)(0, 0) += S(0.5);
+    REQUIRE_FALSE(cached.experts().weights_packed());
+    cached.forward(x, after);
+    REQUIRE_FALSE(bit_identical(after, before));
+    auto plain = make_packing_ffn<S>(341);
+    plain.experts().w1(1)(0, 0) += S(0.5);
+    plain.forward(x, before);
+    REQUIRE(bit_identical(after, before));
+  }
+}
+
+TEST_CASE("no allocation: inference forwards with packed weights, also repacking after an update",
+          "[layer][alloc][packed]") {
+  auto layer = make_packing_swiglu<double>(351);
+  layer.set_grad_enabled(false);
+  const Matrix<double> x1 = random_matrix<double>(pack_shape.tokens, pack_shape.dim, 352);
+  const Matrix<double> x2 = random_matrix<double>(pack_shape.tokens, pack_shape.dim, 353);
+  Matrix<double> y(pack_shape.tokens, pack_shape.dim);
+  const auto update = [&] {
+    layer.for_each_parameter([](std::string_view, auto value, auto) { value(0, 0) *= 0.999; });
+  };
+  layer.forward(x1, y);  // warm-up: packs, sizes the scratch for both batches
+  layer.forward(x2, y);
+  update();
+  layer.forward(x1, y);
+  AllocCounter count;  // no assertion may run while counting: Catch allocates
+  layer.forward(x1, y);
+  layer.forward(x2, y);
+  update();
+  layer.forward(x2, y);  // repacks into the storage it has
+  layer.forward(x1, y);
+  count.stop();
+  REQUIRE(packed(layer));
+  require_no_allocation({count.news, count.deletes, count.eigen_mallocs});
+}

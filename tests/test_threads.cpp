@@ -51,3 +51,24 @@ TEST_CASE("1 and 2 threads give bit-identical layers", "[threads]") {
   require_thread_independent([&] { return moe::MoELayer(moe::make_topk_router<float>(D, 12, 3), moe::SwiGLUExperts<float>(12, D, H), moe::SwiGLUExperts<float>(1, D, H)); }, T, D);
   require_thread_independent([&] { return moe::MoELayer(moe::make_switch_router<float>(D, 64), moe::FFNExperts<float>(64, D, H)); }, T, D);
 }
+
+TEST_CASE("1 and 2 threads give bit-identical inference forwards with packed expert weights", "[threads][packed]") {
+  // widths past Gemm::eigen_max_cols: the experts pack their weights, expert by expert, on
+  // whichever thread runs the expert
+  const Index T = 600, D = 264, E = 6, H = 272;
+  const Matrix<float> x = random_matrix<float>(T, D, 3);
+  const auto forward = [&](int threads, bool inference) {
+    omp_set_num_threads(threads);
+    auto layer = moe::MoELayer(moe::make_topk_router<float>(D, E, 2), moe::SwiGLUExperts<float>(E, D, H),
+                               moe::SwiGLUExperts<float>(1, D, H));
+    layer.set_grad_enabled(!inference);
+    Matrix<float> y(T, D);
+    layer.forward(x, y);
+    REQUIRE(layer.experts().weights_packed() == inference);
+    layer.forward(x, y);  // the packed copy, when there is one
+    return y;
+  };
+  const Matrix<float> plain = forward(1, false);
+  REQUIRE(forward(1, true) == plain);
+  REQUIRE(forward(2, true) == plain);
+}

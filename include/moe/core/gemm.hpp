@@ -8,6 +8,7 @@
 #include "moe/config.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/kernels/gemm.hpp"
+#include "moe/kernels/packed_b.hpp"
 
 namespace moe {
 
@@ -28,7 +29,7 @@ public:
     const Index depth = TransA ? a.rows() : a.cols();
     const Index n = TransB ? b.rows() : b.cols();
     MOE_ASSERT(c.rows() == m && c.cols() == n && (TransB ? b.cols() : b.rows()) == depth);
-    if (n > eigen_max_cols || m == 0 || n == 0 || depth == 0) {
+    if (packs_b(n) || m == 0 || n == 0 || depth == 0) {
       kernels::gemm<TransA, TransB, S>(a, b, c, alpha, accumulate, buffers_);
       return;
     }
@@ -40,6 +41,25 @@ public:
                                                    Eigen::RowMajor, 1>::run(
         m, n, depth, a.data(), a.outerStride(), b.data(), b.outerStride(), c.data(), 1,
         c.outerStride(), alpha, blocking_);
+  }
+
+  // Whether run packs B for an output n wide (the kernel's path): only then does a packed B help.
+  static bool packs_b(Index n) { return n > eigen_max_cols; }
+
+  // The same product with op(B) also given packed (kernels::PackedB, packed with the same
+  // TransB): the kernel then skips packing B. Where run would not take the kernel, or `packed`
+  // does not hold op(B)'s shape, `b` is used as above: the bits are those of run(a, b, c) always.
+  template <bool TransA = false, bool TransB = false>
+  void run(MatrixIn<S> a, MatrixIn<S> b, const kernels::PackedB<S>& packed, MatrixOut<S> c, S alpha = S(1),
+           bool accumulate = false) {
+    const Index depth = TransA ? a.rows() : a.cols(), n = TransB ? b.rows() : b.cols();
+    if (packs_b(n) && packed.fits(depth, n) && c.rows() > 0) {
+      MOE_ASSERT(c.rows() == (TransA ? a.cols() : a.rows()) && c.cols() == n &&
+                 (TransB ? b.cols() : b.rows()) == depth);
+      kernels::gemm<TransA, S>(a, packed, c, alpha, accumulate, buffers_);
+      return;
+    }
+    run<TransA, TransB>(a, b, c, alpha, accumulate);
   }
 
 private:

@@ -65,7 +65,8 @@ struct Tile {
 // it fits) stays in half of a 2 MiB L2, read from memory in whole rows, and is swept once per B
 // block; an expert block of <= 224 tokens is one A block, so the weights (B) are read exactly
 // once. B is packed in blocks of kc x nc (~170 KiB, in L2) just before use, the next one
-// prefetched meanwhile. Smaller caches only cost speed, never correctness.
+// prefetched meanwhile, or packed ahead once (PackedB, packed_b.hpp). Smaller caches only cost
+// speed, never correctness.
 template <class S>
 struct Blocking {
   static constexpr std::size_t l1_bytes = std::size_t(48) << 10, l2_bytes = std::size_t(2) << 20;
@@ -81,6 +82,12 @@ struct Blocking {
     const Index size = (n + blocks - 1) / blocks;
     return std::min(max, (size + unit - 1) / unit * unit);
   }
+
+  // The B block: kc deep, nc wide. Both depend on op(B)'s shape only, never on the number of
+  // rows of A, so that B can be packed once for any A (PackedB) with the same depth blocks, hence
+  // the same summation order, as a call that packs it itself.
+  static Index depth_block(Index depth) { return split(depth, kc_max, 1); }
+  static Index column_block(Index n) { return split(n, nc_max, Tile<S>::nr); }
 };
 
 // Height of the row panel starting at row i of rows: mr, except that the last two panels share
@@ -162,10 +169,20 @@ void pack_b(const S* b, Index ldb, Index kc, Index cols, S* dst) {
   }
 }
 
+// Cache lines to request into L2 while a micro-kernel runs, spread over its steps: a burst of
+// prefetches that miss to memory fills the line buffers and stalls on them.
+template <class S>
+struct Prefetch {
+  const S* from = nullptr;
+  Index lines = 0;
+};
+
 // C[0:R, 0:cols] = alpha * Apanel * Bpanel (+ C unless overwrite): a packed A panel of R <= mr
-// rows against one packed B panel.
-template <class S, int R>
-void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index cols, S alpha, bool overwrite) {
+// rows against one packed B panel, fetching `ahead` meanwhile when Ahead (else the step loop
+// carries no prefetch bookkeeping).
+template <class S, int R, bool Ahead>
+void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index cols, S alpha, bool overwrite,
+                  [[maybe_unused]] Prefetch<S> ahead) {
   using T = Tile<S>;
   using B = typename T::B;
   constexpr Index nb = T::nb, w = T::w, nr = T::nr;
@@ -175,7 +192,12 @@ void micro_kernel(Index kc, const S* pa, const S* pb, S* c, Index ldc, Index col
 #pragma GCC unroll 4
     for (Index q = 0; q < nb; ++q) acc[r][q] = B(S(0));
   }
+  [[maybe_unused]] constexpr Index line = Index(64 / sizeof(S));
+  // lines * steps done - kc * lines requested: one more line is due each time it reaches kc
+  [[maybe_unused]] Index owed = 0;
   for (Index p = 0; p < kc; ++p, pa += R, pb += nr) {
+    if constexpr (Ahead)
+      for (owed += ahead.lines; owed >= kc; owed -= kc, ahead.from += line) __builtin_prefetch(ahead.from, 0, 2);
     B bv[nb];
 #pragma GCC unroll 4
     for (Index q = 0; q < nb; ++q) bv[q] = B::load_aligned(pb + q * w);
@@ -217,13 +239,41 @@ MOE_INLINE void prefetch_rows(const S* src, Index ld, Index count, Index len, In
 }
 
 template <class S>
-using MicroKernel = void (*)(Index, const S*, const S*, S*, Index, Index, S, bool);
+using MicroKernel = void (*)(Index, const S*, const S*, S*, Index, Index, S, bool, Prefetch<S>);
 
-// micro_kernel<S, R> for R = 1..mr: a short last row panel computes only its rows.
-template <class S, std::size_t... R>
+// micro_kernel<S, R, Ahead> for R = 1..mr: a short last row panel computes only its rows.
+template <class S, bool Ahead, std::size_t... R>
 constexpr std::array<MicroKernel<S>, sizeof...(R)> micro_kernels(std::index_sequence<R...>) {
-  return {&micro_kernel<S, int(R) + 1>...};
+  return {&micro_kernel<S, int(R) + 1, Ahead>...};
 }
+
+// The B operand as the caller holds it: each block packed into `buffer` just before use, and the
+// source rows of the next block prefetched meanwhile.
+template <bool TransB, class S>
+class SourceB {
+public:
+  SourceB(MatrixIn<S> b, S* buffer) : b_(b.data()), ldb_(b.outerStride()), buffer_(buffer) {}
+
+  // The packed block of op(B) from depth p0, column j0: kb deep, cols wide.
+  const S* block(Index p0, Index j0, Index kb, Index cols) {
+    pack_b<TransB>(at(p0, j0), ldb_, kb, cols, buffer_);
+    return buffer_;
+  }
+  // Part `part` of `parts` of the block at (p0, j0), kb x cols, requested ahead of its packing
+  // (whole rows here: nothing left for the micro-kernel).
+  static constexpr bool kernel_prefetches = false;
+  MOE_INLINE Prefetch<S> prefetch(Index p0, Index j0, Index kb, Index cols, Index part, Index parts) const {
+    if constexpr (TransB) prefetch_rows(at(p0, j0), ldb_, cols, kb, part, parts);
+    else prefetch_rows(at(p0, j0), ldb_, kb, cols, part, parts);
+    return {};
+  }
+
+private:
+  const S* at(Index p0, Index j0) const { return b_ + (TransB ? j0 * ldb_ + p0 : p0 * ldb_ + j0); }
+  const S* b_;
+  Index ldb_;
+  S* buffer_;
+};
 
 }  // namespace gebp
 
@@ -233,17 +283,75 @@ struct GemmBuffers {
   gebp::Buffer<S> a, b;
 };
 
-// C = alpha op(A) op(B) (+ C when accumulate). Loops, outermost first: depth blocks of kd and
-// row blocks of mc (A block packed, in L2), column blocks of nc, depth blocks of kc (B block
-// packed), column micro-panels of nr (B panel, kept in L1), row panels (the micro-kernel).
+namespace gebp {
+
+// C = alpha op(A) op(B) (+ C when accumulate), op(B) [depth, n] handed out a packed block at a
+// time by `source` (SourceB, or PackedSource in packed_b.hpp). Loops, outermost first: depth
+// blocks of kd and row blocks of mc (A block packed, in L2), column blocks of nc, depth blocks of
+// kc (B block), column micro-panels of nr (B panel, kept in L1), row panels (the micro-kernel).
 // The depth blocks of kc run inside the column blocks so that the mc x nc block of C they all
 // update stays in L2 between them, rather than the whole of C passing through it each time.
+// Each entry of C sums its depth blocks of kc in order, whatever kd is: the kc boundaries
+// (Blocking::depth_block) alone fix the result.
+template <bool TransA, class S, class Source>
+void multiply(MatrixIn<S> a, Index depth, Source& source, MatrixOut<S> c, S alpha, bool accumulate,
+              Buffer<S>& a_buffer) {
+  using K = Blocking<S>;
+  constexpr Index mr = Tile<S>::mr, nr = Tile<S>::nr;
+  static constexpr auto kernels =
+      micro_kernels<S, Source::kernel_prefetches>(std::make_index_sequence<std::size_t(mr)>{});
+  const Index m = c.rows(), n = c.cols();
+  // A block: mc rows (as many as fit with the whole depth, at least rows_min), by kd depth: the
+  // whole depth, or near-equal runs of whole kc blocks when that would not fit.
+  const Index kc = K::depth_block(depth), nc = K::column_block(n);
+  const Index mc = K::split(m, std::max(K::rows_min, K::a_elements / depth / mr * mr), mr);
+  const Index a_depth = std::max(K::kc_max, K::a_elements / mc);
+  const Index k_blocks = (depth + kc - 1) / kc, a_blocks = (depth + a_depth - 1) / a_depth;
+  const Index kd = (k_blocks + a_blocks - 1) / a_blocks * kc;
+  const Index a_stride = mc * kc;
+  if (Index(a_buffer.size()) < kd / kc * a_stride) a_buffer.resize(std::size_t(kd / kc * a_stride));
+  const Index lda = a.outerStride(), ldc = c.outerStride();
+  for (Index d0 = 0; d0 < depth; d0 += kd) {
+    const Index d_end = std::min(depth, d0 + kd);
+    for (Index i0 = 0; i0 < m; i0 += mc) {
+      const Index rows = std::min(mc, m - i0);
+      pack_a<TransA>(a.data() + (TransA ? d0 * lda + i0 : i0 * lda + d0), lda, rows, d_end - d0, kc,
+                     a_buffer.data(), a_stride);
+      Index panels = 0;  // row panels per B panel
+      for (Index i = 0; i < rows; i += panel_rows<S>(rows, i)) ++panels;
+      for (Index j0 = 0; j0 < n; j0 += nc) {
+        const Index block = std::min(nc, n - j0);
+        for (Index p0 = d0; p0 < d_end; p0 += kc) {
+          const Index kb = std::min(kc, d_end - p0);
+          const S* pa = a_buffer.data() + (p0 - d0) / kc * a_stride;
+          const bool overwrite = !accumulate && p0 == 0;
+          const S* pb = source.block(p0, j0, kb, block);
+          // the next B block: the next depth of these columns, else the first depth of the next ones
+          const bool deeper = p0 + kb < d_end;
+          const Index nj = deeper ? j0 : j0 + nc, np = deeper ? p0 + kb : d0;
+          const Index next_k = nj < n ? std::min(kc, d_end - np) : 0, next_cols = std::min(nc, n - nj);
+          const Index calls = (block + nr - 1) / nr * panels;
+          Index call = 0;
+          for (Index j = 0; j < block; j += nr)
+            for (Index i = 0, h; i < rows; i += h, ++call) {
+              h = panel_rows<S>(rows, i);
+              const Prefetch<S> ahead =
+                  next_k > 0 ? source.prefetch(np, nj, next_k, next_cols, call, calls) : Prefetch<S>{};
+              kernels[std::size_t(h - 1)](kb, pa + i * kb, pb + j * kb, c.data() + (i0 + i) * ldc + j0 + j, ldc,
+                                          std::min(nr, block - j), alpha, overwrite, ahead);
+            }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace gebp
+
+// C = alpha op(A) op(B) (+ C when accumulate), B packed a block at a time into buffers.b.
 template <bool TransA, bool TransB, class S>
 void gemm(MatrixIn<S> a, MatrixIn<S> b, MatrixOut<S> c, S alpha, bool accumulate, GemmBuffers<S>& buffers) {
-  using T = gebp::Tile<S>;
   using K = gebp::Blocking<S>;
-  constexpr Index mr = T::mr, nr = T::nr;
-  static constexpr auto kernels = gebp::micro_kernels<S>(std::make_index_sequence<std::size_t(mr)>{});
   const Index m = c.rows(), n = c.cols(), depth = TransA ? a.rows() : a.cols();
   MOE_ASSERT((TransA ? a.cols() : a.rows()) == m && (TransB ? b.rows() : b.cols()) == n &&
              (TransB ? b.cols() : b.rows()) == depth);
@@ -252,55 +360,10 @@ void gemm(MatrixIn<S> a, MatrixIn<S> b, MatrixOut<S> c, S alpha, bool accumulate
     if (!accumulate) c.setZero();
     return;
   }
-  // A block: mc rows by kd depth (the whole depth unless that would leave fewer than rows_min
-  // rows), in depth blocks of kc.
-  const Index mc = K::split(m, std::max(K::rows_min, K::a_elements / depth / mr * mr), mr);
-  const Index kd = K::split(depth, std::max(K::kc_max, K::a_elements / mc), 1);
-  const Index kc = K::split(kd, K::kc_max, 1), nc = K::split(n, K::nc_max, nr);
-  const Index a_stride = mc * kc;
-  const auto grow = [](gebp::Buffer<S>& buf, Index size) {
-    if (Index(buf.size()) < size) buf.resize(std::size_t(size));
-  };
-  grow(buffers.a, (kd + kc - 1) / kc * a_stride);
-  grow(buffers.b, kc * nc);
-  S* pb = buffers.b.data();
-  const Index lda = a.outerStride(), ldb = b.outerStride(), ldc = c.outerStride();
-  for (Index d0 = 0; d0 < depth; d0 += kd) {
-    const Index d_end = std::min(depth, d0 + kd);
-    for (Index i0 = 0; i0 < m; i0 += mc) {
-      const Index rows = std::min(mc, m - i0);
-      gebp::pack_a<TransA>(a.data() + (TransA ? d0 * lda + i0 : i0 * lda + d0), lda, rows, d_end - d0, kc,
-                           buffers.a.data(), a_stride);
-      Index panels = 0;  // row panels per B panel
-      for (Index i = 0; i < rows; i += gebp::panel_rows<S>(rows, i)) ++panels;
-      for (Index j0 = 0; j0 < n; j0 += nc) {
-        const Index block = std::min(nc, n - j0);
-        for (Index p0 = d0; p0 < d_end; p0 += kc) {
-          const Index kb = std::min(kc, d_end - p0);
-          const S* pa = buffers.a.data() + (p0 - d0) / kc * a_stride;
-          const bool overwrite = !accumulate && p0 == 0;
-          gebp::pack_b<TransB>(b.data() + (TransB ? j0 * ldb + p0 : p0 * ldb + j0), ldb, kb, block, pb);
-          // the next B block: the next depth of these columns, else the first depth of the next ones
-          const bool deeper = p0 + kb < d_end;
-          const Index nj = deeper ? j0 : j0 + nc, np = deeper ? p0 + kb : d0;
-          const Index next_k = nj < n ? std::min(kc, d_end - np) : 0, next_cols = std::min(nc, n - nj);
-          const S* next = b.data() + (TransB ? nj * ldb + np : np * ldb + nj);
-          const Index calls = (block + nr - 1) / nr * panels;
-          Index call = 0;
-          for (Index j = 0; j < block; j += nr)
-            for (Index i = 0, h; i < rows; i += h, ++call) {
-              h = gebp::panel_rows<S>(rows, i);
-              if (next_k > 0) {
-                if constexpr (TransB) gebp::prefetch_rows(next, ldb, next_cols, next_k, call, calls);
-                else gebp::prefetch_rows(next, ldb, next_k, next_cols, call, calls);
-              }
-              kernels[std::size_t(h - 1)](kb, pa + i * kb, pb + j * kb, c.data() + (i0 + i) * ldc + j0 + j, ldc,
-                                          std::min(nr, block - j), alpha, overwrite);
-            }
-        }
-      }
-    }
-  }
+  const Index b_size = K::depth_block(depth) * K::column_block(n);
+  if (Index(buffers.b.size()) < b_size) buffers.b.resize(std::size_t(b_size));
+  gebp::SourceB<TransB, S> source(b, buffers.b.data());
+  gebp::multiply<TransA>(a, depth, source, c, alpha, accumulate, buffers.a);
 }
 
 }  // namespace moe::kernels

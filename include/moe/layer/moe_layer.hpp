@@ -69,7 +69,13 @@ public:
 
   // Whether forward keeps what backward needs (a copy of x and of the token inputs): on by
   // default; off for inference, as under torch.no_grad(), which saves copying x every call.
-  void set_grad_enabled(bool enabled) { grad_enabled_ = enabled; }
+  // Experts (and shared expert) that have set_grad_enabled are told too: the built-in FFN and
+  // SwiGLU experts then keep a packed copy of their weights for forward (PackedWeights).
+  void set_grad_enabled(bool enabled) {
+    grad_enabled_ = enabled;
+    if constexpr (requires { experts_.set_grad_enabled(enabled); }) experts_.set_grad_enabled(enabled);
+    if constexpr (has_shared && requires { shared_.set_grad_enabled(enabled); }) shared_.set_grad_enabled(enabled);
+  }
   bool grad_enabled() const { return grad_enabled_; }
 
   // y [T, D_out] = sum of the weighted expert outputs (+ the shared expert). `tokens` is copied,

@@ -1,12 +1,17 @@
 #pragma once
 // E SwiGLU experts y = (silu(x Wg_e) * (x Wu_e)) Wd_e (Shazeer 2020; Mixtral, DeepSeek), one
 // GEMM per projection on each expert's contiguous block.
+// Inference cache: with grad disabled (MoELayer::set_grad_enabled(false)) or after
+// pack_weights(), forward multiplies by a packed copy of the weights (PackedWeights: same bits,
+// no packing per call) that takes as much memory again as the weights until
+// release_packed_weights(); for_each_parameter marks it stale, so it is repacked before use.
 #include <span>
 #include <string_view>
 #include <vector>
 
 #include "moe/kernels/simd.hpp"
 #include "moe/layer/ffn_experts.hpp"
+#include "moe/layer/packed_weights.hpp"
 
 namespace moe {
 
@@ -16,7 +21,7 @@ public:
   using scalar_type = S;
 
   SwiGLUExperts(Index num_experts, Index dim, Index hidden, std::uint64_t seed = 1)
-      : experts_(num_experts), dim_(dim), hidden_(hidden) {
+      : experts_(num_experts), dim_(dim), hidden_(hidden), packed_(num_experts, 3) {
     detail::check_expert_dims("SwiGLUExperts", num_experts, dim, hidden);
     wg_.resize(num_experts * dim, hidden);
     wu_.resize(num_experts * dim, hidden);
@@ -34,6 +39,19 @@ public:
   Index output_dim() const { return dim_; }
   Index hidden_dim() const { return hidden_; }
 
+  // Whether a forward is followed by backward (MoELayer::set_grad_enabled calls this): when
+  // not, forward packs the weights it uses into the inference cache.
+  void set_grad_enabled(bool enabled) { packed_.set_automatic(!enabled); }
+
+  // Packs every expert's weights now (the inference cache), for forwards until they may change.
+  void pack_weights() {
+    parallel_for(experts_, 1, [&](Index e, Index) { pack(e); });
+  }
+  // Frees the packed copy (forward packs again if grad is disabled).
+  void release_packed_weights() { packed_.release(); }
+  // Whether every expert's packed copy is current.
+  bool weights_packed() const { return packed_.all_current(); }
+
   void forward(MatrixIn<S> x, std::span<const Index> offsets, MatrixOut<S> y) {
     offsets_.assign(offsets.begin(), offsets.end());
     fit_rows(g_, x.rows(), hidden_);
@@ -44,10 +62,11 @@ public:
       auto& gemm_ = gemms_.local();
       const Index lo = offsets[e], n = offsets[e + 1] - lo;
       if (n == 0) return;
-      gemm_.run(x.middleRows(lo, n), in_block(wg_, e), g_.middleRows(lo, n));
-      gemm_.run(x.middleRows(lo, n), in_block(wu_, e), u_.middleRows(lo, n));
+      if (packed_.wanted(e)) pack(e);
+      gemm_.run(x.middleRows(lo, n), in_block(wg_, e), packed_.get(e, 0), g_.middleRows(lo, n));
+      gemm_.run(x.middleRows(lo, n), in_block(wu_, e), packed_.get(e, 1), u_.middleRows(lo, n));
       for (Index i = lo; i < lo + n; ++i) silu_times(g_.row(i).data(), u_.row(i).data(), h_.row(i).data(), hidden_);
-      gemm_.run(h_.middleRows(lo, n), out_block(wd_, e), y.middleRows(lo, n));
+      gemm_.run(h_.middleRows(lo, n), out_block(wd_, e), packed_.get(e, 2), y.middleRows(lo, n));
     });
   }
 
@@ -77,8 +96,10 @@ public:
     });
   }
 
+  // The weights may be written through the views: the packed copy is stale from here on.
   template <class F>
   void for_each_parameter(F&& visit) {
+    packed_.invalidate();
     visit(std::string_view("experts.w_gate"), MatrixOut<S>(wg_), MatrixOut<S>(wg_grad_));
     visit(std::string_view("experts.w_up"), MatrixOut<S>(wu_), MatrixOut<S>(wu_grad_));
     visit(std::string_view("experts.w_down"), MatrixOut<S>(wd_), MatrixOut<S>(wd_grad_));
@@ -97,6 +118,13 @@ private:
     for (; j < n; ++j) h[j] = g[j] * u[j] / (S(1) + kernels::exp_approx(-g[j]));
   }
 
+  void pack(Index e) {
+    packed_.pack(e, 0, in_block(wg_, e));
+    packed_.pack(e, 1, in_block(wu_, e));
+    packed_.pack(e, 2, out_block(wd_, e));
+    packed_.mark_current(e);
+  }
+
   auto in_block(Matrix<S>& m, Index e) { return m.middleRows(e * dim_, dim_); }      // [D, H]
   auto out_block(Matrix<S>& m, Index e) { return m.middleRows(e * hidden_, hidden_); }  // [H, D]
 
@@ -105,6 +133,7 @@ private:
   std::vector<Index> offsets_;
   Matrix<S> g_, u_, h_, dg_, du_;
   PerThread<Gemm<S>> gemms_;
+  PackedWeights<S> packed_;  // the inference cache
 };
 
 }  // namespace moe
