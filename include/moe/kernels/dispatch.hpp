@@ -83,10 +83,8 @@ void gather_rows(MatrixIn<S> x, std::span<const std::int32_t> slot_token, Matrix
   const bool streaming = std::size_t(slots * d) * sizeof(S) > detail::streaming_threshold_bytes;
   parallel_for(slots, 256, [&](Index begin, Index end) {
   for (Index s = begin; s < end; ++s) {
-    if (s + 2 < end && slot_token[s + 2] >= 0) {  // the source rows jump: fetch ahead
-      const char* next = reinterpret_cast<const char*>(x.row(slot_token[s + 2]).data());
-      for (Index b = 0; b < d * Index(sizeof(S)); b += 64) __builtin_prefetch(next + b);
-    }
+    if (s + 2 < end && slot_token[s + 2] >= 0)  // the source rows jump: fetch ahead
+      prefetch_lines(x.row(slot_token[s + 2]).data(), 0, d * Index(sizeof(S)));
     const auto t = slot_token[s];
     detail::scaled_copy(out.row(s).data(), t < 0 ? nullptr : x.row(t).data(),
                         scale.empty() ? S(1) : scale[s], d, streaming);
@@ -110,10 +108,7 @@ void combine_rows(const SparseRouting<S>& r, std::span<const S> weight, MatrixIn
     const Index lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
     if (t + 1 < end)  // the next token's expert rows are scattered: fetch ahead
       for (Index c = hi; c < r.token_offsets[t + 2]; ++c)
-        if (const auto s = r.choice_slot[c]; s >= 0) {
-          const char* next = reinterpret_cast<const char*>(rows.row(s).data());
-          for (Index b = 0; b < d * Index(sizeof(S)); b += 64) __builtin_prefetch(next + b);
-        }
+        if (const auto s = r.choice_slot[c]; s >= 0) prefetch_lines(rows.row(s).data(), 0, d * Index(sizeof(S)));
     Index j = 0;
     for (; j + w <= d; j += w) {
       B sum = accumulate ? B::load_unaligned(dst + j) : B(S(0));

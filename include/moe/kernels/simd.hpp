@@ -83,10 +83,17 @@ MOE_INLINE S exp_approx(S x) {
   }
 }
 
-// A read hint for the cache line `bytes` past p, which may lie past the end of p's array (the
-// address is formed as an integer, and a prefetch never faults).
-MOE_INLINE void prefetch_ahead(const void* p, std::ptrdiff_t bytes) {
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + std::uintptr_t(bytes)), 0, 3);
+// Hints for every 64-byte line of the `bytes` from `offset` past p: to read, or (Write) to be
+// written, fetched for ownership into L2. The range may lie past the end of p's array: the
+// addresses are formed as integers, and a prefetch never faults.
+template <bool Write = false>
+MOE_INLINE void prefetch_lines(const void* p, std::ptrdiff_t offset, std::ptrdiff_t bytes) {
+  const std::uintptr_t first = reinterpret_cast<std::uintptr_t>(p) + std::uintptr_t(offset);
+  for (std::ptrdiff_t b = 0; b < bytes; b += 64) {
+    const void* line = reinterpret_cast<const void*>(first + std::uintptr_t(b));
+    if constexpr (Write) __builtin_prefetch(line, 1, 2);
+    else __builtin_prefetch(line, 0, 3);
+  }
 }
 
 // Largest lane.

@@ -88,8 +88,7 @@ void softmax_rows_registers(MatrixIn<S> logits, MatrixOut<S> probs) {
   constexpr Index ahead = 8, row_bytes = Chunks * Index(B::size) * Index(sizeof(S));
   Index t = 0;
   for (; t + pair <= T; t += pair) {
-    for (int r = 0; r < pair; ++r)
-      for (Index b = 0; b < row_bytes; b += 64) prefetch_ahead(logits.row(t).data(), (r + ahead) * is * Index(sizeof(S)) + b);
+    for (int r = 0; r < pair; ++r) prefetch_lines(logits.row(t).data(), (r + ahead) * is * Index(sizeof(S)), row_bytes);
     softmax_rows_registers<B, Chunks, pair>(logits.row(t).data(), is, probs.row(t).data(), os);
   }
   if (t < T) softmax_rows_registers<B, Chunks, 1>(logits.row(t).data(), is, probs.row(t).data(), os);
@@ -129,7 +128,7 @@ void softmax_rows_token_parallel(MatrixIn<S> logits, MatrixOut<S> probs) {
       if (!block.usable()) return;
       constexpr Index ahead = 8 * w, block_bytes = w * n * Index(sizeof(S));  // eight blocks on (2-3%)
       for (; t + w <= T; t += w) {
-        for (Index b = 0; b < block_bytes; b += 64) prefetch_ahead(logits.row(t).data(), ahead * logits.outerStride() * Index(sizeof(S)) + b);
+        prefetch_lines(logits.row(t).data(), ahead * logits.outerStride() * Index(sizeof(S)), block_bytes);
         B v[n];
         block.load(logits.row(t).data(), v);
         B top = v[0];
