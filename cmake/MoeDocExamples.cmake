@@ -1,0 +1,50 @@
+# moe_add_doc_examples(<file.md>...)
+# Every ```cpp block of the given Markdown files that defines `int main` is a complete program:
+# it is written to the build tree, compiled against moe::routers with the project's warnings,
+# and run as the ctest test `docs.<page>.<n>` (label `docs`). A page's example therefore cannot
+# rot: changing the code a page shows without keeping it compiling fails the test build.
+# Blocks without `int main` are fragments and are not compiled.
+include_guard(GLOBAL)
+
+function(moe_add_doc_examples)
+  foreach(page IN LISTS ARGN)
+    cmake_path(ABSOLUTE_PATH page BASE_DIRECTORY "${CMAKE_CURRENT_SOURCE_DIR}")
+    cmake_path(GET page STEM stem)
+    string(MAKE_C_IDENTIFIER "${stem}" stem)
+    string(TOLOWER "${stem}" stem)
+    set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${page}")
+    file(READ "${page}" text)
+    # Walk the text block by block with FIND/SUBSTRING: C++ holds ';' and '[', which CMake
+    # lists would mangle, so no block is ever put in a list.
+    set(n 0)
+    while(TRUE)
+      string(FIND "${text}" "```cpp\n" open)
+      if(open EQUAL -1)
+        break()
+      endif()
+      math(EXPR body_start "${open} + 7")
+      string(SUBSTRING "${text}" ${body_start} -1 text)
+      string(FIND "${text}" "\n```" close)
+      if(close EQUAL -1)
+        message(FATAL_ERROR "${page}: a ```cpp block is not closed")
+      endif()
+      string(SUBSTRING "${text}" 0 ${close} code)
+      math(EXPR rest "${close} + 4")
+      string(SUBSTRING "${text}" ${rest} -1 text)
+      if(NOT code MATCHES "int main\\(")
+        continue()
+      endif()
+      math(EXPR n "${n} + 1")
+      set(name "doc_${stem}_${n}")
+      set(source "${CMAKE_CURRENT_BINARY_DIR}/doc_examples/${name}.cpp")
+      # Written only when it changed, so a reconfigure does not rebuild every example.
+      file(WRITE "${source}.new" "// Extracted from ${page}: edit it there.\n${code}\n")
+      file(COPY_FILE "${source}.new" "${source}" ONLY_IF_DIFFERENT)
+      file(REMOVE "${source}.new")
+      add_executable(${name} "${source}")
+      target_link_libraries(${name} PRIVATE moe::routers moe_warnings)
+      add_test(NAME "docs.${stem}.${n}" COMMAND ${name})
+      set_tests_properties("docs.${stem}.${n}" PROPERTIES LABELS docs)
+    endwhile()
+  endforeach()
+endfunction()
