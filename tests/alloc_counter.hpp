@@ -1,8 +1,8 @@
 #pragma once
-// Heap-allocation counting for the no-allocation tests (DESIGN.md §2: per-call scratch is sized
-// once). Include FIRST, before any Eigen or moe header, in exactly one translation unit of a test
-// binary: it replaces the global operator new/delete (replacements may not be inline) and turns
-// Eigen's runtime no-malloc check into a counter.
+// Heap-allocation counting for the no-allocation tests (docs/architecture.md, Workspace rule:
+// per-call scratch is sized once). Include FIRST, before any Eigen or moe header, in exactly one
+// translation unit of a test binary: it replaces the global operator new/delete (replacements may
+// not be inline) and turns Eigen's runtime no-malloc check into a counter.
 //
 //   moe_test::AllocCounter count;   // counts from here ...
 //   ...                             // ... code under test, no assertions in between

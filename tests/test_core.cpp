@@ -1,6 +1,6 @@
 // Core pieces: errors, capacity rules, kernels, Gemm, CounterRng, routing conversions and
-// statistics, argument checks. Every oracle is written from the math (ROUTERS.md §0-§1) or from
-// a literal worked by hand, never by re-running the code under test.
+// statistics, argument checks. Every oracle is written from the math (docs/selectors.md,
+// docs/architecture.md) or from a literal worked by hand, never by re-running the code under test.
 #include "support.hpp"
 
 #include <algorithm>
@@ -134,7 +134,8 @@ static_assert(mix(unmix(~0ull)) == ~0ull);
 // =============================================================================================
 
 TEST_CASE("error types derive from moe::error and the documented std exception", "[errors]") {
-  // One catch (moe::error) for every library error, one std type per kind (DESIGN.md §7).
+  // One catch (moe::error) for every library error, one std type per kind (docs/architecture.md,
+  // Errors).
   REQUIRE(std::is_base_of_v<moe::error, moe::shape_error>);
   REQUIRE(std::is_base_of_v<moe::error, moe::config_error>);
   REQUIRE(std::is_base_of_v<moe::error, moe::value_error>);
@@ -186,7 +187,7 @@ TEST_CASE("detail::fail and detail::require format 'moe: <where>: argument ...'"
 }
 
 // =============================================================================================
-// 2. Capacity (ROUTERS.md §0.1)
+// 2. Capacity (docs/selectors.md, Capacity)
 // =============================================================================================
 
 TEST_CASE("Capacity::slots reproduces each reference rule", "[capacity]") {
@@ -406,8 +407,8 @@ TEMPLATE_TEST_CASE("top_k_row matches a stable-sort oracle (descending, ties to 
   check(std::vector<S>(8, S(2)), 8);                   // all equal: 0..7
   check(std::vector<S>(13, S(-1)), 3);                 // all equal, k < E: 0, 1, 2
   check({S(0.0), S(-0.0), S(0.0)}, 2);                 // -0 == 0: still the lowest indices
-  check({1, 3, 3, 0}, 1);                              // torch argmax example of ROUTERS.md §1.10
-  check({S(.5), S(.2), S(.5), S(.2), S(.5)}, 4);       // stable-order example of §1.10
+  check({1, 3, 3, 0}, 1);                              // torch argmax case, docs/architecture.md
+  check({S(.5), S(.2), S(.5), S(.2), S(.5)}, 4);       // torch stable-sort case, same page
   check({-5, -1, -3, -1, -2, -1}, 2);                  // negative values, ties on the max
 
   // Random rows on awkward widths, values quantized to halves so ties are frequent.
@@ -810,7 +811,8 @@ TEMPLATE_TEST_CASE("conversions of a hand-built SparseRouting", "[routing]", flo
     REQUIRE(dispatch.cols() == 3 * 3);  // E * C with C = dense_capacity = 3
     REQUIRE(combine.rows() == 5);
     REQUIRE(combine.cols() == 9);
-    // ROUTERS.md §0: D in {0, 1}, at most one 1 per (e, c), W = D * weight.
+    // docs/architecture.md (The routing contract): D in {0, 1}, at most one 1 per (e, c), W = D *
+    // weight.
     CHECK((dispatch.array() * (dispatch.array() - 1) == 0).all());
     CHECK((dispatch.colwise().sum().array() <= 1).all());
     for (Index t = 0; t < 5; ++t)

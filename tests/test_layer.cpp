@@ -1,5 +1,5 @@
-// moe::MoELayer (DESIGN.md §4) with FFN (ReLU, GELU) and SwiGLU experts and an optional shared
-// expert, over the presets and custom routers of ROUTERS.md §1:
+// moe::MoELayer (docs/architecture.md) with FFN (ReLU, GELU) and SwiGLU experts and an optional
+// shared expert, over the presets and custom routers of docs/routers.md and docs/selectors.md:
 //   1. forward vs an oracle written from the math (float and double)
 //   2. finite-difference gradients in double of L = <y, R> + aux for x and every parameter
 //   3. routing invariants, masked tokens, determinism, T = 0
@@ -133,7 +133,7 @@ std::vector<Matrix<double>> gradients_of(Model& model) {
   return out;
 }
 
-// ---- the oracle: the experts' math written out (DESIGN.md §4), in double ---------------------
+// ---- the oracle: the experts' math written out (docs/experts.md), in double -------------------
 
 enum class Kind { ffn_relu, ffn_gelu, swiglu };
 
@@ -348,8 +348,8 @@ TEMPLATE_TEST_CASE("forward: every expert type and preset matches the oracle", "
 
 TEST_CASE("forward/backward: strided user buffers give the same bits as contiguous ones",
           "[layer][forward]") {
-  // DESIGN.md §1: outputs are Eigen::Ref, so a block of a wider user matrix must work and the
-  // columns around it must stay untouched.
+  // docs/architecture.md: outputs are Eigen::Ref, so a block of a wider user matrix must work and
+  // the columns around it must stay untouched.
   const Shape s{20, 6, 4, 8, 2};
   auto layer = moe::MoELayer(moe::make_topk_router<double>(s.dim, s.experts, 2, 3),
                              moe::FFNExperts<double>(s.experts, s.dim, s.hidden, Activation::gelu, 4),
@@ -804,7 +804,8 @@ TEST_CASE("no allocation: a second forward + backward on the same shapes allocat
     require_no_allocation(steady_state_allocations(layer, {{x1}}));
   }
   // Training sees a new batch every step, and the per-call scratch must still be sized once
-  // (DESIGN.md §2), also when the number of kept slots changes from batch to batch.
+  // (docs/architecture.md, Workspace rule), also when the number of kept slots changes from batch
+  // to batch.
   SECTION("capacity with drops (gshard), batches with different slot counts") {
     auto layer = moe::MoELayer(moe::make_gshard_router<double>(s.dim, s.experts, 1.0, 51),
                                moe::FFNExperts<double>(s.experts, s.dim, s.hidden, Activation::gelu, 52));
@@ -887,8 +888,8 @@ TEST_CASE("bad input: shape errors name the argument and the rule, outputs stay 
 
 TEST_CASE("bad input: a rejected forward leaves the last good forward for backward",
           "[layer][errors]") {
-  // DESIGN.md §7 and Router::forward: on error the previous state stays. Backward after a
-  // rejected batch must still differentiate the last accepted one (top-k uses the logits in
+  // docs/architecture.md (Errors) and Router::forward: on error the previous state stays. Backward
+  // after a rejected batch must still differentiate the last accepted one (top-k uses the logits in
   // backward: softmax of the kept logits and z-loss).
   const Shape s{12, 6, 4, 8, 2};
   auto layer = moe::MoELayer(moe::make_topk_router<double>(s.dim, s.experts, 2, 71),

@@ -1,6 +1,7 @@
 // Gates, the token-choice selector with every capacity rule, the losses and the Router presets,
-// each checked against a reference written from ROUTERS.md §1 (not from the code under test),
-// plus finite-difference gradients in double and the bad-input contract.
+// each checked against a reference written from docs/gates.md, docs/selectors.md and
+// docs/losses.md (not from the code under test), plus finite-difference gradients in double and
+// the bad-input contract.
 #include <algorithm>
 #include <cfloat>
 #include <map>
@@ -19,7 +20,7 @@ using moe::Weighting;
 
 namespace {
 
-// ---- reference top-k routing, straight from ROUTERS.md §1.3-1.4 ------------------------------
+// ---- reference top-k routing, straight from docs/selectors.md ---------------------------------
 
 struct RefChoice {
   int token, rank, expert;
@@ -77,7 +78,7 @@ RefRouting reference_route(const Matrix<S>& logits, const Matrix<S>& scores, Ind
     Index C = std::max(Index(c), cap.minimum);
     out.capacity = (C + cap.multiple_of - 1) / cap.multiple_of * cap.multiple_of;
   }
-  // the priority sequence of §1.4 as sort keys
+  // the priority sequence of docs/selectors.md (Capacity) as sort keys
   std::vector<std::size_t> seq(out.choices.size());
   std::iota(seq.begin(), seq.end(), 0);
   const auto key = [&](std::size_t i) {
@@ -349,7 +350,7 @@ TEST_CASE("weights sum as the weighting promises", "[selector]") {
 // ---- losses -----------------------------------------------------------------------------------
 
 namespace {
-// L = factor * sum_e f_e P_e with f, P and factor per ROUTERS.md §1.5, from the dense top-k form.
+// L = factor * sum_e f_e P_e with f, P and factor per docs/losses.md, from the dense top-k form.
 double reference_balance(BalanceNorm norm, const Matrix<double>& scores,
                          const moe::SparseRouting<double>& r, const std::vector<std::uint8_t>& valid) {
   moe::IndexMatrix experts;

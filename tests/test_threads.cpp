@@ -1,5 +1,6 @@
 // Built with OpenMP: the same inputs give bit-identical routing, outputs and gradients on 1 and
-// 2 threads (DESIGN.md §5: fixed chunks, one writer per result, serial reductions).
+// 2 threads (docs/architecture.md, Threading: fixed chunks, one writer per result, serial
+// reductions).
 #include <omp.h>
 
 #include "support.hpp"

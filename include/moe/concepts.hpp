@@ -1,7 +1,8 @@
 #pragma once
-// The contracts of the four pipeline stages and of experts (DESIGN.md §2). A policy that misses
-// a requirement is reported by the diagnose_* functions: one static_assert naming what to add,
-// instead of a page of template noise (Router and MoELayer fall back to them).
+// The contracts of the four pipeline stages and of experts (docs/architecture.md and the policy
+// pages). A policy that misses a requirement is reported by the diagnose_* functions: one
+// static_assert naming what to add, instead of a page of template noise (Router and MoELayer fall
+// back to them).
 #include <concepts>
 #include <span>
 #include <string_view>

@@ -1,6 +1,7 @@
 #pragma once
-// The error hierarchy of DESIGN.md §7. Every public entry point validates its arguments before
-// writing anything, and throws one of these with a message naming argument, value and rule.
+// The error hierarchy of docs/architecture.md (Errors). Every public entry point validates its
+// arguments before writing anything, and throws one of these with a message naming argument, value
+// and rule.
 #include <sstream>
 #include <stdexcept>
 #include <string>

@@ -1,5 +1,5 @@
 #pragma once
-// Umbrella header: everything a user of moe-routers needs (DESIGN.md §9 shows the layout).
+// Umbrella header: everything a user of moe-routers needs (docs/architecture.md shows the layout).
 #include "moe/version.hpp"
 #include "moe/config.hpp"
 #include "moe/errors.hpp"

@@ -1,6 +1,7 @@
 #pragma once
-// Named routers (DESIGN.md §2): each preset is an alias of moe::Router plus a make_ function
-// that fills in the reference's defaults (ROUTERS.md §1). Nothing here is a new class.
+// Named routers (docs/routers.md): each preset is an alias of moe::Router plus a make_ function
+// that fills in the reference's defaults (each listed in docs/routers.md). Nothing here is a new
+// class.
 #include "moe/gates/softmax.hpp"
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/z_loss.hpp"

@@ -1,7 +1,8 @@
 #pragma once
-// moe::Router<Scorer, Gate, Selector, Losses...> (DESIGN.md §2): the composition of the four
-// stages, forward and backward. A policy that does not model its stage's concept selects the
-// diagnosing primary template below, which names the missing member in one static_assert.
+// moe::Router<Scorer, Gate, Selector, Losses...> (docs/architecture.md, Pipeline): the composition
+// of the four stages, forward and backward. A policy that does not model its stage's concept
+// selects the diagnosing primary template below, which names the missing member in one
+// static_assert.
 #include <algorithm>
 #include <array>
 #include <span>

@@ -1,7 +1,7 @@
 #pragma once
-// The routing result (DESIGN.md §3): who goes to which expert slot with which combine weight,
-// in the sparse index form every sparse router produces, plus conversions to the other common
-// forms and the routing statistics.
+// The routing result (docs/architecture.md, The routing contract): who goes to which expert slot
+// with which combine weight, in the sparse index form every sparse router produces, plus
+// conversions to the other common forms and the routing statistics.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -115,8 +115,9 @@ Index dense_capacity(const SparseRouting<S>& r) {
   return c;
 }
 
-// The full dispatch and combine tensors of ROUTERS.md §0, [T, E, C] flattened to [T, E*C]
-// (column e*C + c is slot c of expert e). Meant for small tests and for interop.
+// The full dispatch and combine tensors (docs/architecture.md, The routing contract), [T, E, C]
+// flattened to [T, E*C] (column e*C + c is slot c of expert e). Meant for small tests and for
+// interop.
 template <class S>
 void to_dispatch_combine(const SparseRouting<S>& r, Matrix<S>& dispatch, Matrix<S>& combine) {
   const Index cap = dense_capacity(r);

@@ -1,7 +1,8 @@
 #pragma once
-// The one threading runtime (DESIGN.md §5): optional OpenMP over independent index ranges.
-// Work is split into fixed chunks and every result is written by exactly one iteration, so
-// outputs are bit-identical for any thread count; reductions stay serial in a fixed order.
+// The one threading runtime (docs/architecture.md, Threading): optional OpenMP over independent
+// index ranges. Work is split into fixed chunks and every result is written by exactly one
+// iteration, so outputs are bit-identical for any thread count; reductions stay serial in a fixed
+// order.
 #include <algorithm>
 #include <exception>
 

@@ -1,5 +1,5 @@
 #pragma once
-// Counter-based random numbers (DESIGN.md §6): a draw is a pure function of
+// Counter-based random numbers (docs/architecture.md, Determinism): a draw is a pure function of
 // (seed, step, token, expert), so results do not depend on thread count or call order and
 // another framework can reproduce the same draws from the same key.
 #include <cmath>

@@ -1,5 +1,6 @@
 #pragma once
-// Tensor aliases (DESIGN.md §1): a routing group is a row-major [T, D] matrix, one token a row.
+// Tensor aliases (docs/architecture.md, Pipeline): a routing group is a row-major [T, D] matrix,
+// one token a row.
 #include <Eigen/Core>
 #include <concepts>
 #include <cstdint>
@@ -24,7 +25,8 @@ using MatrixOut = Eigen::Ref<Matrix<S>>;
 template <class S>
 concept scalar = std::same_as<S, float> || std::same_as<S, double>;
 
-// Optional per-token inputs that travel with a batch (DESIGN.md §1). Empty spans mean "absent".
+// Optional per-token inputs that travel with a batch (docs/architecture.md, Per-token inputs).
+// Empty spans mean "absent".
 template <class S>
 struct TokenInputs {
   // 1 = a real token, 0 = padding: never routed, never counted in capacity or in a loss.

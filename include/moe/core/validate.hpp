@@ -1,5 +1,6 @@
 #pragma once
-// Checks shared by every public entry point, run before anything is written (DESIGN.md §7).
+// Checks shared by every public entry point, run before anything is written (docs/architecture.md,
+// Errors).
 #include <cmath>
 #include <sstream>
 #include <string>

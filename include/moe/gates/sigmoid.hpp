@@ -1,6 +1,6 @@
 #pragma once
 // Sigmoid gate: scores = 1 / (1 + exp(-logits)), independently per expert (Megatron
-// `score_function=sigmoid`, DeepSeek-V3; ROUTERS.md §1.8-1.9).
+// `score_function=sigmoid`, DeepSeek-V3; docs/gates.md).
 #include <cmath>
 
 #include "moe/core/math.hpp"

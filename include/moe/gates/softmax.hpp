@@ -1,5 +1,5 @@
 #pragma once
-// Softmax gate: scores = softmax(logits) over experts (Switch, GShard, Mixtral; ROUTERS.md §1).
+// Softmax gate: scores = softmax(logits) over experts (Switch, GShard, Mixtral; docs/gates.md).
 #include "moe/core/tensor.hpp"
 #include "moe/kernels/softmax.hpp"
 

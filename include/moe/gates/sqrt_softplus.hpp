@@ -1,6 +1,6 @@
 #pragma once
 // Square-root softplus gate: scores = sqrt(log(1 + exp(logits))) (Megatron
-// `score_function=sqrtsoftplus`; ROUTERS.md §1.8).
+// `score_function=sqrtsoftplus`; docs/gates.md).
 #include <algorithm>
 #include <cmath>
 

@@ -1,7 +1,7 @@
 #pragma once
-// Squared Euclidean distances from tokens to codebook entries (VQMoE, ROUTERS.md §8):
-// d[t, j] = |x_t|^2 + |c_j|^2 - 2 <x_t, c_j>, the cross term one GEMM. Rounding can make a
-// tiny distance negative; it is clamped at 0. scalar::squared_distances is the twin.
+// Squared Euclidean distances from tokens to codebook entries (VQMoE, docs/routers.md, Planned
+// routers): d[t, j] = |x_t|^2 + |c_j|^2 - 2 <x_t, c_j>, the cross term one GEMM. Rounding can make
+// a tiny distance negative; it is clamped at 0. scalar::squared_distances is the twin.
 #include <vector>
 
 #include "moe/core/gemm.hpp"

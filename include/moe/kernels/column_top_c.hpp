@@ -1,8 +1,8 @@
 #pragma once
-// Per-column top-C (expert choice, ROUTERS.md §3): for each expert e, the C tokens with the
-// largest values in column e, in (value desc, token asc) order. Each column is copied once
-// (a strided read), partitioned around its C-th entry in linear time, and only the C winners
-// are sorted. scalar::top_c_per_column, a full stable sort per column, is the twin.
+// Per-column top-C (expert choice, docs/routers.md, Planned routers): for each expert e, the C
+// tokens with the largest values in column e, in (value desc, token asc) order. Each column is
+// copied once (a strided read), partitioned around its C-th entry in linear time, and only the C
+// winners are sorted. scalar::top_c_per_column, a full stable sort per column, is the twin.
 #include <algorithm>
 #include <cstdint>
 #include <numeric>

@@ -1,5 +1,6 @@
 #pragma once
-// Sinkhorn iterations for the balanced routing plan of "Routers in Vision MoE" (ROUTERS.md §5):
+// Sinkhorn iterations for the balanced routing plan of "Routers in Vision MoE"
+// (docs/routers.md, Planned routers):
 // K = exp(logits / eps), u = 1_T, v = 1_E; repeat: v = b / (K^T u), u = a / (K v);
 // plan = diag(u) K diag(v). Row marginals a = 1 per token, column marginals b = T/E per expert
 // (ott-jax defaults, fixed iteration count, column update first). Each row of K is taken

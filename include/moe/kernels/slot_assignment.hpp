@@ -1,8 +1,8 @@
 #pragma once
-// Deterministic counting-sort slot assignment (ROUTERS.md §1.4): walk a priority sequence of
-// (token, choice) pairs, let each expert keep its first `capacity` of them, then lay the kept
-// pairs out grouped by expert, in token order or in priority order. Two linear passes and a
-// prefix sum; no comparison sort, no atomics. scalar::assign_slots is the twin.
+// Deterministic counting-sort slot assignment (docs/selectors.md, Capacity): walk a priority
+// sequence of (token, choice) pairs, let each expert keep its first `capacity` of them, then lay
+// the kept pairs out grouped by expert, in token order or in priority order. Two linear passes and
+// a prefix sum; no comparison sort, no atomics. scalar::assign_slots is the twin.
 #include <algorithm>
 #include <cstdint>
 #include <limits>

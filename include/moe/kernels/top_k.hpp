@@ -1,7 +1,8 @@
 #pragma once
 // Top-k of one row: indices of the k largest values in descending order, ties broken to the
-// lowest index (DESIGN.md §6). The SIMD kernel takes k vectorised passes (maximum, first index
-// holding it, knock it out); scalar::top_k_row, an insertion into a sorted run of k, is its twin.
+// lowest index (docs/architecture.md, Determinism). The SIMD kernel takes k vectorised passes
+// (maximum, first index holding it, knock it out); scalar::top_k_row, an insertion into a sorted
+// run of k, is its twin.
 #include <algorithm>
 #include <bit>
 #include <cstdint>

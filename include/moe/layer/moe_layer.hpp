@@ -1,7 +1,7 @@
 #pragma once
-// moe::MoELayer<Router, Experts, Shared> (DESIGN.md §4): route, dispatch each expert's tokens
-// into one contiguous block, one GEMM per block, combine the weighted rows back per token; an
-// optional shared expert sees every token. Backward runs the same arrows in reverse.
+// moe::MoELayer<Router, Experts, Shared> (docs/architecture.md, Pipeline): route, dispatch each
+// expert's tokens into one contiguous block, one GEMM per block, combine the weighted rows back per
+// token; an optional shared expert sees every token. Backward runs the same arrows in reverse.
 #include <array>
 #include <span>
 #include <string>

@@ -1,5 +1,5 @@
 #pragma once
-// Load-balancing auxiliary loss, L = c * sum_e f_e P_e (ROUTERS.md §1.5). f_e is the fraction of
+// Load-balancing auxiliary loss, L = c * sum_e f_e P_e (docs/losses.md). f_e is the fraction of
 // routed (token, choice) pairs that chose expert e before capacity dropping, P_e the mean gate
 // score of e; the references differ only in which choices count and how they normalise, so each
 // is a named variant. Padding tokens count nowhere. Gradient flows through P only.

@@ -1,5 +1,6 @@
 #pragma once
-// Router z-loss (ST-MoE; ROUTERS.md §1.5): L = mean over real tokens of (logsumexp_e logits)^2.
+// Router z-loss (ST-MoE; docs/losses.md, ZLoss):
+// L = mean over real tokens of (logsumexp_e logits)^2.
 // Keeps logits small so the fp32 softmax stays accurate. Gradient: 2 lse_t softmax(l_t) / T.
 #include <algorithm>
 #include <cmath>

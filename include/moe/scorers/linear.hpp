@@ -1,5 +1,5 @@
 #pragma once
-// Linear scorer: logits = x W^T (+ b), W in R^{E x D} (every token-choice router; ROUTERS.md §0).
+// Linear scorer: logits = x W^T (+ b), W in R^{E x D} (every token-choice router; docs/scorers.md).
 // Initialised from N(0, init_scale / D) by the counter-based generator, so a seed fixes it.
 #include <cmath>
 #include <string_view>

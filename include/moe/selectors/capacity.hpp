@@ -1,5 +1,5 @@
 #pragma once
-// Capacity of token-choice routers (ROUTERS.md §0.1, §1.4): how many slots each expert has,
+// Capacity of token-choice routers (docs/selectors.md, Capacity): how many slots each expert has,
 // which (token, choice) pairs win them when an expert overflows, and in which order the winners
 // sit in the expert's buffer. Every reference rule is one setting of this struct:
 //   GShard/vmoe:         {.factor = cf, .times_k = true, .multiple_of = 4 (vmoe)}, rank_major
@@ -19,7 +19,7 @@ namespace moe {
 
 enum class Rounding { ceil, round, floor };
 
-// Which pairs win the slots of an overflowing expert (ROUTERS.md §1.4).
+// Which pairs win the slots of an overflowing expert (docs/selectors.md, Capacity).
 enum class OverflowOrder {
   rank_major,      // all first choices (token order), then all second choices, ... (GShard)
   token_major,     // token order over all its choices (DeepSpeed/Megatron 'position')

@@ -1,8 +1,8 @@
 #pragma once
-// Token-choice top-k selector (Switch k=1, GShard k=2, generic k; ROUTERS.md §1.1-1.4, §1.10).
+// Token-choice top-k selector (Switch k=1, GShard k=2, generic k; docs/selectors.md).
 // Each real token picks the k experts with the largest rank values (ties to the lower expert),
 // then capacity decides which (token, choice) pairs keep a slot, in the overflow order of
-// ROUTERS.md §1.4. Combine weights follow one of the reference normalisations below.
+// docs/selectors.md (Capacity). Combine weights follow one of the reference normalisations below.
 #include <algorithm>
 #include <cmath>
 #include <limits>
