@@ -1,5 +1,7 @@
 #pragma once
 // Tensor aliases (DESIGN.md §1): a routing group is a row-major [T, D] matrix, one token a row.
+#include "moe/config.hpp"  // first: it includes the intrinsics header before Eigen does
+
 #include <Eigen/Core>
 #include <concepts>
 #include <cstdint>
