@@ -2,6 +2,9 @@
 // Shared pieces of the benchmarks: the shapes, pre-generated inputs and the counters.
 #include <benchmark/benchmark.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
 #include <vector>
 
 #include <moe/moe.hpp>
@@ -10,6 +13,21 @@ namespace moe_bench {
 
 using moe::Index;
 using moe::Matrix;
+
+// With MOE_BENCH_SMOKE set in the environment every benchmark registers one small shape instead
+// of its real ones, so the `bench_smoke` test runs each of them once in seconds: a benchmark that
+// breaks fails the test run instead of the next measurement.
+inline bool smoke_run() { return std::getenv("MOE_BENCH_SMOKE") != nullptr; }
+
+// Registers the `full` argument lists, or only `small` in a smoke run.
+inline void shapes(benchmark::internal::Benchmark* b, std::initializer_list<std::vector<std::int64_t>> full,
+                   const std::vector<std::int64_t>& small) {
+  if (smoke_run()) {
+    b->Args(small);
+    return;
+  }
+  for (const auto& args : full) b->Args(args);
+}
 
 // A branch predictor learns inputs that repeat, so routing benchmarks rotate through this many
 // pre-generated logit sets (generated outside the timer).

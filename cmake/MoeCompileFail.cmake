@@ -1,14 +1,15 @@
-# moe_add_compile_fail_test(NAME <test> SOURCE <file.cpp> EXPECT <regex>)
+# moe_add_compile_fail_test(NAME <test> SOURCE <file.cpp> EXPECT <regex> [REJECT <regex>])
 #   (positional form also accepted: moe_add_compile_fail_test(<test> <file.cpp> <regex>))
 # Registers a ctest test (label `compile_fail`) that passes only if <file.cpp> fails to compile
-# with a diagnostic matching <regex>. It compiles with -fsyntax-only against the same include
+# with a diagnostic matching the EXPECT regex and no diagnostic matching REJECT (a follow-on error
+# that would only confuse the user). It compiles with -fsyntax-only against the same include
 # paths as moe::routers, so it checks our static_assert messages, not a link step.
 # <regex> must not contain ';' (it would split the ctest argument). GCC/Clang only (-fsyntax-only).
 include_guard(GLOBAL)
 
 function(moe_add_compile_fail_test)
   if(ARGV0 STREQUAL "NAME")
-    cmake_parse_arguments(PARSE_ARGV 0 arg "" "NAME;SOURCE;EXPECT" "")
+    cmake_parse_arguments(PARSE_ARGV 0 arg "" "NAME;SOURCE;EXPECT;REJECT" "")
   else()
     set(arg_NAME "${ARGV0}")
     set(arg_SOURCE "${ARGV1}")
@@ -38,6 +39,7 @@ function(moe_add_compile_fail_test)
       "-DFLAGS=${flags}"
       "-DSOURCE=${arg_SOURCE}"
       "-DEXPECT=${arg_EXPECT}"
+      "-DREJECT=${arg_REJECT}"
       -P "${CMAKE_CURRENT_FUNCTION_LIST_DIR}/compile_fail.cmake")
   set_tests_properties("${arg_NAME}" PROPERTIES LABELS compile_fail)
 endfunction()

@@ -1,6 +1,7 @@
 # Compile-fail check: SOURCE must be rejected by the compiler with a diagnostic matching EXPECT.
 #   cmake -DCXX=<compiler> -DFLAGS=<list of flags> -DSOURCE=<file.cpp> -DEXPECT=<regex>
-#         -P compile_fail.cmake
+#         [-DREJECT=<regex>] -P compile_fail.cmake
+# and no diagnostic may match REJECT (a misleading follow-on error).
 # Both conditions matter: exiting non-zero alone would also pass on a typo or a missing include.
 foreach(var CXX SOURCE EXPECT)
   if(NOT DEFINED ${var} OR "${${var}}" STREQUAL "")
@@ -21,4 +22,8 @@ endif()
 if(NOT output MATCHES "${EXPECT}")
   message(FATAL_ERROR "${SOURCE} failed to compile as expected, but no diagnostic matches\n"
                       "  ${EXPECT}\nCompiler output:\n${output}")
+endif()
+if(REJECT AND output MATCHES "${REJECT}")
+  message(FATAL_ERROR "${SOURCE} failed to compile with the expected diagnostic, but also with one "
+                      "matching\n  ${REJECT}\nCompiler output:\n${output}")
 endif()

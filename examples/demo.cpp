@@ -24,37 +24,55 @@ Settings parse(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--hidden")) s.hidden = v;
     else if (!std::strcmp(argv[i], "--reps")) s.reps = v;
     else { std::fprintf(stderr, "unknown option %s\n", argv[i]); std::exit(2); }
+    if (v < 1) { std::fprintf(stderr, "option %s must be a whole number >= 1, not '%s'\n", argv[i], argv[i + 1]); std::exit(2); }
   }
+  if (argc % 2 == 0) { std::fprintf(stderr, "option %s has no value\n", argv[argc - 1]); std::exit(2); }
   return s;
 }
 
-// Runs forward + backward `reps` times after one warm-up call and prints the preset's row.
+// Runs forward + backward `reps` times after one warm-up call, timing each pass on its own, and
+// prints the preset's row.
 template <class Router>
 void run(const char* name, Router router, const Settings& s, const moe::Matrix<float>& x) {
+  using clock = std::chrono::steady_clock;
   moe::MoELayer layer(std::move(router), moe::FFNExperts<float>(s.experts, s.dim, s.hidden));
   moe::Matrix<float> y(s.tokens, s.dim), dx(s.tokens, s.dim);
   const moe::Matrix<float> dy = moe::Matrix<float>::Ones(s.tokens, s.dim) / float(s.tokens);
   layer.forward(x, y);  // warm-up: sizes every workspace once
   layer.backward(dy, dx);
-  const auto start = std::chrono::steady_clock::now();
+  double forward_s = 0, backward_s = 0;
   for (moe::Index i = 0; i < s.reps; ++i) {
+    const auto t0 = clock::now();
     layer.forward(x, y);
+    const auto t1 = clock::now();
     layer.backward(dy, dx);
+    forward_s += std::chrono::duration<double>(t1 - t0).count();
+    backward_s += std::chrono::duration<double>(clock::now() - t1).count();
   }
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const auto& r = layer.routing();
-  std::printf("| %-20s | %12.0f | %9.2f | %7.3f | %16.3f |\n", name,
-              double(s.tokens * s.reps) / seconds, 100.0 * moe::drop_fraction(r), moe::load_cv(r),
-              moe::experts_per_token(r));
+  const std::string capacity = r.capacity < 0 ? "none" : std::to_string(r.capacity);
+  std::string aux;  // each aux loss's raw value, in the order the router lists them
+  for (const float v : layer.router().loss_values()) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%s%.4f", aux.empty() ? "" : " ", double(v));
+    aux += buf;
+  }
+  const double ms = 1e3 / double(s.reps);
+  std::printf("| %-20s | %9.0f | %8.2f | %8.2f | %8s | %7.2f | %7.3f | %8.3f | %-16s |\n", name,
+              double(s.tokens) * double(s.reps) / forward_s, forward_s * ms, backward_s * ms,
+              capacity.c_str(), 100.0 * moe::drop_fraction(r), moe::load_cv(r),
+              moe::experts_per_token(r), aux.c_str());
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   const Settings s = parse(argc, argv);
-  std::printf("moe-routers %s demo: T=%ld tokens, D=%ld, E=%ld experts, FFN hidden %ld (GELU), "
-              "float, forward + backward\n\n",
+  std::printf("moe-routers %s demo: T=%ld tokens, D=%ld, E=%ld experts, FFN hidden %ld (GELU), float\n",
               MOE_VERSION_STRING, long(s.tokens), long(s.dim), long(s.experts), long(s.hidden));
+  std::printf("SIMD target %s, %d thread%s, mean of %ld forward + backward passes after "
+              "one warm-up\n\n",
+              moe::simd_target(), moe::max_threads(), moe::max_threads() == 1 ? "" : "s", long(s.reps));
   // Tokens from a few clusters, so routing has structure to find (and load is not uniform).
   moe::Matrix<float> x(s.tokens, s.dim);
   const moe::CounterRng rng(42);
@@ -62,13 +80,18 @@ int main(int argc, char** argv) {
     for (moe::Index j = 0; j < s.dim; ++j)
       x(t, j) = float(rng.normal(t, j) + 2.0 * rng.normal(t % 5, s.dim + j));
 
-  std::printf("| %-20s | %12s | %9s | %7s | %16s |\n", "preset", "tokens/s", "dropped %", "load CV",
-              "experts / token");
-  std::printf("|%s|%s|%s|%s|%s|\n", std::string(22, '-').c_str(), std::string(14, '-').c_str(),
-              std::string(11, '-').c_str(), std::string(9, '-').c_str(), std::string(18, '-').c_str());
+  std::printf("| %-20s | %9s | %8s | %8s | %8s | %7s | %7s | %8s | %-16s |\n", "preset", "fwd tok/s",
+              "fwd ms", "bwd ms", "capacity", "drop %", "load CV", "exp/tok", "aux losses");
+  std::printf("|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s|\n", std::string(22, '-').c_str(),
+              std::string(10, '-').c_str(), std::string(9, '-').c_str(), std::string(9, '-').c_str(),
+              std::string(9, '-').c_str(), std::string(8, '-').c_str(), std::string(8, '-').c_str(),
+              std::string(9, '-').c_str(), std::string(18, '-').c_str());
   run("SwitchRouter", moe::make_switch_router<float>(s.dim, s.experts), s, x);
   run("GShardRouter", moe::make_gshard_router<float>(s.dim, s.experts), s, x);
   run("TopKRouter", moe::make_topk_router<float>(s.dim, s.experts, 2), s, x);
   run("DeepSpeedTopKRouter", moe::make_deepspeed_topk_router<float>(s.dim, s.experts, 2), s, x);
+  std::printf("\ncapacity: slots per expert (none: dropless); drop %%: (token, choice) pairs dropped; "
+              "load CV: std/mean of tokens per expert;\nexp/tok: experts per real token; aux losses: "
+              "each loss's raw value, in the preset's order (balance, then z-loss).\n");
   return 0;
 }

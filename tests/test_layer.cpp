@@ -881,8 +881,16 @@ TEST_CASE("bad input: shape errors name the argument and the rule, outputs stay 
     bad(5, 2) = NAN;
     REQUIRE_THROWS_AS(layer.forward(bad, y), moe::value_error);
     REQUIRE_THROWS_AS(layer.forward(bad, y), moe::error);
-    REQUIRE_THROWS_WITH(layer.forward(bad, y), Contains("finite"));
+    REQUIRE_THROWS_WITH(layer.forward(bad, y), Contains("'x'") && Contains("nan at (5, 2)") && Contains("finite"));
     REQUIRE(untouched(y));
+  }
+  SECTION("backward before any forward says so") {
+    Matrix<double> dx = Matrix<double>::Constant(s.tokens, s.dim, sentinel);
+    const Matrix<double> dy = random_matrix<double>(s.tokens, s.dim, 66);
+    REQUIRE_THROWS_AS(layer.backward(dy, dx), moe::config_error);
+    REQUIRE_THROWS_WITH(layer.backward(dy, dx), Contains("'forward'") && Contains("not run") &&
+                                                    Contains("backward needs a forward before it"));
+    REQUIRE(untouched(dx));
   }
 }
 

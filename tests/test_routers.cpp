@@ -637,6 +637,25 @@ TEST_CASE("bad configuration throws config_error naming argument, value and rule
   require_error<moe::config_error>([] { moe::TopKSelector<float>(2, {.capacity = {.factor = -1.0}}); },
                                    {"capacity.factor", "= -1"});
   require_error<moe::config_error>([] { moe::LinearScorer<float>(4, 0); }, {"num_experts", "= 0"});
+  // k > E is known as soon as the router is composed, before any batch
+  require_error<moe::config_error>(
+      [] { moe::Router(moe::LinearScorer<double>(4, 3), moe::SoftmaxGate<double>{}, moe::TopKSelector<double>(4)); },
+      {"'k'", "= 4", "k <= number of experts (3)"});
+  require_error<moe::config_error>([] { moe::make_topk_router<float>(4, 3, 5); }, {"'k'", "= 5", "(3)"});
+  require_error<moe::config_error>(
+      [] { moe::Router(moe::LinearScorer<float>(4, 1), moe::SoftmaxGate<float>{}, moe::TopKSelector<float, 2>{}); },
+      {"'k'", "= 2", "(1)"});
+}
+
+TEST_CASE("a static-k selector takes an empty brace list as default options", "[selector]") {
+  // ({}) would be ambiguous between Options and the move constructor without the list overload
+  const moe::TopKSelector<float, 1> braces({});
+  const moe::TopKSelector<float, 1> defaults;
+  REQUIRE(braces.k() == 1);
+  REQUIRE(braces.options().weighting == defaults.options().weighting);
+  REQUIRE_FALSE(braces.options().capacity.limited());
+  const moe::TopKSelector<float, 2> designated({.weighting = Weighting::renormalize_before_drop});
+  REQUIRE(designated.options().weighting == Weighting::renormalize_before_drop);
 }
 
 TEST_CASE("bad input throws before anything is written", "[errors]") {
@@ -647,10 +666,25 @@ TEST_CASE("bad input throws before anything is written", "[errors]") {
     REQUIRE(router.routing().slot_token == before.slot_token);
     REQUIRE(router.routing().slot_weight == before.slot_weight);
   };
-  SECTION("k > E") {
-    auto big = moe::Router(moe::LinearScorer<double>(4, 3), moe::SoftmaxGate<double>{}, moe::TopKSelector<double>(4));
-    require_error<moe::config_error>([&] { big.forward(good); }, {"'k'", "= 4", "k <= number of experts (3)"});
-    REQUIRE(big.routing().num_tokens == 0);
+  SECTION("k > E, for a selector used on its own: rejected at the batch") {
+    moe::TopKSelector<double> selector(4);
+    const Matrix<double> logits = random_matrix<double>(6, 3, 2);
+    moe::SparseRouting<double> r;
+    require_error<moe::config_error>([&] { selector.forward({logits, logits, logits, {}}, r); },
+                                     {"'k'", "= 4", "k <= number of experts (3)"});
+    REQUIRE(r.num_tokens == 0);
+  }
+  SECTION("backward before any forward") {
+    auto fresh = moe::make_topk_router<double>(4, 3, 2);
+    Matrix<double> dx(6, 4);
+    require_error<moe::config_error>([&] { fresh.backward(good, {}, {}, dx); }, {"'forward'", "not run"});
+    require_error<moe::config_error>([&] { fresh.backward_logits({}, {}); }, {"'forward'", "not run"});
+  }
+  SECTION("backward with a gradient of the wrong length") {
+    Matrix<double> dx(6, 4);
+    const std::vector<double> short_dw(std::size_t(before.num_slots() - 1), 1.0);
+    require_error<moe::shape_error>([&] { router.backward(good, {}, short_dw, dx); },
+                                    {"dslot_weight.size", std::to_string(before.num_slots())});
   }
   SECTION("width mismatch") {
     const Matrix<double> wide = random_matrix<double>(6, 5, 1);
@@ -662,10 +696,16 @@ TEST_CASE("bad input throws before anything is written", "[errors]") {
     require_error<moe::shape_error>([&] { router.forward(good, {.valid = valid}); }, {"tokens.valid", "= 5"});
     unchanged();
   }
-  SECTION("NaN and Inf in the logits") {
+  SECTION("NaN and Inf in x or in the logits") {
     Matrix<double> bad = good;
     bad(2, 1) = std::numeric_limits<double>::quiet_NaN();
-    require_error<moe::value_error>([&] { router.forward(bad); }, {"'logits'", "nan", "finite"});
+    // named where the user can fix it: the entry of x, not the logits it spoiled
+    require_error<moe::value_error>([&] { router.forward(bad); }, {"'x'", "nan at (2, 1)", "finite"});
+    unchanged();
+    // finite x whose logits overflow: the logits are what is not finite
+    const Matrix<double> huge = Matrix<double>::Constant(6, 4, 1e300);
+    router.scorer().weight().setConstant(1e300);
+    require_error<moe::value_error>([&] { router.forward(huge); }, {"'logits'", "inf at (0, 0)"});
     unchanged();
     Matrix<double> logits = Matrix<double>::Zero(6, 3);
     logits(4, 2) = std::numeric_limits<double>::infinity();
@@ -681,7 +721,7 @@ TEST_CASE("bad input throws before anything is written", "[errors]") {
     const auto losses = big.loss_values();
     Matrix<double> bad = random_matrix<double>(T, 4, 4);
     bad(T - 1, 0) = std::numeric_limits<double>::quiet_NaN();
-    require_error<moe::value_error>([&] { big.forward(bad); }, {"'logits'", "nan"});
+    require_error<moe::value_error>([&] { big.forward(bad); }, {"'x'", "nan at (4999, 0)"});
     REQUIRE(big.routing().slot_token == first.slot_token);
     REQUIRE(big.routing().slot_weight == first.slot_weight);
     REQUIRE(big.routing().choice_expert == first.choice_expert);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <span>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -29,6 +30,8 @@ class Router {
                 "moe::Router: the scorer, gate, selector and losses must share one scalar_type");
 
 public:
+  // Tells MoELayer that this router has printed its diagnosis, so the layer adds none of its own.
+  static constexpr bool diagnoses_policy_error = true;
   template <class... Args>
   explicit Router(Args&&...) {}  // absorbs the construction so only the diagnosis is printed
 };
@@ -51,7 +54,11 @@ public:
 
   Router(Scorer scorer, Gate gate, Selector selector, Losses... losses)
       : scorer_(std::move(scorer)), gate_(std::move(gate)), selector_(std::move(selector)),
-        losses_(std::move(losses)...) {}
+        losses_(std::move(losses)...) {
+    // A selector that depends on the number of experts (k <= E) is checked now, not at the
+    // first batch.
+    if constexpr (requires { selector_.check_experts(Index{}); }) selector_.check_experts(num_experts());
+  }
 
   Index input_dim() const { return scorer_.input_dim(); }
   Index num_experts() const { return scorer_.num_experts(); }
@@ -65,7 +72,13 @@ public:
     fit(logits, x.rows(), num_experts());
     if (state_[current_].logits.size() == 0) fit(state_[current_].logits, x.rows(), num_experts());  // first call sizes both
     scorer_.forward(x, tokens, logits);
-    return route_logits(logits, tokens);
+    try {
+      return route_logits(logits, tokens);
+    } catch (const value_error&) {
+      // Non-finite logits: name the entry of x they came from, when x has one.
+      detail::check_finite<S>("Router::forward", "x", x);
+      throw;
+    }
   }
 
   // Routing from logits the caller already has ([T, E]); the scorer is skipped. The logits are
@@ -81,12 +94,22 @@ public:
   // Needs the x and tokens of the last forward.
   void backward(MatrixIn<S> x, const TokenInputs<S>& tokens, std::span<const S> dslot_weight,
                 MatrixOut<S> dx) {
+    detail::require<config_error>(routed_, "Router::backward", "forward", "not run",
+                                  "backward needs a forward before it");
+    detail::check_shape("Router::backward", "x", x, logits_rows_, input_dim());
+    detail::check_shape("Router::backward", "dx", dx, logits_rows_, input_dim());
     backward_logits(tokens, dslot_weight);
     scorer_.backward(x, tokens, dlogits_, dx);
   }
 
   // The same without a scorer: d(loss)/d(logits) of the last forward or route.
   const Matrix<S>& backward_logits(const TokenInputs<S>& tokens, std::span<const S> dslot_weight) {
+    detail::require<config_error>(routed_, "Router::backward", "forward", "not run",
+                                  "backward needs a forward (or route) before it");
+    detail::check_tokens("Router::backward", tokens, logits_rows_, num_experts());
+    if (Index(dslot_weight.size()) != routing_.num_slots())
+      detail::fail<shape_error>("Router::backward", "dslot_weight.size", dslot_weight.size(),
+                                "one entry per slot of the last routing (" + std::to_string(routing_.num_slots()) + ")");
     const MatrixIn<S> logits = this->logits();
     fit(dscores_, logits.rows(), logits.cols());
     fit(dlogits_, logits.rows(), logits.cols());
@@ -220,6 +243,7 @@ private:
     else selector_.forward({logits, st.scores, rank_view(st), tokens}, routing_);  // validates before it writes
     current_ = next;
     scores_stale_ = true;
+    routed_ = true;
     logits_data_ = logits.data();
     logits_rows_ = T;
     logits_stride_ = logits.outerStride();
@@ -247,6 +271,7 @@ private:
   bool scores_stale_ = true;
   Matrix<S> block_sums_;         // per gating block, the column sums of its scores (real tokens)
   std::vector<S> score_sums_;    // their sum: LossInput::score_sums
+  bool routed_ = false;              // a forward or route has succeeded (backward has a state)
   const S* logits_data_ = nullptr;  // the logits routed last: the router's own or the caller's
   Index logits_rows_ = 0, logits_stride_ = 0;
   routing_type routing_;

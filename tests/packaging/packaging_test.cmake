@@ -17,7 +17,8 @@ set(configure_args -G "${GENERATOR}"
   "-DEigen3_DIR=${Eigen3_DIR}"
   "-Dxsimd_DIR=${xsimd_DIR}"
   "-DMOE_USE_OPENMP=${MOE_USE_OPENMP}"
-  "-DMOE_USE_BLAS=${MOE_USE_BLAS}")
+  "-DMOE_USE_BLAS=${MOE_USE_BLAS}"
+  "-DMOE_ARCH=${MOE_ARCH}")
 if(MAKE_PROGRAM)
   list(APPEND configure_args "-DCMAKE_MAKE_PROGRAM=${MAKE_PROGRAM}")
 endif()
@@ -80,3 +81,15 @@ endif()
 step("building the consumer" "${CMAKE_COMMAND}" --build "${consumer_build}" ${config_args})
 step("running the consumer" "${CMAKE_CTEST_COMMAND}" --test-dir "${consumer_build}"
   ${ctest_config_args} --output-on-failure --no-tests=error)
+
+# MOE_ARCH reaches the consumer's own code whichever way it found the library: its kernels are
+# compiled for the instruction set of this build (the probe), not the compiler's default.
+if(SIMD_PROBE)
+  step("running the SIMD probe" "${SIMD_PROBE}")
+  execute_process(COMMAND "${SIMD_PROBE}" OUTPUT_VARIABLE expected OUTPUT_STRIP_TRAILING_WHITESPACE)
+  execute_process(COMMAND "${consumer_build}/consumer" OUTPUT_VARIABLE output)
+  if(NOT output MATCHES "SIMD target ${expected}\n")
+    message(FATAL_ERROR "packaging.${MODE}: with MOE_ARCH='${MOE_ARCH}' the consumer should compile "
+                        "for '${expected}', but it printed:\n${output}")
+  endif()
+endif()

@@ -1,6 +1,8 @@
 #pragma once
 // Tensor aliases (docs/architecture.md, Pipeline): a routing group is a row-major [T, D] matrix,
 // one token a row.
+#include "moe/config.hpp"  // first: it includes the intrinsics header before Eigen does
+
 #include <Eigen/Core>
 #include <concepts>
 #include <cstdint>

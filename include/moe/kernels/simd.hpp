@@ -16,10 +16,18 @@
 #include <xsimd/xsimd.hpp>
 
 #include "moe/config.hpp"
+#include "moe/core/tensor.hpp"
 
 #if defined(__SSE2__)
 #  include <immintrin.h>
 #endif
+
+namespace moe {
+// The instruction set the kernels were compiled for in this translation unit, as xsimd names it
+// ("avx512bw", "fma3+avx2", "sse2", ...). It follows the compiler flags (-march, MOE_ARCH), not
+// the processor the program runs on.
+inline const char* simd_target() noexcept { return xsimd::default_arch::name(); }
+}  // namespace moe
 
 namespace moe::kernels {
 

@@ -17,16 +17,27 @@ namespace moe {
 // The default third argument: no shared expert.
 struct NoSharedExpert {};
 
+// The shared expert's diagnosis (none needed when there is none). A namespace-scope function:
+// clang cannot call a consteval member from the class's own static member initializers.
+template <class Shared>
+consteval bool diagnose_shared_expert() {
+  if constexpr (std::same_as<Shared, NoSharedExpert>) return true;
+  else return diagnose_experts<Shared>();
+}
+
 template <class Router, class Experts, class Shared = NoSharedExpert>
 class MoELayer {
+  // A router that is itself a diagnosing fallback has printed its diagnosis already: nothing to add.
+  static constexpr bool router_diagnosed = requires { requires Router::diagnoses_policy_error; };
+  static constexpr bool router_ok = requires { typename Router::scalar_type; };
+  static_assert(router_ok || router_diagnosed,
+                "moe::MoELayer: the first argument must be a router (a moe::Router, or a type with "
+                "`scalar_type`, forward, backward and for_each_parameter)");
   // Names the experts' (or shared expert's) first missing member; when both model the concept,
   // what is left is a scalar type that differs from the router's.
-  static consteval bool diagnose_shared() {
-    if constexpr (std::same_as<Shared, NoSharedExpert>) return true;
-    else return diagnose_experts<Shared>();
-  }
-  static constexpr bool each_models = diagnose_experts<Experts>() && diagnose_shared();
-  static_assert(!each_models, "moe::MoELayer: the router and the experts must share one scalar_type");
+  static constexpr bool each_models = diagnose_experts<Experts>() && diagnose_shared_expert<Shared>();
+  static_assert(!(router_ok && each_models),
+                "moe::MoELayer: the router and the experts must share one scalar_type");
 
 public:
   template <class... Args>
@@ -85,6 +96,7 @@ public:
     detail::check_shape(where, "x", x, x.rows(), input_dim());
     detail::check_shape(where, "y", y, x.rows(), output_dim());
     const auto& r = router_.forward(x, tokens);  // validates tokens and logits
+    forwarded_ = true;
     backward_ready_ = grad_enabled_;
     if (grad_enabled_) {
       keep_tokens(tokens);
@@ -111,6 +123,8 @@ public:
   // dy [T, D_out] -> dx [T, D]; adds every parameter's gradient. Uses the last forward's state.
   void backward(MatrixIn<S> dy, MatrixOut<S> dx) {
     constexpr std::string_view where = "MoELayer::backward";
+    detail::require<config_error>(forwarded_, where, "forward", "not run",
+                                  "backward needs a forward before it");
     detail::require<config_error>(backward_ready_, where, "grad_enabled", "false",
                                   "backward follows a forward run with grad enabled");
     detail::check_shape(where, "dy", dy, x_.rows(), output_dim());
@@ -171,7 +185,7 @@ private:
   Experts experts_;
   [[no_unique_address]] Shared shared_;
   // state of the last forward, and scratch
-  bool grad_enabled_ = true, backward_ready_ = false;
+  bool grad_enabled_ = true, forwarded_ = false, backward_ready_ = false;
   Matrix<S> x_, blocks_in_, blocks_out_, dblocks_out_, dblocks_in_, shared_out_, dshared_in_;
   std::vector<S> dslot_weight_, noise_;
   std::vector<std::uint8_t> valid_;

@@ -5,6 +5,7 @@
 // docs/selectors.md (Capacity). Combine weights follow one of the reference normalisations below.
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -45,10 +46,21 @@ public:
   };
 
   explicit TopKSelector(Options opt = {}) requires(K != dynamic_k) : TopKSelector(K, opt, 0) {}
+  // `TopKSelector<S, 1>({})`: an empty brace list converts to an initializer_list exactly, where
+  // to Options and to TopKSelector (the move constructor) it would take a user-defined
+  // conversion each, an ambiguity. Anything but the empty list is a config_error.
+  explicit TopKSelector(std::initializer_list<Options> none) requires(K != dynamic_k)
+      : TopKSelector(K, Options{}, 0) {
+    detail::require<config_error>(none.size() == 0, "TopKSelector", "options", none.size(),
+                                  "one Options object, not a list of them");
+  }
   explicit TopKSelector(Index k, Options opt = {}) requires(K == dynamic_k) : TopKSelector(k, opt, 0) {}
 
   Index k() const { return k_; }
   const Options& options() const { return opt_; }
+
+  // Called by Router at construction, when the number of experts is first known.
+  void check_experts(Index experts) const { check_k(experts); }
 
   void forward(const SelectorInput<S>& in, routing_type& r) {
     detail::check_shape("TopKSelector", "scores", in.scores, in.logits.rows(), in.logits.cols());
@@ -250,9 +262,13 @@ private:
   static constexpr S floor() { return S(std::numeric_limits<float>::epsilon()); }
 
   void validate(const TokenInputs<S>& in, Index tokens, Index experts) const {
+    check_k(experts);
+    detail::check_tokens("TopKSelector", in, tokens, experts);
+  }
+
+  void check_k(Index experts) const {
     if (k_ > experts)  // the message is built only on failure: no allocation per call
       detail::fail<config_error>("TopKSelector", "k", k_, "k <= number of experts (" + std::to_string(experts) + ")");
-    detail::check_tokens("TopKSelector", in, tokens, experts);
   }
 
   S max_logit(const SelectorInput<S>& in, const routing_type& r, Index t) const {

@@ -11,7 +11,7 @@ int main() {
   moe::Matrix<float> y(tokens, dim), dx(tokens, dim);
   layer.forward(x, y);
   layer.backward(y, dx);
-  std::printf("moe-routers %s: %ld slots, drop %.3f\n", MOE_VERSION_STRING,
-              long(layer.routing().num_slots()), moe::drop_fraction(layer.routing()));
+  std::printf("moe-routers %s: %ld slots, drop %.3f\nSIMD target %s\n", MOE_VERSION_STRING,
+              long(layer.routing().num_slots()), moe::drop_fraction(layer.routing()), moe::simd_target());
   return y.allFinite() && dx.allFinite() && layer.routing().num_slots() > 0 ? 0 : 1;
 }
