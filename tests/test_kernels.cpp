@@ -3,6 +3,7 @@
 #include <cfloat>
 #include <cstring>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "support.hpp"
@@ -29,6 +30,26 @@ double max_rel(const Matrix<S>& a, const Matrix<S>& b) {
   return ((a - b).cwiseAbs().array() / b.cwiseAbs().array().max(S(1))).maxCoeff();
 }
 }  // namespace
+
+TEST_CASE("simd_target names the instruction set the compiler flags select", "[kernel]") {
+  const std::string target = moe::simd_target();
+  // the widest set the predefined macros announce, in xsimd's names
+#if defined(__AVX512BW__)
+  REQUIRE(target == "avx512bw");
+#elif defined(__AVX512F__)
+  REQUIRE(target.rfind("avx512", 0) == 0);
+#elif defined(__AVX2__) && defined(__FMA__)
+  REQUIRE(target == "fma3+avx2");
+#elif defined(__AVX2__)
+  REQUIRE(target == "avx2");
+#elif defined(__SSE2__)
+  REQUIRE(target.find("sse") != std::string::npos);
+#else
+  REQUIRE_FALSE(target.empty());
+#endif
+  REQUIRE(target == xsimd::default_arch::name());
+  REQUIRE(k::width<float> * 4 == xsimd::default_arch::alignment() || k::width<float> == 1);
+}
 
 TEMPLATE_TEST_CASE("softmax kernel matches its twin", "[kernel]", float, double) {
   using S = TestType;

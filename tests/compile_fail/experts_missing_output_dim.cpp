@@ -1,15 +1,5 @@
 // Experts without output_dim: moe::MoELayer must name it.
-#include <moe/moe.hpp>
-
-struct NoOutputDimExperts {
-  using scalar_type = float;
-  moe::Index num_experts() const { return 2; }
-  moe::Index input_dim() const { return 4; }
-  void forward(moe::MatrixIn<float>, std::span<const moe::Index>, moe::MatrixOut<float>) {}
-  void backward(moe::MatrixIn<float>, moe::MatrixIn<float>, moe::MatrixOut<float>) {}
-  template <class F>
-  void for_each_parameter(F&&) {}
-};
+#include "no_output_dim_experts.hpp"
 
 int main() {
   moe::MoELayer layer(moe::make_switch_router<float>(4, 2), NoOutputDimExperts{});
