@@ -48,7 +48,7 @@ TEST_CASE("simd_target names the instruction set the compiler flags select", "[k
   REQUIRE_FALSE(target.empty());
 #endif
   REQUIRE(target == xsimd::default_arch::name());
-  REQUIRE(k::width<float> * 4 == xsimd::default_arch::alignment() || k::width<float> == 1);
+  REQUIRE((k::width<float> * sizeof(float) == xsimd::default_arch::alignment() || k::width<float> == 1));
 }
 
 TEMPLATE_TEST_CASE("softmax kernel matches its twin", "[kernel]", float, double) {

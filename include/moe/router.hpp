@@ -82,11 +82,23 @@ public:
   }
 
   // Routing from logits the caller already has ([T, E]); the scorer is skipped. The logits are
-  // read in place, not copied: keep them alive and unchanged until backward.
-  const routing_type& route(MatrixIn<S> logits, const TokenInputs<S>& tokens = {}) {
-    detail::check_shape("Router::route", "logits", logits, logits.rows(), num_experts());
-    detail::check_tokens("Router::route", tokens, logits.rows(), num_experts());
-    return route_logits(logits, tokens);
+  // read in place, not copied: keep them alive and unchanged until backward. So they must be
+  // row-major data with unit inner stride (a moe::Matrix, a block of one, a Map): anything else
+  // would be copied into a temporary that is gone when route returns, and is refused at compile
+  // time instead.
+  template <class Logits>
+  const routing_type& route(const Eigen::MatrixBase<Logits>& logits, const TokenInputs<S>& tokens = {}) {
+    static_assert(std::same_as<typename Logits::Scalar, S>, "Router::route: the logits must have the router's scalar_type");
+    static_assert((int(Logits::Flags) & Eigen::DirectAccessBit) && (int(Logits::Flags) & Eigen::RowMajorBit) &&
+                      (Logits::InnerStrideAtCompileTime == 1 || Logits::InnerStrideAtCompileTime == Eigen::Dynamic),
+                  "Router::route reads the logits in place until backward: pass row-major data (a moe::Matrix, "
+                  "a block or an Eigen::Map of one), not an expression or a column-major matrix; copy those "
+                  "into a moe::Matrix first");
+    const MatrixIn<S> view(logits.derived());
+    MOE_ASSERT(view.data() == logits.derived().data());  // read in place, never a temporary
+    detail::check_shape("Router::route", "logits", view, view.rows(), num_experts());
+    detail::check_tokens("Router::route", tokens, view.rows(), num_experts());
+    return route_logits(view, tokens);
   }
 
   // Backward from d(loss)/d(slot weight) [num_slots]: adds the router parameters' gradients

@@ -35,7 +35,8 @@ struct TokenInputs {
   std::span<const std::uint8_t> valid{};
   // Which sequence / task each token belongs to (sequence-level losses, task routers).
   std::span<const std::int32_t> segment{};
-  // Caller-provided random draws, row-major [T, E] (noisy gates, random capacity order).
+  // Caller-provided random draws, row-major [T, E], for policies that take their noise from the
+  // caller (no built-in policy reads them yet).
   std::span<const S> noise{};
 
   bool is_valid(Index t) const { return valid.empty() || valid[static_cast<std::size_t>(t)] != 0; }

@@ -2,7 +2,7 @@
 // SIMD building blocks shared by the kernels (docs/architecture.md, Layout): xsimd batches for the
 // architecture the compiler targets (as Eigen does), a float exp accurate to ~1 ulp and cheaper
 // than the library one, horizontal reductions and lane masks. Every kernel built on these has a
-// scalar twin in kernels/scalar.hpp that the tests compare it with.
+// scalar twin (in the kernel's own `scalar` namespace) that the tests compare it with.
 #include <algorithm>
 #include <array>
 #include <bit>

@@ -4,8 +4,8 @@
 // Inference cache: with grad disabled (MoELayer::set_grad_enabled(false)) or after
 // pack_weights(), forward multiplies by a packed copy of the weights (PackedWeights: same bits,
 // no packing per call) that takes as much memory again as the weights until
-// release_packed_weights(); for_each_parameter and the mutable w1/w2 mark it stale, so it is
-// repacked before use.
+// release_packed_weights(); for_each_parameter and the mutable w1/w2 mark it stale: forward then
+// repacks it when grad is disabled, and otherwise multiplies by the weights themselves.
 #include <span>
 #include <string_view>
 #include <vector>
