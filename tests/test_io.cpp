@@ -607,7 +607,7 @@ TEST_CASE("bad files: offsets that lie", "[io][errors]") {
   }
   SECTION("bytes between tensors that no tensor covers") {
     fails(f.with_bias(entry("router.bias", "F32", "[1,4]", 104, 120)), f.data + std::string(8, '\0'),
-          {"'router.bias.data_offsets' = [104, 120]", "begin = 96", "bytes [96, 104] belong to no tensor"});
+          {"'router.bias.data_offsets' = [104, 120]", "begin = 96", "bytes [96, 104) belong to no tensor"});
   }
   SECTION("bytes before the first tensor") {
     const std::string header = "{" + entry("router.weight", "F32", "[4,6]", 8, 104) + "," +
@@ -616,7 +616,7 @@ TEST_CASE("bad files: offsets that lie", "[io][errors]") {
   }
   SECTION("bytes after the last tensor") {
     fails(f.with_bias(entry("router.bias", "F32", "[1,4]", 96, 112)), f.data + "tail",
-          {"'router.bias.data_offsets' = [96, 112]", "end = 116", "bytes [112, 116] belong to no tensor"});
+          {"'router.bias.data_offsets' = [96, 112]", "end = 116", "bytes [112, 116) belong to no tensor"});
   }
   SECTION("data but no tensor") {
     fails("{}", "data", {"'header' = no tensors", "4 bytes of data"});

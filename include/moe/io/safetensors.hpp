@@ -191,6 +191,11 @@ inline std::string offsets_text(std::uint64_t begin, std::uint64_t end) {
   return bracketed(std::array<std::uint64_t, 2>{begin, end});
 }
 
+// Bytes [begin, end), end excluded as in data_offsets.
+inline std::string byte_range(std::uint64_t begin, std::uint64_t end) {
+  return "[" + std::to_string(begin) + ", " + std::to_string(end) + ")";
+}
+
 // The header JSON, padded with spaces so the data starts 8-byte aligned in the file (a reader
 // that maps the file can then use F64 data in place).
 inline std::string make_header(std::span<const TensorView> tensors, const Metadata& metadata,
@@ -452,7 +457,7 @@ inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_
       fail<format_error>(where, name + ".data_offsets", offsets_text(r.begin, r.end),
                          "begin = " + std::to_string(covered) +
                              (i == 0 ? ", the start of the data" : ", where the previous tensor ends") +
-                             " (bytes " + offsets_text(covered, r.begin) + " belong to no tensor)");
+                             " (bytes " + byte_range(covered, r.begin) + " belong to no tensor)");
     covered = r.end;
   }
   if (covered != data_size) {
@@ -463,7 +468,7 @@ inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_
     fail<format_error>(where, file.tensors[last.tensor].name + ".data_offsets",
                        offsets_text(last.begin, last.end),
                        "end = " + std::to_string(data_size) + ", the end of the data, for the last tensor (bytes " +
-                           offsets_text(covered, data_size) + " belong to no tensor)");
+                           byte_range(covered, data_size) + " belong to no tensor)");
   }
 
   // The data, in file order: each tensor's bytes are read once, straight into place.
