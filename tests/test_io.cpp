@@ -150,7 +150,9 @@ Matrix<S> forward_of(Model& model, const Matrix<S>& x) {
     Matrix<S> logits(x.rows(), model.num_experts());
     model.forward(x, {}, logits);  // a scorer
     return logits;
-  } else if constexpr (requires { model.forward(x, std::span<const Index>(even_offsets), std::declval<moe::MatrixOut<S>>()); }) {
+  } else if constexpr (requires(std::span<const Index> offsets, moe::MatrixOut<S> y) {
+                         model.forward(x, offsets, y);
+                       }) {
     Matrix<S> y(x.rows(), model.output_dim());
     model.forward(x, even_offsets, y);  // experts
     return y;
@@ -197,7 +199,8 @@ void check_round_trip(Model& a, Model& b, const std::vector<std::string>& expect
     const moe::StoredTensor& t = f.tensors[i];
     CHECK(t.name == expected_names[i]);
     CHECK(t.dtype == moe::dtype_of<S>);
-    CHECK(t.shape == std::vector<std::uint64_t>{std::uint64_t(sa.values[i].rows()), std::uint64_t(sa.values[i].cols())});
+    const auto rows = std::uint64_t(sa.values[i].rows()), cols = std::uint64_t(sa.values[i].cols());
+    CHECK(t.shape == std::vector<std::uint64_t>{rows, cols});
     const std::size_t size = std::size_t(sa.values[i].size()) * sizeof(S);
     REQUIRE(std::memcmp(bytes.data() + offset, sa.values[i].data(), size) == 0);
     offset += size;
@@ -350,7 +353,8 @@ TEST_CASE("load: 1-D tensors, dtype conversion, missing, unexpected and skipped 
   TempDir dir;
   const fs::path file = dir / "f.safetensors";
   auto model = make_scorer<float>(1);
-  const std::vector<float> w{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24};
+  const std::vector<float> w{1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12,
+                             13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24};
   const std::vector<float> bias{-1, -2, -3, -4};
   const std::string w_entry = entry("router.weight", "F32", "[4,6]", 0, 96);
 
@@ -416,7 +420,9 @@ TEST_CASE("load: 1-D tensors, dtype conversion, missing, unexpected and skipped 
     CHECK(bit_identical(model.bias(), before.values[1]));
 
     moe::LoadOptions skip_bias;
-    skip_bias.name_map = [](std::string_view name) { return name == "router.bias" ? std::string() : std::string(name); };
+    skip_bias.name_map = [](std::string_view name) {
+      return name == "router.bias" ? std::string() : std::string(name);
+    };
     skip_bias.allow_unexpected = true;
     const auto skipped = moe::load(file, model, skip_bias);
     CHECK(skipped.kept == std::vector<std::string>{"router.bias"});
@@ -583,7 +589,8 @@ TEST_CASE("bad files: entries that are not tensors", "[io][errors]") {
 
 TEST_CASE("bad files: offsets that lie", "[io][errors]") {
   BadFileFixture f;
-  const auto fails = [&](const std::string& header, const std::string& data, const std::vector<std::string>& fragments) {
+  const auto fails = [&](const std::string& header, const std::string& data,
+                         const std::vector<std::string>& fragments) {
     INFO(header);
     f.require_fails<moe::format_error>(safetensors_bytes(header, data), fragments);
   };
@@ -662,7 +669,8 @@ TEST_CASE("bad files: a valid file that does not fit the model", "[io][errors]")
 // 5. A failed save
 // ================================================================================================
 
-TEST_CASE("save: replaces a file whole, and a failed save leaves no partial file and no temporary", "[io][errors]") {
+TEST_CASE("save: replaces a file whole, and a failed save leaves no partial file and no temporary",
+          "[io][errors]") {
   TempDir dir;
   auto model = make_scorer<double>(1);
   const auto no_temporaries = [&] {

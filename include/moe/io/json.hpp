@@ -211,7 +211,8 @@ private:
       if (peek() != '"' || at_end()) fail_at(pos_, "a JSON string (an object key)");
       const std::size_t key_pos = pos_;
       std::string key = parse_string();
-      if (!keys.insert(key).second) fail_at(key_pos, "unique keys in a JSON object (\"" + key + "\" is repeated)");
+      if (!keys.insert(key).second)
+        fail_at(key_pos, "unique keys in a JSON object (\"" + key + "\" is repeated)");
       skip_space();
       expect(':', "':' after an object key");
       skip_space();

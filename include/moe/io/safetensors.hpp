@@ -292,7 +292,8 @@ inline void write_file(const std::filesystem::path& path, std::span<const Tensor
         const std::byte* src = t.element(r, 0);
         if (!t.rows_contiguous()) {  // gather a strided row
           row.resize(row_bytes);
-          for (Index c = 0; c < t.cols(); ++c) std::memcpy(row.data() + std::size_t(c) * elem, t.element(r, c), elem);
+          for (Index c = 0; c < t.cols(); ++c)
+            std::memcpy(row.data() + std::size_t(c) * elem, t.element(r, c), elem);
           src = row.data();
         }
         out.write(reinterpret_cast<const char*>(src), std::streamsize(row_bytes));
@@ -343,7 +344,9 @@ inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_
     fail<io_error>(where, "path", quoted(path.string()), "an existing file (" + why + ")");
   }
   const std::uint64_t file_size = std::filesystem::file_size(path, ec);
-  if (ec) fail<io_error>(where, "path", quoted(path.string()), "a file whose size can be read (" + ec.message() + ")");
+  if (ec)
+    fail<io_error>(where, "path", quoted(path.string()),
+                   "a file whose size can be read (" + ec.message() + ")");
   errno = 0;
   std::ifstream in(path, std::ios::binary);
   if (!in) fail<io_error>(where, "path", quoted(path.string()), "a readable file (" + os_reason(errno) + ")");
@@ -351,7 +354,8 @@ inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_
     in.read(static_cast<char*>(to), std::streamsize(n));
     if (std::uint64_t(in.gcount()) != n)
       fail<io_error>(where, "path", quoted(path.string()),
-                     "a file read in full (" + std::string(what) + " ended early: was it changed while read?)");
+                     "a file read in full (" + std::string(what) +
+                         " ended early: was it changed while being read?)");
   };
 
   if (file_size < 8)
@@ -467,7 +471,8 @@ inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_
     const Range& last = ranges.back();
     fail<format_error>(where, file.tensors[last.tensor].name + ".data_offsets",
                        offsets_text(last.begin, last.end),
-                       "end = " + std::to_string(data_size) + ", the end of the data, for the last tensor (bytes " +
+                       "end = " + std::to_string(data_size) +
+                           ", the end of the data, for the last tensor (bytes " +
                            byte_range(covered, data_size) + " belong to no tensor)");
   }
 
@@ -500,10 +505,14 @@ inline SafetensorsFile read_safetensors(const std::filesystem::path& path) {
 template <scalar S>
 Matrix<S> to_matrix(const StoredTensor& t) {
   constexpr std::string_view where = "to_matrix";
-  detail::require<shape_error>(t.dtype == dtype_of<S>, where, t.name, "dtype " + std::string(dtype_name(t.dtype)),
+  detail::require<shape_error>(t.dtype == dtype_of<S>, where, t.name,
+                               "dtype " + std::string(dtype_name(t.dtype)),
                                "dtype " + std::string(dtype_name(dtype_of<S>)) + ", the matrix's");
   detail::require<shape_error>(t.shape.size() == 1 || t.shape.size() == 2, where, t.name,
                                "shape " + detail::bracketed(t.shape), "a 2-D shape [rows, cols] or 1-D [n]");
+  for (const std::uint64_t d : t.shape)
+    detail::require<shape_error>(d <= std::uint64_t(std::numeric_limits<Index>::max()), where, t.name,
+                                 "shape " + detail::bracketed(t.shape), "dimensions an Index can hold");
   const Index rows = t.shape.size() == 2 ? Index(t.shape[0]) : 1;
   const Index cols = Index(t.shape.back());
   Matrix<S> m(rows, cols);
@@ -550,6 +559,55 @@ struct LoadReport {
   std::vector<std::string> ignored;  // tensors no parameter read (allow_unexpected)
 };
 
+namespace detail {
+
+// The tensor's F32 or F64 elements as V, or a value_error if a finite F64 overflows a float.
+template <scalar V>
+std::vector<std::byte> convert_float(const StoredTensor& t, std::string_view where,
+                                     std::string_view source, std::string_view param) {
+  const std::size_t n = std::size_t(t.num_elements());
+  std::vector<std::byte> out(n * sizeof(V));
+  for (std::size_t i = 0; i < n; ++i) {
+    V v;
+    if (t.dtype == Dtype::f64) {
+      double in;
+      std::memcpy(&in, t.bytes.data() + i * sizeof(double), sizeof(double));
+      v = V(in);
+      if (std::isfinite(in) && !std::isfinite(v)) {
+        std::ostringstream text;
+        text << in << " at element " << i;
+        fail<value_error>(where, source, text.str(),
+                          "within float's range to convert F64 -> F32 for " + std::string(param));
+      }
+    } else {
+      float in;
+      std::memcpy(&in, t.bytes.data() + i * sizeof(float), sizeof(float));
+      v = V(in);
+    }
+    std::memcpy(out.data() + i * sizeof(V), &v, sizeof(V));
+  }
+  return out;
+}
+
+// Row-major bytes into a matrix view of any strides. Cannot fail.
+template <class View>
+void copy_rows(View& value, const std::byte* src) noexcept {
+  using V = typename View::Scalar;
+  const std::size_t row_bytes = std::size_t(value.cols()) * sizeof(V);
+  if (row_bytes == 0) return;
+  for (Index r = 0; r < value.rows(); ++r) {
+    const std::byte* row = src + std::size_t(r) * row_bytes;
+    if (value.colStride() == 1) {
+      std::memcpy(&value.coeffRef(r, 0), row, row_bytes);
+    } else {
+      for (Index c = 0; c < value.cols(); ++c)
+        std::memcpy(&value.coeffRef(r, c), row + std::size_t(c) * sizeof(V), sizeof(V));
+    }
+  }
+}
+
+}  // namespace detail
+
 // Loads every parameter of `model` from a safetensors file. All or nothing: the file is read
 // and checked in full, and every tensor matched, checked and converted, before the first
 // parameter is written. Writing goes through for_each_parameter, so caches of the weights
@@ -586,52 +644,32 @@ LoadReport load(const std::filesystem::path& path, Model& model, const LoadOptio
     const auto found = by_name.find(source);
     if (found == by_name.end()) {
       if (!options.allow_missing)
-        detail::fail<shape_error>(where, source, "absent",
-                                  "a tensor for " + param + " (LoadOptions::allow_missing keeps such a parameter as it is)");
+        detail::fail<shape_error>(where, source, "absent", "a tensor for " + param +
+                                  " (LoadOptions::allow_missing keeps such a parameter as it is)");
       report.kept.push_back(s.parameter);
       return;
     }
     std::string& reader = read_by[found->second];
-    if (!reader.empty())
-      detail::fail<config_error>(where, "name_map", detail::quoted(source) + " for '" + reader + "' and '" + s.parameter + "'",
+    if (!reader.empty())  // two parameters of one name, or a name map that merges two
+      detail::fail<config_error>(where, options.name_map ? "name_map" : "parameter names",
+                                 detail::quoted(source) + " for '" + reader + "' and '" + s.parameter + "'",
                                  "a tensor of its own for each parameter");
     reader = s.parameter;
+
     const StoredTensor& t = file.tensors[found->second];
     const bool is_float = t.dtype == Dtype::f32 || t.dtype == Dtype::f64;
     if (t.dtype != dtype_of<V> && !(options.convert_dtype && is_float))
       detail::fail<shape_error>(where, source, "dtype " + std::string(dtype_name(t.dtype)),
                                 "dtype " + std::string(dtype_name(dtype_of<V>)) + ", as " + param +
                                     (is_float ? " (LoadOptions::convert_dtype converts F32 <-> F64)" : ""));
-    const Index rows = value.rows(), cols = value.cols();
-    const bool same_shape = t.shape.size() == 2 && t.shape[0] == std::uint64_t(rows) && t.shape[1] == std::uint64_t(cols);
-    const bool as_row = t.shape.size() == 1 && rows == 1 && t.shape[0] == std::uint64_t(cols);
+    const auto rows = std::uint64_t(value.rows()), cols = std::uint64_t(value.cols());
+    const bool same_shape = t.shape == std::vector<std::uint64_t>{rows, cols};
+    const bool as_row = t.shape.size() == 1 && rows == 1 && t.shape[0] == cols;
     if (!same_shape && !(as_row && options.vector_as_row))
       detail::fail<shape_error>(where, source, "shape " + detail::bracketed(t.shape),
-                                "shape " + detail::bracketed(std::array<Index, 2>{rows, cols}) + ", as " + param +
+                                "shape " + detail::bracketed(std::array{rows, cols}) + ", as " + param +
                                     (as_row ? " (LoadOptions::vector_as_row reads [n] as [1, n])" : ""));
-    if (t.dtype != dtype_of<V>) {
-      const std::size_t n = std::size_t(t.num_elements());
-      s.converted.resize(n * sizeof(V));
-      for (std::size_t i = 0; i < n; ++i) {
-        V out;
-        if (t.dtype == Dtype::f64) {
-          double in;
-          std::memcpy(&in, t.bytes.data() + i * sizeof(double), sizeof(double));
-          out = V(in);
-          if (std::isfinite(in) && !std::isfinite(out)) {
-            std::ostringstream value_text;
-            value_text << in << " at element " << i;
-            detail::fail<value_error>(where, source, value_text.str(),
-                                      "within float's range to convert F64 -> F32 for " + param);
-          }
-        } else {
-          float in;
-          std::memcpy(&in, t.bytes.data() + i * sizeof(float), sizeof(float));
-          out = V(in);
-        }
-        std::memcpy(s.converted.data() + i * sizeof(V), &out, sizeof(V));
-      }
-    }
+    if (t.dtype != dtype_of<V>) s.converted = detail::convert_float<V>(t, where, source, param);
     s.tensor = &t;
     report.loaded.push_back(s.parameter);
   });
@@ -640,30 +678,22 @@ LoadReport load(const std::filesystem::path& path, Model& model, const LoadOptio
     const StoredTensor& t = file.tensors[i];
     if (!options.allow_unexpected)
       detail::fail<shape_error>(where, t.name,
-                                "a tensor of shape " + detail::bracketed(t.shape) + " and dtype " + std::string(dtype_name(t.dtype)),
-                                "a tensor some parameter reads (LoadOptions::allow_unexpected ignores the others)");
+                                "a tensor of shape " + detail::bracketed(t.shape) + " and dtype " +
+                                    std::string(dtype_name(t.dtype)),
+                                "a tensor some parameter reads (LoadOptions::allow_unexpected ignores "
+                                "the others)");
     report.ignored.push_back(t.name);
   }
 
-  // 2. Write. Only copies from here on: nothing can fail half-way.
+  // 2. Write: only copies from here on, so nothing can fail half-way.
   std::size_t next = 0;
   model.for_each_parameter([&](std::string_view name, auto value, auto) {
     using V = typename std::remove_cvref_t<decltype(value)>::Scalar;
     MOE_ASSERT(next < staged.size() && staged[next].parameter == name);
     (void)name;
     const Staged& s = staged[next++];
-    if (!s.tensor) return;
-    const std::byte* src = s.tensor->dtype == dtype_of<V> ? s.tensor->bytes.data() : s.converted.data();
-    const std::size_t row_bytes = std::size_t(value.cols()) * sizeof(V);
-    if (row_bytes == 0) return;
-    for (Index r = 0; r < value.rows(); ++r) {
-      if (value.colStride() == 1) {
-        std::memcpy(&value.coeffRef(r, 0), src + std::size_t(r) * row_bytes, row_bytes);
-      } else {
-        for (Index c = 0; c < value.cols(); ++c)
-          std::memcpy(&value.coeffRef(r, c), src + std::size_t(r) * row_bytes + std::size_t(c) * sizeof(V), sizeof(V));
-      }
-    }
+    if (s.tensor)
+      detail::copy_rows(value, s.tensor->dtype == dtype_of<V> ? s.tensor->bytes.data() : s.converted.data());
   });
   return report;
 }
