@@ -16,7 +16,9 @@ public:
   virtual const char* what() const noexcept = 0;
 };
 
-// Shapes that do not fit together (width mismatch, mask length, buffer sizes).
+// Shapes that do not fit together (width mismatch, mask length, buffer sizes), and a valid
+// checkpoint that does not fit the model it is loaded into (a tensor's shape or dtype, a tensor
+// missing or unexpected).
 class shape_error final : public std::invalid_argument, public error {
 public:
   using std::invalid_argument::invalid_argument;
@@ -35,6 +37,24 @@ class value_error final : public std::domain_error, public error {
 public:
   using std::domain_error::domain_error;
   const char* what() const noexcept override { return std::domain_error::what(); }
+};
+
+// A file that cannot be opened, read, written or renamed into place (the operating system's
+// reason is in the message). Not the caller's mistake in the way the classes above are, so a
+// runtime_error: a retry, another disk or another path may succeed.
+class io_error final : public std::runtime_error, public error {
+public:
+  using std::runtime_error::runtime_error;
+  const char* what() const noexcept override { return std::runtime_error::what(); }
+};
+
+// Bytes that are not a valid file of the format read (moe/io/safetensors.hpp): truncated, an
+// absurd header size, malformed JSON, or a header whose offsets do not describe its data. The
+// message names the file, the tensor or header byte, and the rule broken.
+class format_error final : public std::runtime_error, public error {
+public:
+  using std::runtime_error::runtime_error;
+  const char* what() const noexcept override { return std::runtime_error::what(); }
 };
 
 namespace detail {

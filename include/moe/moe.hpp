@@ -40,3 +40,5 @@
 #include "moe/layer/swiglu_experts.hpp"
 #include "moe/layer/moe_layer.hpp"
 #include "moe/layer/optimizer.hpp"
+
+#include "moe/io/safetensors.hpp"

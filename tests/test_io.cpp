@@ -1,0 +1,709 @@
+// Saving and loading (moe/io/safetensors.hpp, docs/saving.md):
+//   1. round trips of every parameterised part, float and double: bit-identical parameters and
+//      forward outputs, metadata, the experts' packed weights made stale
+//   2. the low-level reader and writer: strided views, escapes, names and metadata checks
+//   3. loading options: name map, 1-D tensors, dtype conversion, missing and unexpected tensors
+//   4. bad files, each written byte by byte here (never by the code under test): the error
+//      class, a message naming the file and the tensor, and every parameter left as it was
+//   5. a failed save leaves neither a partial file nor a temporary behind
+// The PyTorch comparison is tests/io/torch_interop.py (ctest io.torch_interop).
+#include "support.hpp"
+
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <moe/io/safetensors.hpp>
+
+using namespace moe_test;
+using Catch::Matchers::Contains;
+using Catch::Matchers::StartsWith;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A fresh directory under the system's temporary directory, removed with its contents.
+class TempDir {
+public:
+  TempDir() {
+    std::random_device device;
+    path_ = fs::temp_directory_path() / ("moe_test_io_" + std::to_string(device()) + std::to_string(device()));
+    fs::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    fs::remove_all(path_, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  fs::path operator/(const std::string& name) const { return path_ / name; }
+  const fs::path& path() const { return path_; }
+
+private:
+  fs::path path_;
+};
+
+template <class A, class B>
+bool bit_identical(const A& a, const B& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), std::size_t(a.size()) * sizeof(*a.data())) == 0;
+}
+
+// Every parameter of a model, copied in visit order with its name.
+template <class S>
+struct Snapshot {
+  std::vector<std::string> names;
+  std::vector<Matrix<S>> values;
+};
+
+template <class Model, class S = typename Model::scalar_type>
+Snapshot<S> snapshot(Model& model) {
+  Snapshot<S> out;
+  model.for_each_parameter([&](std::string_view name, auto value, auto) {
+    out.names.emplace_back(name);
+    out.values.emplace_back(value);
+  });
+  return out;
+}
+
+template <class S>
+bool same_parameters(const Snapshot<S>& a, const Snapshot<S>& b) {
+  if (a.names != b.names) return false;
+  for (std::size_t i = 0; i < a.values.size(); ++i)
+    if (!bit_identical(a.values[i], b.values[i])) return false;
+  return true;
+}
+
+template <class S>
+bool all_differ(const Snapshot<S>& a, const Snapshot<S>& b) {
+  for (std::size_t i = 0; i < a.values.size(); ++i)
+    if (bit_identical(a.values[i], b.values[i])) return false;
+  return true;
+}
+
+// ---- files written byte by byte ------------------------------------------------------------
+
+std::string le64(std::uint64_t n) {
+  std::string s(8, '\0');
+  for (int i = 0; i < 8; ++i) s[std::size_t(i)] = char((n >> (8 * i)) & 0xFF);
+  return s;
+}
+
+template <class T>
+std::string raw_bytes(const std::vector<T>& values) {
+  std::string s(values.size() * sizeof(T), '\0');
+  std::memcpy(s.data(), values.data(), s.size());
+  return s;
+}
+
+// A header entry as the format spells it, e.g. "a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}
+std::string entry(const std::string& name, const std::string& dtype, const std::string& shape,
+                  std::uint64_t begin, std::uint64_t end) {
+  return "\"" + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape + ",\"data_offsets\":[" +
+         std::to_string(begin) + "," + std::to_string(end) + "]}";
+}
+
+void write_bytes(const fs::path& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), std::streamsize(bytes.size()));
+  REQUIRE(out.good());
+}
+
+std::string read_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// size + header + data
+std::string safetensors_bytes(const std::string& header, const std::string& data) {
+  return le64(header.size()) + header + data;
+}
+
+// ---- the models ----------------------------------------------------------------------------
+
+constexpr Index D = 6, E = 4, H = 5, T = 24;
+
+template <class S>
+moe::LinearScorer<S> make_scorer(std::uint64_t seed) {
+  moe::LinearScorer<S> scorer(D, E, {.bias = true, .seed = seed});
+  scorer.bias() = random_matrix<S>(1, E, seed + 100, 0.3);
+  return scorer;
+}
+
+template <class S>
+auto make_layer(std::uint64_t seed) {
+  return moe::MoELayer(moe::make_topk_router<S>(D, E, 2, seed), moe::SwiGLUExperts<S>(E, D, H, seed + 1),
+                       moe::SwiGLUExperts<S>(1, D, H, seed + 2));
+}
+
+// Expert e gets rows [6e, 6e + 6) of a 24-row batch.
+const std::vector<Index> even_offsets{0, 6, 12, 18, 24};
+
+template <class Model, class S = typename Model::scalar_type>
+Matrix<S> forward_of(Model& model, const Matrix<S>& x) {
+  if constexpr (requires { model.forward(x, moe::TokenInputs<S>{}, std::declval<moe::MatrixOut<S>>()); }) {
+    Matrix<S> logits(x.rows(), model.num_experts());
+    model.forward(x, {}, logits);  // a scorer
+    return logits;
+  } else if constexpr (requires(std::span<const Index> offsets, moe::MatrixOut<S> y) {
+                         model.forward(x, offsets, y);
+                       }) {
+    Matrix<S> y(x.rows(), model.output_dim());
+    model.forward(x, even_offsets, y);  // experts
+    return y;
+  } else {
+    Matrix<S> y(x.rows(), model.output_dim());
+    model.forward(x, y);  // a layer
+    return y;
+  }
+}
+
+// Saves `a`, loads the file into `b` (built alike, other seeds): same parameters, same output.
+template <class Model>
+void check_round_trip(Model& a, Model& b, const std::vector<std::string>& expected_names) {
+  using S = typename Model::scalar_type;
+  TempDir dir;
+  const fs::path file = dir / "model.safetensors";
+  const moe::Metadata metadata{{"step", "1200"}, {"note", "quote \" backslash \\ newline \n tab \t é 😀"}};
+  const auto sa = snapshot(a);
+  REQUIRE(sa.names == expected_names);
+  REQUIRE(all_differ(sa, snapshot(b)));  // the load has something to do
+
+  moe::save(file, a, metadata);
+  const moe::LoadReport report = moe::load(file, b);
+  CHECK(report.metadata == metadata);
+  CHECK(report.loaded == expected_names);
+  CHECK(report.kept.empty());
+  CHECK(report.ignored.empty());
+  REQUIRE(same_parameters(snapshot(b), sa));
+
+  const Matrix<S> x = random_matrix<S>(T, D, 42);
+  REQUIRE(bit_identical(forward_of(b, x), forward_of(a, x)));
+
+  // The file itself: names, dtype, [rows, cols], the header padded to 8 bytes, the data as the
+  // parameters' row-major bytes (read here from the raw file, at the header's offsets).
+  const std::string bytes = read_bytes(file);
+  std::uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  CHECK((8 + n) % 8 == 0);
+  const moe::SafetensorsFile f = moe::read_safetensors(file);
+  CHECK(f.metadata == metadata);
+  REQUIRE(f.tensors.size() == expected_names.size());
+  std::uint64_t offset = 8 + n;
+  for (std::size_t i = 0; i < expected_names.size(); ++i) {
+    const moe::StoredTensor& t = f.tensors[i];
+    CHECK(t.name == expected_names[i]);
+    CHECK(t.dtype == moe::dtype_of<S>);
+    const auto rows = std::uint64_t(sa.values[i].rows()), cols = std::uint64_t(sa.values[i].cols());
+    CHECK(t.shape == std::vector<std::uint64_t>{rows, cols});
+    const std::size_t size = std::size_t(sa.values[i].size()) * sizeof(S);
+    REQUIRE(std::memcmp(bytes.data() + offset, sa.values[i].data(), size) == 0);
+    offset += size;
+  }
+  CHECK(offset == bytes.size());
+}
+
+}  // namespace
+
+// ================================================================================================
+// 1. Round trips
+// ================================================================================================
+
+TEMPLATE_TEST_CASE("round trip: every parameter and forward output bit-identical, metadata kept",
+                   "[io]", float, double) {
+  using S = TestType;
+  SECTION("linear scorer with bias") {
+    auto a = make_scorer<S>(1), b = make_scorer<S>(2);
+    check_round_trip(a, b, {"router.weight", "router.bias"});
+  }
+  SECTION("FFN experts") {
+    moe::FFNExperts<S> a(E, D, H, moe::Activation::gelu, 3), b(E, D, H, moe::Activation::gelu, 4);
+    check_round_trip(a, b, {"experts.w1", "experts.w2"});
+  }
+  SECTION("SwiGLU experts") {
+    moe::SwiGLUExperts<S> a(E, D, H, 5), b(E, D, H, 6);
+    check_round_trip(a, b, {"experts.w_gate", "experts.w_up", "experts.w_down"});
+  }
+  SECTION("MoE layer: top-k router, SwiGLU experts, shared SwiGLU expert") {
+    auto a = make_layer<S>(7), b = make_layer<S>(17);
+    check_round_trip(a, b,
+                     {"router.weight", "experts.w_gate", "experts.w_up", "experts.w_down",
+                      "shared.experts.w_gate", "shared.experts.w_up", "shared.experts.w_down"});
+  }
+}
+
+TEST_CASE("round trip: a load makes the experts' packed weights stale", "[io]") {
+  // Wide enough that forward really multiplies by packed copies (Gemm packs B above 256 columns).
+  constexpr Index dim = 264, hidden = 300, experts = 3, tokens = 40;
+  static_assert(dim > moe::Gemm<float>::eigen_max_cols && hidden > moe::Gemm<float>::eigen_max_cols);
+  const auto make = [&](std::uint64_t seed) {
+    return moe::MoELayer(moe::make_topk_router<float>(dim, experts, 2, seed),
+                         moe::SwiGLUExperts<float>(experts, dim, hidden, seed + 1),
+                         moe::SwiGLUExperts<float>(1, dim, hidden, seed + 2));
+  };
+  auto source = make(1), target = make(11);
+  TempDir dir;
+  moe::save(dir / "layer.safetensors", source);
+
+  const Matrix<float> x = random_matrix<float>(tokens, dim, 3);
+  Matrix<float> before(tokens, dim), after(tokens, dim), want(tokens, dim);
+  target.set_grad_enabled(false);  // inference: forward packs its weights
+  target.forward(x, before);
+  REQUIRE(target.experts().weights_packed());
+  REQUIRE(target.shared_expert().weights_packed());
+  moe::load(dir / "layer.safetensors", target);
+  REQUIRE_FALSE(target.experts().weights_packed());
+  REQUIRE_FALSE(target.shared_expert().weights_packed());
+  target.forward(x, after);
+  source.forward(x, want);
+  REQUIRE_FALSE(bit_identical(after, before));
+  REQUIRE(bit_identical(after, want));
+}
+
+// ================================================================================================
+// 2. The reader and writer
+// ================================================================================================
+
+TEST_CASE("write_safetensors: any strides, written row-major, and read_safetensors gives them back", "[io]") {
+  TempDir dir;
+  const fs::path file = dir / "views.safetensors";
+  const Matrix<double> full = random_matrix<double>(5, 7, 1);
+  const Eigen::MatrixXf col_major = random_matrix<float>(3, 4, 2);  // column-major storage
+  const auto block = full.block(1, 2, 3, 4);                          // strided rows
+  const Matrix<float> empty(0, 3);
+  const std::vector<moe::TensorView> views{{"full", full}, {"col_major", col_major},
+                                           {"block", block}, {"empty", empty}};
+  const moe::Metadata metadata{{"", "empty key"}, {"ctl", std::string("\x01\x1f", 2)}};
+  moe::write_safetensors(file, views, metadata);
+
+  const moe::SafetensorsFile f = moe::read_safetensors(file);
+  REQUIRE(f.metadata == metadata);
+  REQUIRE(f.tensors.size() == 4);
+  CHECK(f.find("absent") == nullptr);
+  REQUIRE(f.find("block") == &f.tensors[2]);
+  CHECK(f.tensors[0].dtype == moe::Dtype::f64);
+  CHECK(f.tensors[1].dtype == moe::Dtype::f32);
+  CHECK(f.tensors[2].shape == std::vector<std::uint64_t>{3, 4});
+  CHECK(f.tensors[3].shape == std::vector<std::uint64_t>{0, 3});
+  CHECK(f.tensors[3].bytes.empty());
+  CHECK(bit_identical(moe::to_matrix<double>(f.tensors[0]), full));
+  CHECK(bit_identical(moe::to_matrix<float>(f.tensors[1]), Matrix<float>(col_major)));
+  CHECK(bit_identical(moe::to_matrix<double>(f.tensors[2]), Matrix<double>(block)));
+  // element (r, c) of a row-major [3, 4] tensor is at byte 4 (4 r + c): checked on the raw bytes
+  float v;
+  std::memcpy(&v, f.tensors[1].bytes.data() + 4 * (4 * 2 + 1), 4);
+  CHECK(v == col_major(2, 1));
+
+  REQUIRE_THROWS_AS(moe::to_matrix<float>(f.tensors[0]), moe::shape_error);
+  REQUIRE_THROWS_WITH(moe::to_matrix<float>(f.tensors[0]), Contains("'full'") && Contains("dtype F64"));
+}
+
+TEST_CASE("write_safetensors: names repeated or reserved, and invalid UTF-8, are rejected before writing",
+          "[io][errors]") {
+  TempDir dir;
+  const fs::path file = dir / "bad.safetensors";
+  write_bytes(file, "previous contents");
+  const Matrix<float> m = random_matrix<float>(2, 2, 1);
+  const std::vector<moe::TensorView> repeated{{"a", m}, {"a", m}};
+  REQUIRE_THROWS_AS(moe::write_safetensors(file, repeated), moe::config_error);
+  REQUIRE_THROWS_WITH(moe::write_safetensors(file, repeated), Contains("\"a\"") && Contains("unique"));
+  const std::vector<moe::TensorView> reserved{{"__metadata__", m}};
+  REQUIRE_THROWS_WITH(moe::write_safetensors(file, reserved), Contains("__metadata__") && Contains("reserves"));
+  const std::vector<moe::TensorView> bad_utf8{{"a\xff", m}};
+  REQUIRE_THROWS_AS(moe::write_safetensors(file, bad_utf8), moe::config_error);
+  const std::vector<moe::TensorView> good{{"a", m}};
+  REQUIRE_THROWS_AS(moe::write_safetensors(file, good, {{"k", "\xc3"}}), moe::config_error);
+  CHECK(read_bytes(file) == "previous contents");
+}
+
+// ================================================================================================
+// 3. Loading options
+// ================================================================================================
+
+TEST_CASE("load: a name map reads a checkpoint written under other names", "[io]") {
+  TempDir dir;
+  const fs::path file = dir / "torch_names.safetensors";
+  auto a = make_layer<float>(1), b = make_layer<float>(2);
+  // the names a PyTorch module might use, written with the low-level writer
+  std::vector<moe::TensorView> views;
+  a.for_each_parameter([&](std::string_view name, auto value, auto) {
+    views.emplace_back("model.moe." + std::string(name == "router.weight" ? "gate.weight" : name), value);
+  });
+  moe::write_safetensors(file, views);
+
+  const auto before = snapshot(b);
+  REQUIRE_THROWS_AS(moe::load(file, b), moe::shape_error);  // 'router.weight' is not in the file
+  REQUIRE(same_parameters(snapshot(b), before));
+
+  moe::LoadOptions options;
+  options.name_map = [](std::string_view name) {
+    return "model.moe." + std::string(name == "router.weight" ? "gate.weight" : name);
+  };
+  const moe::LoadReport report = moe::load(file, b, options);
+  CHECK(report.loaded.size() == 7);
+  REQUIRE(same_parameters(snapshot(b), snapshot(a)));
+}
+
+TEST_CASE("load: 1-D tensors, dtype conversion, missing, unexpected and skipped tensors", "[io]") {
+  TempDir dir;
+  const fs::path file = dir / "f.safetensors";
+  auto model = make_scorer<float>(1);
+  const std::vector<float> w{1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12,
+                             13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24};
+  const std::vector<float> bias{-1, -2, -3, -4};
+  const std::string w_entry = entry("router.weight", "F32", "[4,6]", 0, 96);
+
+  SECTION("a 1-D bias [4] loads into the [1, 4] parameter only with vector_as_row") {
+    write_bytes(file, safetensors_bytes("{" + w_entry + "," + entry("router.bias", "F32", "[4]", 96, 112) + "}",
+                                        raw_bytes(w) + raw_bytes(bias)));
+    const auto before = snapshot(model);
+    REQUIRE_THROWS_AS(moe::load(file, model), moe::shape_error);
+    REQUIRE_THROWS_WITH(moe::load(file, model), Contains("'router.bias' = shape [4]") && Contains("vector_as_row"));
+    REQUIRE(same_parameters(snapshot(model), before));
+    moe::load(file, model, {.vector_as_row = true});
+    CHECK(model.bias() == Eigen::Map<const Matrix<float>>(bias.data(), 1, 4));
+    CHECK(model.weight() == Eigen::Map<const Matrix<float>>(w.data(), 4, 6));
+  }
+  SECTION("F64 into a float model only with convert_dtype; beyond float's range is a value_error") {
+    std::vector<double> wd(w.begin(), w.end());
+    wd[5] = 0.1;  // rounds
+    const std::vector<double> bd(bias.begin(), bias.end());
+    const std::string header = "{" + entry("router.weight", "F64", "[4,6]", 0, 192) + "," +
+                               entry("router.bias", "F64", "[1,4]", 192, 224) + "}";
+    write_bytes(file, safetensors_bytes(header, raw_bytes(wd) + raw_bytes(bd)));
+    const auto before = snapshot(model);
+    REQUIRE_THROWS_AS(moe::load(file, model), moe::shape_error);
+    REQUIRE_THROWS_WITH(moe::load(file, model), Contains("'router.weight' = dtype F64") && Contains("convert_dtype"));
+    REQUIRE(same_parameters(snapshot(model), before));
+    moe::load(file, model, {.convert_dtype = true});
+    CHECK(model.weight()(0, 5) == 0.1f);
+    CHECK(model.weight()(3, 5) == 24.0f);
+    CHECK(model.bias()(0, 3) == -4.0f);
+
+    auto fresh = make_scorer<float>(2);
+    const auto fresh_before = snapshot(fresh);
+    wd[7] = 1e300;
+    write_bytes(file, safetensors_bytes(header, raw_bytes(wd) + raw_bytes(bd)));
+    REQUIRE_THROWS_AS(moe::load(file, fresh, {.convert_dtype = true}), moe::value_error);
+    REQUIRE_THROWS_WITH(moe::load(file, fresh, {.convert_dtype = true}),
+                        Contains("'router.weight' = 1e+300 at element 7"));
+    REQUIRE(same_parameters(snapshot(fresh), fresh_before));
+  }
+  SECTION("F32 into a double model with convert_dtype is exact") {
+    auto d = make_scorer<double>(3);
+    write_bytes(file, safetensors_bytes("{" + w_entry + "," + entry("router.bias", "F32", "[1,4]", 96, 112) + "}",
+                                        raw_bytes(w) + raw_bytes(bias)));
+    REQUIRE_THROWS_AS(moe::load(file, d), moe::shape_error);
+    moe::load(file, d, {.convert_dtype = true});
+    CHECK(d.weight()(2, 3) == 16.0);
+    CHECK(d.bias()(0, 1) == -2.0);
+  }
+  SECTION("missing and unexpected tensors, and parameters the name map skips") {
+    write_bytes(file, safetensors_bytes("{" + w_entry + "," + entry("extra", "F32", "[4]", 96, 112) + "}",
+                                        raw_bytes(w) + raw_bytes(bias)));
+    const auto before = snapshot(model);
+    REQUIRE_THROWS_AS(moe::load(file, model), moe::shape_error);
+    REQUIRE_THROWS_WITH(moe::load(file, model), Contains("'router.bias' = absent") && Contains("allow_missing"));
+    REQUIRE_THROWS_WITH(moe::load(file, model, {.allow_missing = true}),
+                        Contains("'extra'") && Contains("allow_unexpected"));
+    REQUIRE(same_parameters(snapshot(model), before));
+    const auto report = moe::load(file, model, {.allow_missing = true, .allow_unexpected = true});
+    CHECK(report.loaded == std::vector<std::string>{"router.weight"});
+    CHECK(report.kept == std::vector<std::string>{"router.bias"});
+    CHECK(report.ignored == std::vector<std::string>{"extra"});
+    CHECK(model.weight() == Eigen::Map<const Matrix<float>>(w.data(), 4, 6));
+    CHECK(bit_identical(model.bias(), before.values[1]));
+
+    moe::LoadOptions skip_bias;
+    skip_bias.name_map = [](std::string_view name) {
+      return name == "router.bias" ? std::string() : std::string(name);
+    };
+    skip_bias.allow_unexpected = true;
+    const auto skipped = moe::load(file, model, skip_bias);
+    CHECK(skipped.kept == std::vector<std::string>{"router.bias"});
+  }
+  SECTION("a name map that sends two parameters to one tensor is a config_error") {
+    write_bytes(file, safetensors_bytes("{" + w_entry + "}", raw_bytes(w)));
+    moe::LoadOptions same;
+    same.name_map = [](std::string_view) { return std::string("router.weight"); };
+    const auto before = snapshot(model);
+    REQUIRE_THROWS_AS(moe::load(file, model, same), moe::config_error);
+    REQUIRE_THROWS_WITH(moe::load(file, model, same),
+                        Contains("'name_map'") && Contains("'router.weight' and 'router.bias'"));
+    REQUIRE(same_parameters(snapshot(model), before));
+  }
+}
+
+// ================================================================================================
+// 4. Bad files
+// ================================================================================================
+
+namespace {
+
+// A scorer [4, 6] + bias [1, 4] and a valid file for it, with values no seed gives: a loader
+// that wrote router.weight before finding a fault in router.bias would show.
+struct BadFileFixture {
+  TempDir dir;
+  fs::path file = dir / "ckpt.safetensors";
+  moe::LinearScorer<float> model = make_scorer<float>(5);
+  std::vector<float> w = std::vector<float>(24, 0.25f);
+  std::vector<float> bias = std::vector<float>(4, -0.5f);
+  std::string weight_entry = entry("router.weight", "F32", "[4,6]", 0, 96);
+  std::string data = raw_bytes(w) + raw_bytes(bias);
+
+  std::string with_bias(const std::string& bias_entry) const {
+    return "{" + weight_entry + "," + bias_entry + "}";
+  }
+
+  // load fails with Error, the message starts with "moe: load("<file>")" and holds every
+  // fragment, and the model is untouched.
+  template <class Error>
+  void require_fails(const std::string& bytes, const std::vector<std::string>& fragments,
+                     const moe::LoadOptions& options = {}) {
+    write_bytes(file, bytes);
+    require_fails_on_file<Error>(fragments, options);
+  }
+
+  template <class Error>
+  void require_fails_on_file(const std::vector<std::string>& fragments, const moe::LoadOptions& options = {}) {
+    const auto before = snapshot(model);
+    std::string message;
+    bool thrown = false;
+    try {
+      moe::load(file, model, options);
+    } catch (const Error& e) {
+      thrown = true;
+      message = e.what();
+    } catch (const std::exception& e) {
+      FAIL("another error class: " << e.what());
+    }
+    REQUIRE(thrown);
+    CAPTURE(message);
+    CHECK_THAT(message, StartsWith("moe: load(\"" + file.string() + "\"): argument '"));
+    CHECK_THAT(message, Contains(" violates: "));
+    for (const std::string& f : fragments) CHECK_THAT(message, Contains(f));
+    REQUIRE(same_parameters(snapshot(model), before));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("bad files: the hand-written good file loads (the cases below differ from it in one fault)",
+          "[io][errors]") {
+  BadFileFixture f;
+  // padding after the JSON, escapes in names and metadata, and a surrogate pair
+  const std::string header = "{\"__metadata__\":{\"k\\u00e9y\":\"\\ud83d\\ude00 \\\"q\\\" \\/ \\n\"}, " +
+                             f.weight_entry + " , " + entry("router.bias", "F32", "[1,4]", 96, 112) + "}    ";
+  write_bytes(f.file, safetensors_bytes(header, f.data));
+  const auto report = moe::load(f.file, f.model);
+  CHECK(report.metadata == moe::Metadata{{"k\xc3\xa9y", "\xf0\x9f\x98\x80 \"q\" / \n"}});
+  CHECK(f.model.weight() == Matrix<float>::Constant(4, 6, 0.25f));
+  CHECK(f.model.bias() == Matrix<float>::Constant(1, 4, -0.5f));
+}
+
+TEST_CASE("bad files: unreadable, truncated, absurd header size", "[io][errors]") {
+  BadFileFixture f;
+  const std::string good_header = f.with_bias(entry("router.bias", "F32", "[1,4]", 96, 112));
+  SECTION("no such file") {
+    f.require_fails_on_file<moe::io_error>({"'path'", "no such file"});
+  }
+  SECTION("a directory") {
+    fs::create_directory(f.file);
+    f.require_fails_on_file<moe::io_error>({"'path'", "not a regular file"});
+  }
+  SECTION("empty, or shorter than the size field") {
+    f.require_fails<moe::format_error>("", {"'header_size'", "the file has 0 bytes", "truncated"});
+    f.require_fails<moe::format_error>(std::string("\x10\0\0", 3), {"'header_size'", "the file has 3 bytes"});
+  }
+  SECTION("an absurd header size") {
+    f.require_fails<moe::format_error>(le64(std::uint64_t(1) << 62) + good_header + f.data,
+                                       {"'header_size' = 4611686018427387904", "at most 100000000"});
+  }
+  SECTION("a header size past the end of the file") {
+    const std::string bytes = safetensors_bytes(good_header, f.data);
+    f.require_fails<moe::format_error>(le64(bytes.size()) + good_header + f.data,
+                                       {"'header_size'", "truncated"});
+  }
+  SECTION("the header cut short") {
+    f.require_fails<moe::format_error>(safetensors_bytes(good_header, f.data).substr(0, 40),
+                                       {"'header_size'", "truncated"});
+  }
+  SECTION("the data cut short: shorter than the largest end offset") {
+    f.require_fails<moe::format_error>(safetensors_bytes(good_header, f.data.substr(0, 100)),
+                                       {"'router.bias.data_offsets' = [96, 112]", "end <= 100", "truncated"});
+  }
+}
+
+TEST_CASE("bad files: malformed JSON names the byte", "[io][errors]") {
+  BadFileFixture f;
+  const std::string w = f.weight_entry;
+  const std::string b = entry("router.bias", "F32", "[1,4]", 96, 112);
+  const auto json_fails = [&](const std::string& header, std::size_t byte, const std::string& rule) {
+    INFO(header);
+    f.require_fails<moe::format_error>(safetensors_bytes(header, f.data),
+                                       {"'header' = byte " + std::to_string(8 + byte), rule});
+  };
+  json_fails("{" + w + "," + b, w.size() + b.size() + 2, "or '}' in an object");     // not closed
+  json_fails("{" + w + "," + b + ",}", w.size() + b.size() + 3, "a JSON string (an object key)");  // trailing comma
+  json_fails("[" + w + "," + b + "]", 16, "',' or ']'");                                  // not an object
+  json_fails("[]", 0, "a JSON object");
+  json_fails("{" + w + "," + b + "} x", w.size() + b.size() + 4, "only whitespace");
+  json_fails("{\"a\\q\":1}", 4, "one of the escapes");
+  json_fails("{\"a\nb\":1}", 3, "control characters");
+  json_fails("{\"a\xff\":1}", 3, "UTF-8");
+  json_fails("{\"\\ud83d\":1}", 8, "a high surrogate followed by");
+  json_fails("{" + w + "," + b + ",\"x\":01}", w.size() + b.size() + 7, "leading zeros");
+  json_fails("{" + w + "," + b + ",\"x\":-1}", w.size() + b.size() + 7, "non-negative");
+  json_fails("{" + w + "," + b + ",\"x\":1.5}", w.size() + b.size() + 8, "no fraction");
+  json_fails("{" + w + "," + b + ",\"x\":true}", w.size() + b.size() + 7, "string, integer, array or object");
+  json_fails("{" + w + "," + b + ",\"x\":99999999999999999999}", w.size() + b.size() + 7, "below 2^64");
+  json_fails("{" + w + "," + w + "}", w.size() + 2, "\"router.weight\" is repeated");
+  json_fails(std::string(40, '[') + std::string(40, ']'), 33, "nested at most 32 deep");
+}
+
+TEST_CASE("bad files: entries that are not tensors", "[io][errors]") {
+  BadFileFixture f;
+  const auto fails = [&](const std::string& bias_entry, const std::vector<std::string>& fragments) {
+    INFO(bias_entry);
+    f.require_fails<moe::format_error>(safetensors_bytes(f.with_bias(bias_entry), f.data), fragments);
+  };
+  fails("\"router.bias\":[1]", {"'router.bias' = byte", "an object with \"dtype\""});
+  fails("\"router.bias\":{\"dtype\":\"F32\",\"shape\":[1,4]}", {"'router.bias'", "an entry with \"data_offsets\""});
+  fails("\"router.bias\":{\"dtype\":\"F32\",\"shape\":[1,4],\"data_offsets\":[96,112],\"x\":1}",
+        {"'router.bias.x'", "only \"dtype\""});
+  fails("\"router.bias\":{\"dtype\":32,\"shape\":[1,4],\"data_offsets\":[96,112]}", {"'router.bias.dtype'", "a string"});
+  fails(entry("router.bias", "F4", "[1,4]", 96, 112), {"'router.bias.dtype' = \"F4\"", "one of BOOL"});
+  fails(entry("router.bias", "F32", "[1,\"4\"]", 96, 112), {"'router.bias.shape'", "an array of integers"});
+  fails("\"router.bias\":{\"dtype\":\"F32\",\"shape\":[1,4],\"data_offsets\":[96]}",
+        {"'router.bias.data_offsets' = [96]", "two integers"});
+  fails(entry("router.bias", "F32", "[4294967296,4294967296]", 96, 112), {"'router.bias.shape'", "below 2^64"});
+  const std::string header = "{\"__metadata__\":{\"step\":3}," + f.weight_entry + "," +
+                             entry("router.bias", "F32", "[1,4]", 96, 112) + "}";
+  f.require_fails<moe::format_error>(safetensors_bytes(header, f.data), {"'__metadata__.step'", "a string"});
+}
+
+TEST_CASE("bad files: offsets that lie", "[io][errors]") {
+  BadFileFixture f;
+  const auto fails = [&](const std::string& header, const std::string& data,
+                         const std::vector<std::string>& fragments) {
+    INFO(header);
+    f.require_fails<moe::format_error>(safetensors_bytes(header, data), fragments);
+  };
+  SECTION("end < begin") {
+    fails(f.with_bias(entry("router.bias", "F32", "[1,4]", 112, 96)), f.data,
+          {"'router.bias.data_offsets' = [112, 96]", "begin <= end"});
+  }
+  SECTION("a size other than numel x dtype size") {
+    fails(f.with_bias(entry("router.bias", "F32", "[1,3]", 96, 112)), f.data,
+          {"'router.bias.data_offsets' = [96, 112]", "end - begin = 12 bytes", "[1, 3] of F32"});
+    fails(f.with_bias(entry("router.bias", "F64", "[1,4]", 96, 112)), f.data,
+          {"'router.bias.data_offsets'", "end - begin = 32 bytes"});
+  }
+  SECTION("past the end of the data") {
+    fails(f.with_bias(entry("router.bias", "F32", "[1,4]", 112, 128)), f.data,
+          {"'router.bias.data_offsets' = [112, 128]", "end <= 112"});
+  }
+  SECTION("overlapping tensors") {
+    fails(f.with_bias(entry("router.bias", "F32", "[1,4]", 88, 104)), f.data + std::string(8, '\0'),
+          {"'router.bias.data_offsets' = [88, 104]", "no overlap with tensor 'router.weight' at [0, 96]"});
+  }
+  SECTION("bytes between tensors that no tensor covers") {
+    fails(f.with_bias(entry("router.bias", "F32", "[1,4]", 104, 120)), f.data + std::string(8, '\0'),
+          {"'router.bias.data_offsets' = [104, 120]", "begin = 96", "bytes [96, 104) belong to no tensor"});
+  }
+  SECTION("bytes before the first tensor") {
+    const std::string header = "{" + entry("router.weight", "F32", "[4,6]", 8, 104) + "," +
+                               entry("router.bias", "F32", "[1,4]", 104, 120) + "}";
+    fails(header, std::string(8, '\0') + f.data, {"'router.weight.data_offsets' = [8, 104]", "the start of the data"});
+  }
+  SECTION("bytes after the last tensor") {
+    fails(f.with_bias(entry("router.bias", "F32", "[1,4]", 96, 112)), f.data + "tail",
+          {"'router.bias.data_offsets' = [96, 112]", "end = 116", "bytes [112, 116) belong to no tensor"});
+  }
+  SECTION("data but no tensor") {
+    fails("{}", "data", {"'header' = no tensors", "4 bytes of data"});
+  }
+}
+
+TEST_CASE("bad files: a valid file that does not fit the model", "[io][errors]") {
+  BadFileFixture f;
+  SECTION("wrong dtype") {
+    f.require_fails<moe::shape_error>(
+        safetensors_bytes(f.with_bias(entry("router.bias", "I32", "[1,4]", 96, 112)), f.data),
+        {"'router.bias' = dtype I32", "dtype F32, as parameter 'router.bias'"});
+  }
+  SECTION("wrong shape") {
+    f.require_fails<moe::shape_error>(
+        safetensors_bytes(f.with_bias(entry("router.bias", "F32", "[4,1]", 96, 112)), f.data),
+        {"'router.bias' = shape [4, 1]", "shape [1, 4], as parameter 'router.bias'"});
+    f.require_fails<moe::shape_error>(
+        safetensors_bytes(f.with_bias(entry("router.bias", "F32", "[1,2,2]", 96, 112)), f.data),
+        {"'router.bias' = shape [1, 2, 2]"});
+  }
+  SECTION("a missing tensor") {
+    f.require_fails<moe::shape_error>(safetensors_bytes("{" + f.weight_entry + "}", f.data.substr(0, 96)),
+                                      {"'router.bias' = absent", "a tensor for parameter 'router.bias'"});
+  }
+  SECTION("an unexpected tensor") {
+    const std::string header = f.with_bias(entry("router.bias", "F32", "[1,4]", 96, 112) + "," +
+                                           entry("router.scale", "F32", "[1]", 112, 116));
+    f.require_fails<moe::shape_error>(safetensors_bytes(header, f.data + raw_bytes(std::vector<float>{2.0f})),
+                                      {"'router.scale' = a tensor of shape [1]", "some parameter reads"});
+  }
+  SECTION("a mapped name names the file's tensor and our parameter") {
+    moe::LoadOptions options;
+    options.name_map = [](std::string_view name) { return "gate." + std::string(name.substr(7)); };
+    const std::string header = "{" + entry("gate.weight", "F32", "[4,6]", 0, 96) + "," +
+                               entry("gate.bias", "F32", "[2,2]", 96, 112) + "}";
+    f.require_fails<moe::shape_error>(safetensors_bytes(header, f.data),
+                                      {"'gate.bias' = shape [2, 2]", "as parameter 'router.bias'"}, options);
+  }
+}
+
+// ================================================================================================
+// 5. A failed save
+// ================================================================================================
+
+TEST_CASE("save: replaces a file whole, and a failed save leaves no partial file and no temporary",
+          "[io][errors]") {
+  TempDir dir;
+  auto model = make_scorer<double>(1);
+  const auto no_temporaries = [&] {
+    for (const auto& e : fs::directory_iterator(dir.path()))
+      if (e.path().filename().string().find(".tmp-") != std::string::npos) return false;
+    return true;
+  };
+  SECTION("over an existing file") {
+    write_bytes(dir / "m.safetensors", std::string(1000, 'x'));
+    moe::save(dir / "m.safetensors", model);
+    auto other = make_scorer<double>(2);
+    moe::load(dir / "m.safetensors", other);
+    CHECK(same_parameters(snapshot(other), snapshot(model)));
+    CHECK(no_temporaries());
+  }
+  SECTION("into a directory that does not exist") {
+    REQUIRE_THROWS_AS(moe::save(dir / "absent" / "m.safetensors", model), moe::io_error);
+    REQUIRE_THROWS_WITH(moe::save(dir / "absent" / "m.safetensors", model),
+                        StartsWith("moe: save(\"" + (dir / "absent" / "m.safetensors").string() + "\")") &&
+                            Contains("temporary file"));
+    CHECK_FALSE(fs::exists(dir / "absent"));
+  }
+  SECTION("onto a path the file cannot be renamed to: the temporary is removed") {
+    fs::create_directories(dir / "m.safetensors" / "occupied");
+    REQUIRE_THROWS_AS(moe::save(dir / "m.safetensors", model), moe::io_error);
+    REQUIRE_THROWS_WITH(moe::save(dir / "m.safetensors", model), Contains("renamed"));
+    CHECK(no_temporaries());
+    CHECK(fs::is_directory(dir / "m.safetensors" / "occupied"));
+  }
+  SECTION("a rejected request writes nothing") {
+    write_bytes(dir / "m.safetensors", "old");
+    REQUIRE_THROWS_AS(moe::save(dir / "m.safetensors", model, {{"bad", "\xff"}}), moe::config_error);
+    CHECK(read_bytes(dir / "m.safetensors") == "old");
+    CHECK(no_temporaries());
+  }
+}
