@@ -110,7 +110,11 @@ static void BM_FmaPeak(benchmark::State& state) {
   for (auto _ : state) {
     for (long r = 0; r < reps; ++r)
       for (int c = 0; c < chains; ++c)
-#pragma GCC ivdep
+#if defined(__clang__)
+#  pragma clang loop vectorize(enable)
+#else
+#  pragma GCC ivdep
+#endif
         for (int l = 0; l < lanes; ++l) acc[c][l] = acc[c][l] * a + b;
     benchmark::DoNotOptimize(acc);
   }
