@@ -592,7 +592,7 @@ TEST_CASE("invariants: capacity, uniqueness, weight sums, masked tokens", "[laye
 
 TEST_CASE("invariants: every token masked routes nothing and stays finite", "[layer][invariants]") {
   const Shape s{12, 6, 4, 8, 2};
-  auto layer = moe::MoELayer(moe::make_topk_router<double>(s.dim, s.experts, 2, 5),
+  auto layer = moe::MoELayer(moe::make_topk_router<double>(s.dim, s.experts, 2, 5, moe::Padding::excluded),
                              moe::FFNExperts<double>(s.experts, s.dim, s.hidden, Activation::gelu, 6));
   const std::vector<std::uint8_t> none(std::size_t(s.tokens), 0);
   Matrix<double> y = Matrix<double>::Constant(s.tokens, s.dim, 1), dx = y;
@@ -814,7 +814,7 @@ TEST_CASE("no allocation: a second forward + backward on the same shapes allocat
     require_no_allocation(steady_state_allocations(layer, batches));
   }
   SECTION("dropless (top-k), batches with different padding") {
-    auto layer = moe::MoELayer(moe::make_topk_router<double>(s.dim, s.experts, 2, 53),
+    auto layer = moe::MoELayer(moe::make_topk_router<double>(s.dim, s.experts, 2, 53, moe::Padding::excluded),
                                moe::FFNExperts<double>(s.experts, s.dim, s.hidden, Activation::gelu, 54));
     const std::vector<Batch> batches{{x1, mask_every(s.tokens, 7)}, {x2, mask_every(s.tokens, 3)}};
     REQUIRE(slot_counts(layer, batches).size() == 2);

@@ -3,6 +3,7 @@
 // docs/losses.md (not from the code under test), plus finite-difference gradients in double and
 // the bad-input contract.
 #include <algorithm>
+#include <array>
 #include <cfloat>
 #include <map>
 #include <numeric>
@@ -425,6 +426,74 @@ TEST_CASE("load-balancing loss: every normalisation, and its value at perfect ba
   }
 }
 
+TEST_CASE("padding conventions: capacity, routing and balance loss as each reference counts them",
+          "[selector][loss]") {
+  using moe::Padding;
+  const Index T = 8, E = 4, k = 2, real = 5;
+  const Matrix<double> logits = random_matrix<double>(T, E, 91, 2.0);
+  const std::vector<std::uint8_t> valid{1, 0, 1, 1, 0, 1, 0, 1};
+  // the oracle: softmax and the top-2 of every row, by hand
+  Matrix<double> g(T, E);
+  std::vector<std::array<int, 2>> top(T);
+  for (Index t = 0; t < T; ++t) {
+    const double m = logits.row(t).maxCoeff();
+    g.row(t) = (logits.row(t).array() - m).exp().matrix();
+    g.row(t) /= g.row(t).sum();
+    std::array<int, 4> idx{0, 1, 2, 3};
+    std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return g(t, a) > g(t, b); });
+    top[t] = {idx[0], idx[1]};
+  }
+  const auto expected_loss = [&](Padding p) {
+    // E sum_e f_e P_e, f = count of the real tokens' choices / (k T_p), P = score sum / T_p,
+    // where T_p and the rows P sums over are all T under fairseq's convention, else the real ones
+    const double over = p == Padding::fairseq ? double(T) : double(real);
+    std::array<double, 4> count{}, sum{};
+    for (Index t = 0; t < T; ++t) {
+      if (valid[t])
+        for (int e : top[t]) count[e] += 1;
+      if (valid[t] || p == Padding::fairseq)
+        for (Index e = 0; e < E; ++e) sum[e] += g(t, e);
+    }
+    double value = 0;
+    for (Index e = 0; e < E; ++e) value += E * (count[e] / (k * over)) * (sum[e] / over);
+    return value;
+  };
+  struct Case {
+    Padding padding;
+    Index capacity;    // ceil(k cf N / E), N the tokens counted
+    bool padding_routed;
+  };
+  for (const Case c : {Case{Padding::excluded, 3, false}, Case{Padding::fairseq, 4, false},
+                       Case{Padding::megatron, 4, true}}) {
+    INFO("padding convention " << int(c.padding));
+    moe::Router router(moe::LinearScorer<double>(3, E), moe::SoftmaxGate<double>{},
+                       moe::TopKSelector<double>(k, {.capacity = {.factor = 1.0}, .padding = c.padding}),
+                       moe::LoadBalanceLoss<double>(BalanceNorm::megatron, 1.0, c.padding));
+    const auto& r = router.route(logits, {.valid = valid});
+    REQUIRE(r.capacity == c.capacity);
+    REQUIRE(r.num_valid_tokens == real);
+    for (Index t = 0; t < T; ++t) {
+      const Index choices = r.token_offsets[t + 1] - r.token_offsets[t];
+      REQUIRE(choices == (valid[t] || c.padding_routed ? k : 0));
+      for (Index j = 0; j < choices; ++j) REQUIRE(r.choice_expert[r.token_offsets[t] + j] == top[t][j]);
+    }
+    for (Index e = 0; e < E; ++e) REQUIRE(r.expert_count[e] <= c.capacity);
+    REQUIRE(router.loss_values()[0] == Approx(expected_loss(c.padding)).epsilon(forward_tol<double>(T * E)));
+  }
+  // the three values differ on this batch, so each test above pins its own convention
+  REQUIRE(expected_loss(Padding::fairseq) != Approx(expected_loss(Padding::excluded)));
+
+  // the presets follow their references: fairseq for Switch (DeepSpeed's used_token) and GShard,
+  // Megatron for the Mixtral-style top-k; a user can ask for the library's own instead
+  const Matrix<double> x = random_matrix<double>(T, 3, 92);
+  const moe::TokenInputs<double> tokens{.valid = valid};
+  REQUIRE(moe::make_switch_router<double>(3, E).forward(x, tokens).capacity == 3);  // ceil(1.25 * 8 / 4)
+  REQUIRE(moe::make_switch_router<double>(3, E, 1.25, 0, Padding::excluded).forward(x, tokens).capacity == 2);
+  REQUIRE(moe::make_gshard_router<double>(3, E).forward(x, tokens).capacity == 4);  // 2 ceil(8 / 4)
+  REQUIRE(moe::make_topk_router<double>(3, E).forward(x, tokens).num_choices() == T * k);
+  REQUIRE(moe::make_topk_router<double>(3, E, 2, 0, Padding::excluded).forward(x, tokens).num_choices() == real * k);
+}
+
 TEST_CASE("z-loss matches its formula", "[loss]") {
   const Index T = 9, E = 5;
   const Matrix<double> logits = random_matrix<double>(T, E, 31, 4.0);
@@ -458,8 +527,11 @@ double router_objective(Router& router, const Matrix<double>& x, const Matrix<do
   return sum;
 }
 
+// masked: tokens 1 and T-2 are padding; `padding_gradient`: whether the convention lets them
+// have a gradient (routed under megatron, in the balance loss's mean under fairseq).
 template <class Router>
-void check_router_gradient(Router router, Index T, std::uint64_t seed, bool masked = false) {
+void check_router_gradient(Router router, Index T, std::uint64_t seed, bool masked = false,
+                           bool padding_gradient = false) {
   const Index D = router.input_dim(), E = router.num_experts();
   Matrix<double> x = random_matrix<double>(T, D, seed, 1.0);
   const Matrix<double> R = random_matrix<double>(T, E, seed + 1);
@@ -483,7 +555,7 @@ void check_router_gradient(Router router, Index T, std::uint64_t seed, bool mask
   const auto f = [&] { return router_objective(router, x, R, tokens); };
   require_gradient_close(dx, numeric_gradient(x, f));
   require_gradient_close(dweight, numeric_gradient(router.scorer().weight(), f));
-  if (masked) REQUIRE(dx.row(1).isZero(0));  // padding gets no gradient
+  if (masked) REQUIRE(dx.row(1).isZero(0) == !padding_gradient);
 }
 
 template <class Gate>
@@ -501,7 +573,10 @@ void check_gate_router_gradients(Weighting w, Capacity cap, Index k) {
 TEST_CASE("router gradients: presets", "[router][gradient]") {
   check_router_gradient(moe::make_switch_router<double>(6, 4, 1.0), 16, 1);
   check_router_gradient(moe::make_gshard_router<double>(6, 4, 0.75), 16, 2);
-  check_router_gradient(moe::make_topk_router<double>(6, 5, 3), 16, 3, true);
+  check_router_gradient(moe::make_topk_router<double>(6, 5, 3), 16, 3, true, true);  // megatron
+  check_router_gradient(moe::make_topk_router<double>(6, 5, 3, 0, moe::Padding::excluded), 16, 3, true);
+  check_router_gradient(moe::make_gshard_router<double>(6, 4, 0.75), 16, 5, true, true);  // fairseq
+  check_router_gradient(moe::make_switch_router<double>(6, 4, 1.0), 16, 6, true, true);
   check_router_gradient(moe::make_deepspeed_topk_router<double>(6, 5, 2, 0.6, 2), 16, 4);
 }
 

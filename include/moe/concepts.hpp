@@ -33,6 +33,9 @@ struct LossInput {
   // Per expert, the sum of the scores over the real tokens, when the router has it from its
   // gating loop (empty otherwise: a loss then sums the scores itself).
   std::span<const S> score_sums{};
+  // The same over every row, padding included, when a loss asks for it with
+  // `bool reads_padding_scores() const` (Padding::fairseq); empty otherwise.
+  std::span<const S> score_sums_all{};
 };
 
 namespace detail {

@@ -1,7 +1,7 @@
 #pragma once
 // Named routers (docs/routers.md): each preset is an alias of moe::Router plus a make_ function
-// that fills in the reference's defaults (each listed in docs/routers.md). Nothing here is a new
-// class.
+// that fills in the reference's defaults, its padding convention included (the last argument
+// picks another). Nothing here is a new class.
 #include "moe/gates/softmax.hpp"
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/z_loss.hpp"
@@ -12,68 +12,77 @@
 namespace moe {
 
 // Switch Transformer (Fedus et al. 2021): top-1, raw softmax weight, capacity ceil(cf T/E),
-// first-come slots, Switch load-balancing loss (alpha 1e-2), router init scale 0.1.
+// first-come slots, Switch load-balancing loss (alpha 1e-2), router init scale 0.1. Padding as
+// DeepSpeed's top1gating masks it (used_token): not routed, but counted in C and the loss's means.
 template <scalar S>
 using SwitchRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S, 1>, LoadBalanceLoss<S>>;
 
 // GShard (Lepikhin et al. 2020) top-2 with the deterministic second expert (fairseq policy
 // 'all'): capacity ceil(2 cf T/E), all first choices before any second one, weights
-// renormalised over the surviving choices (fairseq default), loss from first choices.
+// renormalised over the surviving choices (fairseq default), loss from first choices, padding as
+// fairseq counts it (not routed; C and the loss's means over all T).
 template <scalar S>
 using GShardRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S, 2>, LoadBalanceLoss<S>>;
 
 // Generic dropless top-k as in Mixtral: softmax over the k kept logits, Megatron-normalised
-// load-balancing loss (1e-2) and router z-loss (1e-3, ST-MoE).
+// load-balancing loss (1e-2) and router z-loss (1e-3, ST-MoE); padding routed as Megatron-Core
+// and Hugging Face Mixtral route it, and left out of the losses.
 template <scalar S>
 using TopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>, ZLoss<S>>;
 
 // DeepSpeed `topkgating`: capacity max(ceil(k cf T/E), 8), overflow by weight, token-order
 // slots, weights renormalised over the survivors, loss (E/k) sum f P over all choices.
 // (DeepSpeed ranks overflow by the raw logit; we rank by the combine weight, its intent.)
+// DeepSpeed's top-k gating takes no padding mask: with none given, every convention agrees.
 template <scalar S>
 using DeepSpeedTopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>>;
 
 template <scalar S>
 SwitchRouter<S> make_switch_router(Index dim, Index experts, double capacity_factor = 1.25,
-                                   std::uint64_t seed = 0) {
+                                   std::uint64_t seed = 0, Padding padding = Padding::fairseq) {
   return {LinearScorer<S>(dim, experts, {.bias = false, .init_scale = 0.1, .seed = seed}),
           SoftmaxGate<S>{},
           TopKSelector<S, 1>({.weighting = Weighting::raw,
                               .capacity = {.factor = capacity_factor,
                                            .overflow = OverflowOrder::rank_major,
-                                           .slot_order = SlotOrder::priority}}),
-          LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2))};
+                                           .slot_order = SlotOrder::priority},
+                              .padding = padding}),
+          LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2), padding)};
 }
 
 template <scalar S>
 GShardRouter<S> make_gshard_router(Index dim, Index experts, double capacity_factor = 1.0,
-                                   std::uint64_t seed = 0) {
+                                   std::uint64_t seed = 0, Padding padding = Padding::fairseq) {
   return {LinearScorer<S>(dim, experts, {.seed = seed}), SoftmaxGate<S>{},
           TopKSelector<S, 2>({.weighting = Weighting::renormalize_after_drop,
                               .capacity = {.factor = capacity_factor,
                                            .overflow = OverflowOrder::rank_major,
-                                           .slot_order = SlotOrder::priority}}),
-          LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2))};
+                                           .slot_order = SlotOrder::priority},
+                              .padding = padding}),
+          LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2), padding)};
 }
 
 template <scalar S>
-TopKRouter<S> make_topk_router(Index dim, Index experts, Index k = 2, std::uint64_t seed = 0) {
+TopKRouter<S> make_topk_router(Index dim, Index experts, Index k = 2, std::uint64_t seed = 0,
+                               Padding padding = Padding::megatron) {
   return {LinearScorer<S>(dim, experts, {.seed = seed}), SoftmaxGate<S>{},
-          TopKSelector<S>(k, {.weighting = Weighting::softmax_of_kept_logits}),
-          LoadBalanceLoss<S>(BalanceNorm::megatron, S(1e-2)), ZLoss<S>(S(1e-3))};
+          TopKSelector<S>(k, {.weighting = Weighting::softmax_of_kept_logits, .padding = padding}),
+          LoadBalanceLoss<S>(BalanceNorm::megatron, S(1e-2), padding), ZLoss<S>(S(1e-3))};
 }
 
 template <scalar S>
 DeepSpeedTopKRouter<S> make_deepspeed_topk_router(Index dim, Index experts, Index k = 2,
                                                   double capacity_factor = 1.0,
-                                                  Index min_capacity = 8, std::uint64_t seed = 0) {
+                                                  Index min_capacity = 8, std::uint64_t seed = 0,
+                                                  Padding padding = Padding::excluded) {
   return {LinearScorer<S>(dim, experts, {.seed = seed}), SoftmaxGate<S>{},
           TopKSelector<S>(k, {.weighting = Weighting::renormalize_after_drop,
                               .capacity = {.factor = capacity_factor,
                                            .minimum = min_capacity,
                                            .overflow = OverflowOrder::by_weight,
-                                           .slot_order = SlotOrder::token}}),
-          LoadBalanceLoss<S>(BalanceNorm::topk_mean, S(1e-2))};
+                                           .slot_order = SlotOrder::token},
+                              .padding = padding}),
+          LoadBalanceLoss<S>(BalanceNorm::topk_mean, S(1e-2), padding)};
 }
 
 }  // namespace moe

@@ -193,6 +193,12 @@ private:
     Matrix<S> scores, rank;
   };
 
+  template <class L>
+  static bool reads_padding(const L& loss) {
+    if constexpr (requires { loss.reads_padding_scores(); }) return loss.reads_padding_scores();
+    else return false;
+  }
+
   MatrixIn<S> rank_view(const State& st) const {
     if constexpr (gate_ranks) return st.rank; else return st.scores;
   }
@@ -226,6 +232,9 @@ private:
     // ~16 KiB of logits per block, in whole groups of 16 rows (the token-parallel kernels' unit)
     const Index block = std::max<Index>(1, 256 / std::max<Index>(E, 1)) * 16;
     if constexpr (num_losses > 0) fit(block_sums_, (T + block - 1) / block, E);
+    // A loss that averages over padding rows too (Padding::fairseq) gets sums over every row.
+    const bool sum_all_rows = !tokens.valid.empty() && std::apply([](const auto&... l) { return (reads_padding(l) || ...); }, losses_);
+    if (sum_all_rows) fit(block_sums_all_, (T + block - 1) / block, E);
     if constexpr (!keeps_scores) block_scratch_.reserve();
     parallel_for(T, block, [&](Index t, Index end) {
       const Index n = end - t;
@@ -248,8 +257,10 @@ private:
       detail::check_finite<S>("Router", "logits", rows, t);
       if constexpr (gate_ranks) gate_.rank(rows, scores, tok, rank);
       if constexpr (staged_selector<Selector>) selector_.select_rows(SelectorInput<S>{rows, scores, rank, tok}, t);
-      if constexpr (num_losses > 0)  // per block, summed below in block order: any thread count
+      if constexpr (num_losses > 0) {  // per block, summed below in block order: any thread count
         kernels::column_sums<S>(scores, block_sums_.row(t / block).data(), tok.valid);
+        if (sum_all_rows) kernels::column_sums<S>(scores, block_sums_all_.row(t / block).data());
+      }
     });
     if constexpr (staged_selector<Selector>) selector_.finish(logits, tokens, routing_);
     else selector_.forward({logits, st.scores, rank_view(st), tokens}, routing_);  // validates before it writes
@@ -259,12 +270,17 @@ private:
     logits_data_ = logits.data();
     logits_rows_ = T;
     logits_stride_ = logits.outerStride();
-    fit(score_sums_, E);
-    std::fill(score_sums_.begin(), score_sums_.end(), S(0));
-    for (Index b = 0; b < block_sums_.rows(); ++b)
-      for (Index e = 0; e < E; ++e) score_sums_[e] += block_sums_(b, e);
+    const auto total = [&](const Matrix<S>& blocks, std::vector<S>& sums) {
+      fit(sums, E);
+      std::fill(sums.begin(), sums.end(), S(0));
+      for (Index b = 0; b < blocks.rows(); ++b)
+        for (Index e = 0; e < E; ++e) sums[e] += blocks(b, e);
+    };
+    total(block_sums_, score_sums_);
+    if (sum_all_rows) total(block_sums_all_, score_sums_all_);
     const LossInput<S> li{logits, keeps_scores ? MatrixIn<S>(st.scores) : MatrixIn<S>(logits.topRows(0)),
-                          routing_, tokens, score_sums_};
+                          routing_, tokens, score_sums_,
+                          sum_all_rows ? std::span<const S>(score_sums_all_) : std::span<const S>()};
     std::size_t i = 0;
     std::apply([&](const auto&... l) { ((loss_values_[i++] = l.forward(li)), ...); }, losses_);
     return routing_;
@@ -283,6 +299,8 @@ private:
   bool scores_stale_ = true;
   Matrix<S> block_sums_;         // per gating block, the column sums of its scores (real tokens)
   std::vector<S> score_sums_;    // their sum: LossInput::score_sums
+  Matrix<S> block_sums_all_;     // the same over every row, padding included (reads_padding)
+  std::vector<S> score_sums_all_;
   bool routed_ = false;              // a forward or route has succeeded (backward has a state)
   const S* logits_data_ = nullptr;  // the logits routed last: the router's own or the caller's
   Index logits_rows_ = 0, logits_stride_ = 0;

@@ -27,6 +27,16 @@ using MatrixOut = Eigen::Ref<Matrix<S>>;
 template <class S>
 concept scalar = std::same_as<S, float> || std::same_as<S, double>;
 
+// How the padding tokens of a mask (TokenInputs::valid) count, as the reference systems differ
+// (docs/selectors.md, Padding). Every token-choice selector and balance loss takes one.
+enum class Padding {
+  excluded,  // never routed, never counted in capacity or in a loss (the library's convention)
+  fairseq,   // not routed, but capacity and the balance loss's means are over all T tokens
+             // (fairseq, DeepSpeed top-1 `used_token`): P_e includes padding rows' scores
+  megatron,  // routed like any token (they take capacity); left out of the aux losses only
+             // (Megatron-Core's padding mask)
+};
+
 // Optional per-token inputs that travel with a batch (docs/architecture.md, Per-token inputs).
 // Empty spans mean "absent".
 template <class S>

@@ -43,6 +43,7 @@ public:
     Weighting weighting = Weighting::raw;
     double scale = 1.0;  // multiplies every combine weight (DeepSeek-V3 route_scale 2.5)
     Capacity capacity{};
+    Padding padding = Padding::excluded;  // which tokens of a mask are routed and count in C
   };
 
   explicit TopKSelector(Options opt = {}) requires(K != dynamic_k) : TopKSelector(K, opt, 0) {}
@@ -79,26 +80,31 @@ public:
     validate(tokens_in, tokens, experts);
     fit(token_offsets_, tokens + 1);
     const Index k = k_;  // a local: the stores below could alias the member
-    Index valid = 0;
+    Index real = 0;
     Index* offsets = token_offsets_.data();
-    if (tokens_in.valid.empty()) {
+    // Megatron routes padding like any token; the other conventions only the real tokens.
+    const bool route_all = tokens_in.valid.empty() || opt_.padding == Padding::megatron;
+    if (route_all) {
       for (Index t = 0; t <= tokens; ++t) offsets[t] = t * k;
-      valid = tokens;
+      real = tokens_in.valid.empty() ? tokens : Index(std::count_if(tokens_in.valid.begin(), tokens_in.valid.end(),
+                                                                   [](std::uint8_t v) { return v != 0; }));
     } else {
       for (Index t = 0; t < tokens; ++t) {
-        offsets[t] = valid * k;
-        valid += tokens_in.valid[std::size_t(t)] != 0;
+        offsets[t] = real * k;
+        real += tokens_in.valid[std::size_t(t)] != 0;
       }
-      offsets[tokens] = valid * k;
+      offsets[tokens] = real * k;
     }
-    capacity_ = opt_.capacity.slots(valid, experts, k_, "TopKSelector");
-    valid_ = valid;
-    const Index choices = valid * k_;
+    routed_ = route_all ? tokens : real;
+    real_ = real;
+    // C counts the real tokens only under the library's own convention.
+    capacity_ = opt_.capacity.slots(opt_.padding == Padding::excluded ? real : tokens, experts, k_, "TopKSelector");
+    const Index choices = routed_ * k_;
     fit(choice_expert_, choices);
     fit(choice_token_, choices);
     fit(pre_weight_, choices);
     fit(choice_score_, choices);
-    if (opt_.capacity.overflow == OverflowOrder::batch_priority) fit(token_priority_, valid);
+    if (opt_.capacity.overflow == OverflowOrder::batch_priority) fit(token_priority_, routed_);
   }
 
   // Each real token of the block (rows [begin, begin + rows) of the batch) picks its top-k, in
@@ -171,7 +177,7 @@ public:
     // and every other array is overwritten whole below, so nothing is cleared or copied.
     r.num_tokens = logits.rows();
     r.num_experts = logits.cols();
-    r.num_valid_tokens = valid_;
+    r.num_valid_tokens = real_;
     r.capacity = capacity_;
     r.token_offsets.swap(token_offsets_);
     r.choice_expert.swap(choice_expert_);
@@ -289,7 +295,7 @@ private:
   // The priority sequence into order_, or empty order_ and the ranks of assign_slots' implicit
   // one (every real token holds exactly k choices).
   Index priority_sequence(const routing_type& r) {
-    const Index choices = r.num_choices(), valid = r.num_valid_tokens;
+    const Index choices = r.num_choices(), valid = routed_;  // tokens holding k choices each
     const auto overflow = opt_.capacity.overflow;
     if (overflow == OverflowOrder::token_major || overflow == OverflowOrder::rank_major) {
       order_.clear();
@@ -328,7 +334,7 @@ private:
   Index k_;
   Options opt_;
   // scratch, sized once per shape; prepare sets the first three
-  Index valid_ = 0, capacity_ = -1;
+  Index routed_ = 0, real_ = 0, capacity_ = -1;  // tokens given choices, tokens not masked, C
   std::vector<Index> token_offsets_;
   std::vector<std::int32_t> choice_expert_, choice_token_, order_, token_order_;
   std::vector<S> pre_weight_, choice_score_, token_priority_;
