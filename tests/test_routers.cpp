@@ -7,6 +7,7 @@
 #include <cfloat>
 #include <map>
 #include <numeric>
+#include <set>
 #include <tuple>
 #include <vector>
 
@@ -90,14 +91,34 @@ RefRouting reference_route(const Matrix<S>& logits, const Matrix<S>& scores, Ind
       case OverflowOrder::token_major: return std::make_tuple(double(c.token), double(c.rank), 0.0, 0.0);
       case OverflowOrder::by_weight: return std::make_tuple(-pre(c), double(c.token), double(c.rank), 0.0);
       case OverflowOrder::batch_priority: return std::make_tuple(double(c.rank), -top1, double(c.token), 0.0);
+      case OverflowOrder::by_score: return std::make_tuple(-double(scores(c.token, c.expert)), double(c.token), double(c.rank), 0.0);
+      case OverflowOrder::by_masked_logit: return std::make_tuple(double(c.token), double(c.rank), 0.0, 0.0);
     }
     return std::make_tuple(0.0, 0.0, 0.0, 0.0);
   };
   std::stable_sort(seq.begin(), seq.end(), [&](auto a, auto b) { return key(a) < key(b); });
+  // by_masked_logit (DeepSpeed's 'probs'): expert e's column holds, for every routed token, its
+  // logit if it chose e and 0 if not; the expert keeps the choices among the column's top C
+  // (ties to the lower token)
+  std::set<std::pair<int, int>> in_top_c;  // (token, expert)
+  if (cap.overflow == OverflowOrder::by_masked_logit && out.capacity >= 0)
+    for (Index e = 0; e < E; ++e) {
+      std::vector<std::pair<double, int>> column;  // (-value, token): ascending = the column's order
+      for (Index t = 0; t < T; ++t) {
+        if (!is_valid(t)) continue;
+        const bool chose = std::find(top[t].begin(), top[t].end(), int(e)) != top[t].end();
+        column.emplace_back(chose ? -double(logits(t, e)) : 0.0, int(t));
+      }
+      std::sort(column.begin(), column.end());
+      for (Index i = 0; i < std::min<Index>(out.capacity, Index(column.size())); ++i)
+        in_top_c.insert({column[i].second, int(e)});
+    }
   std::map<int, Index> taken;
   std::vector<std::size_t> kept_in_priority;
   for (auto i : seq) {
     auto& c = out.choices[i];
+    if (cap.overflow == OverflowOrder::by_masked_logit && out.capacity >= 0 && !in_top_c.count({c.token, c.expert}))
+      continue;
     if (out.capacity < 0 || taken[c.expert] < out.capacity) {
       c.kept = true;
       ++taken[c.expert];
@@ -181,7 +202,8 @@ const std::vector<Weighting> all_weightings = {Weighting::raw, Weighting::renorm
                                                Weighting::renormalize_after_drop,
                                                Weighting::softmax_of_kept_logits};
 const std::vector<OverflowOrder> all_overflows = {OverflowOrder::rank_major, OverflowOrder::token_major,
-                                                  OverflowOrder::by_weight, OverflowOrder::batch_priority};
+                                                  OverflowOrder::by_weight, OverflowOrder::batch_priority,
+                                                  OverflowOrder::by_score, OverflowOrder::by_masked_logit};
 
 }  // namespace
 
@@ -424,6 +446,30 @@ TEST_CASE("load-balancing loss: every normalisation, and its value at perfect ba
     CHECK(value(BalanceNorm::flaxformer) == Approx(double(k)).epsilon(tol));
     CHECK(value(BalanceNorm::fastmoe_balance) == Approx(1.0 / k).epsilon(tol));
   }
+}
+
+TEST_CASE("by_masked_logit: a chosen negative logit loses to the tokens that did not choose", "[selector]") {
+  // tokens 0 and 1 choose expert 0 with negative logits, tokens 2 and 3 choose expert 1; C = 2.
+  // Expert 0's column is (-1, -0.5, 0, 0): its top 2 are tokens 2 and 3, which did not choose
+  // it, so both of its choices drop although it has room (DeepSpeed's 'probs' policy).
+  Matrix<double> logits(4, 2);
+  logits << -1, -2, -0.5, -3, 0.1, 2, 0.3, 1;
+  const auto route = [&](OverflowOrder order) {
+    moe::Router router(moe::LinearScorer<double>(2, 2), moe::SoftmaxGate<double>{},
+                       moe::TopKSelector<double, 1>({.capacity = {.factor = 1.0, .overflow = order}}));
+    const auto r = router.route(logits);
+    return r.choice_slot;
+  };
+  const auto masked = route(OverflowOrder::by_masked_logit);
+  REQUIRE(masked[0] == -1);
+  REQUIRE(masked[1] == -1);
+  REQUIRE(masked[2] >= 0);
+  REQUIRE(masked[3] >= 0);
+  for (const auto order : {OverflowOrder::by_score, OverflowOrder::by_weight, OverflowOrder::token_major})
+    for (const auto slot : route(order)) REQUIRE(slot >= 0);  // C = 2 holds every choice
+  // the preset uses it
+  REQUIRE(moe::make_deepspeed_topk_router<double>(2, 2).selector().options().capacity.overflow ==
+          OverflowOrder::by_masked_logit);
 }
 
 TEST_CASE("padding conventions: capacity, routing and balance loss as each reference counts them",

@@ -30,9 +30,9 @@ using GShardRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S, 2>,
 template <scalar S>
 using TopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>, ZLoss<S>>;
 
-// DeepSpeed `topkgating`: capacity max(ceil(k cf T/E), 8), overflow by weight, token-order
-// slots, weights renormalised over the survivors, loss (E/k) sum f P over all choices.
-// (DeepSpeed ranks overflow by the raw logit; we rank by the combine weight, its intent.)
+// DeepSpeed `topkgating`: capacity max(ceil(k cf T/E), 8), its 'probs' drop order (per expert,
+// the top C of the logits of the choices against 0 for every other token: by_masked_logit),
+// token-order slots, weights renormalised over the survivors, loss (E/k) sum f P over all choices.
 // DeepSpeed's top-k gating takes no padding mask: with none given, every convention agrees.
 template <scalar S>
 using DeepSpeedTopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>>;
@@ -79,7 +79,7 @@ DeepSpeedTopKRouter<S> make_deepspeed_topk_router(Index dim, Index experts, Inde
           TopKSelector<S>(k, {.weighting = Weighting::renormalize_after_drop,
                               .capacity = {.factor = capacity_factor,
                                            .minimum = min_capacity,
-                                           .overflow = OverflowOrder::by_weight,
+                                           .overflow = OverflowOrder::by_masked_logit,
                                            .slot_order = SlotOrder::token},
                               .padding = padding}),
           LoadBalanceLoss<S>(BalanceNorm::topk_mean, S(1e-2), padding)};

@@ -29,6 +29,8 @@ struct SlotRequest {
   Index capacity = -1;                         // slots per expert, -1 = unlimited
   bool pad = false;                            // every expert gets exactly `capacity` slots
   bool token_order = true;                     // slots by token (else by priority)
+  std::span<const std::uint8_t> eligible{};    // 0: the choice keeps no slot whatever its
+                                               // priority (empty: every choice may)
 };
 
 namespace detail {
@@ -80,9 +82,10 @@ void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r, std::vector<Inde
   std::int32_t* const slot_of = r.choice_slot.data();
   const Index capacity = q.capacity < 0 ? std::numeric_limits<Index>::max() : q.capacity;
   std::fill_n(count, experts, 0);
+  const std::uint8_t* const eligible = q.eligible.empty() ? nullptr : q.eligible.data();
   const auto keep_first = [&](Index c) {  // the first C of each expert in priority order keep a
     Index& n = count[expert[c]];          // slot: for now their rank among its kept ones
-    const bool keep = n < capacity;
+    const bool keep = n < capacity && (!eligible || eligible[c]);
     slot_of[c] = keep ? std::int32_t(n) : -1;
     n += keep;
   };
@@ -152,7 +155,9 @@ void assign_slots(const SlotRequest<S>& q, SparseRouting<S>& r) {
   for (Index e = 0; e < experts; ++e) {
     std::vector<std::int32_t> kept;
     for (const auto c : order)
-      if (r.choice_expert[c] == e && (q.capacity < 0 || Index(kept.size()) < q.capacity)) kept.push_back(c);
+      if (r.choice_expert[c] == e && (q.capacity < 0 || Index(kept.size()) < q.capacity) &&
+          (q.eligible.empty() || q.eligible[std::size_t(c)]))
+        kept.push_back(c);
     if (q.token_order) std::sort(kept.begin(), kept.end());  // choice ids ascend with the token
     r.expert_count[e] = Index(kept.size());
     for (const auto c : kept) {

@@ -4,7 +4,7 @@
 // sit in the expert's buffer. Every reference rule is one setting of this struct:
 //   GShard/vmoe:         {.factor = cf, .times_k = true, .multiple_of = 4 (vmoe)}, rank_major
 //   (fairseq's 2*ceil(T/E) rounds per expert first: {.factor = 1} matches it when E divides T)
-//   DeepSpeed top-k:     {.factor = cf, .times_k = true, .minimum = 8}, by_weight, token slots
+//   DeepSpeed top-k:     {.factor = cf, .times_k = true, .minimum = 8}, by_masked_logit, token slots
 //   flaxformer:          {.factor = cf, .times_k = false, .rounding = round, .minimum = 4}
 //   Megatron:            {.factor = cf, .times_k = true}, by_weight or token_major, pad optional
 #include <cmath>
@@ -25,6 +25,12 @@ enum class OverflowOrder {
   token_major,     // token order over all its choices (DeepSpeed/Megatron 'position')
   by_weight,       // highest pre-drop combine weight first, ties to the lower token (Megatron 'probs')
   batch_priority,  // rank-major with tokens by descending top score, stable (BPR, V-MoE)
+  by_score,        // highest gate score first, ties to the lower token (DeepSpeed top-k 'probs'
+                   // in releases that rank the softmax probabilities)
+  by_masked_logit, // per expert, the top C of a column holding the logit of each token that chose
+                   // the expert and 0 for each routed token that did not (DeepSpeed top-k
+                   // 'probs' as its releases that rank logits do it): a choice with a negative
+                   // logit loses to the tokens that did not choose the expert
 };
 
 // Position of a kept token inside its expert's buffer (the output y does not depend on it).

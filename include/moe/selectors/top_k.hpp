@@ -189,10 +189,13 @@ public:
 
     // the priority sequence; each expert keeps its first C entries of it, counting-sorted into
     // expert-grouped slots
-    const Index ranks = priority_sequence(r);
+    const Index ranks = priority_sequence(r, logits);
+    const bool masked_logit = opt_.capacity.overflow == OverflowOrder::by_masked_logit;
     kernels::assign_slots<S>({.choice_token = choice_token_, .order = order_, .ranks = ranks, .weight = pre_weight_,
                               .capacity = capacity_, .pad = opt_.capacity.pad,
-                              .token_order = opt_.capacity.slot_order == SlotOrder::token},
+                              .token_order = opt_.capacity.slot_order == SlotOrder::token,
+                              .eligible = masked_logit ? std::span<const std::uint8_t>(eligible_)
+                                                       : std::span<const std::uint8_t>()},
                              r, count_);
 
     // The slots hold the pre-drop weights. Renormalised after the drop, they differ only for a
@@ -294,17 +297,29 @@ private:
 
   // The priority sequence into order_, or empty order_ and the ranks of assign_slots' implicit
   // one (every real token holds exactly k choices).
-  Index priority_sequence(const routing_type& r) {
+  Index priority_sequence(const routing_type& r, MatrixIn<S> logits) {
     const Index choices = r.num_choices(), valid = routed_;  // tokens holding k choices each
     const auto overflow = opt_.capacity.overflow;
+    if (overflow == OverflowOrder::by_masked_logit) {
+      masked_logit_eligible(r, logits);  // the kept set itself; slots then in token order
+      order_.clear();
+      return 1;
+    }
     if (overflow == OverflowOrder::token_major || overflow == OverflowOrder::rank_major) {
       order_.clear();
       return overflow == OverflowOrder::rank_major ? k_ : 1;
     }
     fit(order_, choices);
     switch (overflow) {
-      case OverflowOrder::token_major:  // implicit: handled above
+      case OverflowOrder::token_major:  // implicit or kept set: handled above
       case OverflowOrder::rank_major:
+      case OverflowOrder::by_masked_logit:
+        break;
+      case OverflowOrder::by_score:
+        std::iota(order_.begin(), order_.end(), 0);
+        std::sort(order_.begin(), order_.end(), [&](auto a, auto b) {
+          return choice_score_[a] != choice_score_[b] ? choice_score_[a] > choice_score_[b] : a < b;
+        });
         break;
       case OverflowOrder::by_weight:
         // a total order (weight, then token and rank), so the in-place sort is deterministic
@@ -331,6 +346,49 @@ private:
     return 1;
   }
 
+  // by_masked_logit: expert e's column holds the logit of every token that chose e and 0 for
+  // every other routed token; the choices among its top C entries (ties to the lower token) are
+  // eligible. Per expert, the choices by descending logit: a positive one is preceded only by
+  // larger choices, a negative one also by every zero entry, a zero one by the positive choices
+  // and the zero entries of lower tokens.
+  void masked_logit_eligible(const routing_type& r, MatrixIn<S> logits) {
+    const Index choices = r.num_choices();
+    fit(eligible_, choices);
+    const auto logit = [&](Index c) { return logits(choice_token_[c], r.choice_expert[c]); };
+    if (capacity_ < 0) {
+      std::fill(eligible_.begin(), eligible_.end(), std::uint8_t(1));
+      return;
+    }
+    fit(order_, choices);  // scratch here: the choices by (expert, logit descending, token)
+    std::iota(order_.begin(), order_.end(), 0);
+    std::sort(order_.begin(), order_.end(), [&](auto a, auto b) {
+      const auto ea = r.choice_expert[a], eb = r.choice_expert[b];
+      if (ea != eb) return ea < eb;
+      const S la = logit(a), lb = logit(b);
+      return la != lb ? la > lb : a < b;  // choice ids ascend with the token
+    });
+    for (Index g = 0; g < choices;) {
+      Index end = g;
+      while (end < choices && r.choice_expert[order_[end]] == r.choice_expert[order_[g]]) ++end;
+      const Index others = routed_ - (end - g);  // routed tokens that did not choose the expert
+      for (Index i = g; i < end; ++i) {
+        const Index c = order_[i];
+        const S v = logit(c);
+        Index ahead = i - g;  // choices before it in the group
+        if (v < 0) {
+          ahead += others;
+        } else if (v == 0) {  // also the others of lower tokens (rare: a logit of exactly 0)
+          const Index t = choice_token_[c], routed_before = r.token_offsets[t] / k_;
+          Index chosen_before = 0;
+          for (Index j = g; j < end; ++j) chosen_before += choice_token_[order_[j]] < t;
+          ahead += routed_before - chosen_before;
+        }
+        eligible_[std::size_t(c)] = ahead < capacity_;
+      }
+      g = end;
+    }
+  }
+
   Index k_;
   Options opt_;
   // scratch, sized once per shape; prepare sets the first three
@@ -339,6 +397,7 @@ private:
   std::vector<std::int32_t> choice_expert_, choice_token_, order_, token_order_;
   std::vector<S> pre_weight_, choice_score_, token_priority_;
   std::vector<Index> count_;
+  std::vector<std::uint8_t> eligible_;  // by_masked_logit
 };
 
 }  // namespace moe
