@@ -67,7 +67,7 @@ public:
     proj_.resize(opt.proj_dim, input_dim);
     const double bound = 1.0 / std::sqrt(double(input_dim));
     for (Index i = 0; i < opt.proj_dim; ++i)
-      for (Index j = 0; j < input_dim; ++j) proj_(i, j) = S(bound * (2 * rng.uniform(i, j, 2) - 1));
+      for (Index j = 0; j < input_dim; ++j) proj_(i, j) = S(bound * (2 * rng.uniform(i, j) - 1));
     embedding_ = orthogonal(num_experts, opt.proj_dim, opt.embedding_gain, CounterRng(opt.seed, 1));
     temperature_.setConstant(1, 1, S(opt.temperature));
     proj_grad_.setZero(proj_.rows(), proj_.cols());
