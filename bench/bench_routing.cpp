@@ -40,6 +40,26 @@ static void BM_Logits(benchmark::State& state) {
   set_rates(state, T, double(T * D + E * D + T * E) * sizeof(float));
 }
 
+// X-MoE's cosine scorer on the same shapes as BM_Logits: x P^T (r = 16), then the cosine logits
+// against the normalised expert embeddings. form 0 = the paper's (token norms and a temperature
+// too), 1 = the torchscale reference's (embeddings rescaled before each forward).
+static void BM_CosineScorer(benchmark::State& state) {
+  const Index T = state.range(0), D = state.range(1), E = state.range(2);
+  const auto form = state.range(3) == 0 ? moe::CosineForm::paper : moe::CosineForm::torchscale;
+  const Matrix<float> x = random_matrix(T, D, 1);
+  moe::CosineScorer<float> scorer(D, E, {.form = form});
+  Matrix<float> out(T, E);
+  scorer.forward(x, {}, out);  // warm-up outside the timer
+  for (auto _ : state) {
+    scorer.forward(x, {}, out);
+    benchmark::ClobberMemory();
+  }
+  const double r = double(scorer.proj_dim());
+  state.counters["FLOP/s"] =
+      benchmark::Counter(2.0 * double(T) * r * double(D + E), benchmark::Counter::kIsIterationInvariantRate);
+  set_rates(state, T, (double(T * D + T * E) + r * double(D + E)) * sizeof(float));
+}
+
 static void token_choice_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "E", "k"});
   if (smoke_run()) return void(b->Args({64, 8, 2}));
@@ -54,11 +74,16 @@ static void logits_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "D", "E"});
   shapes(b, {{16384, 1024, 8}, {16384, 1024, 64}, {16384, 1024, 256}}, {64, 32, 8});
 }
+static void cosine_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"T", "D", "E", "form"});
+  shapes(b, {{16384, 1024, 64, 0}, {16384, 1024, 64, 1}}, {64, 32, 8, 0});
+}
 static void gating_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "D", "E", "k"});
   shapes(b, {{16384, 1024, 8, 1}, {16384, 1024, 64, 2}, {16384, 1024, 256, 8}}, {64, 32, 8, 2});
 }
 BENCHMARK(BM_Logits)->Apply(logits_shapes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_CosineScorer)->Apply(cosine_shapes)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Gating)->Apply(gating_shapes)->Unit(benchmark::kMicrosecond);
 
 }  // namespace moe_bench

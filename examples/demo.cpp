@@ -90,6 +90,7 @@ int main(int argc, char** argv) {
   run("GShardRouter", moe::make_gshard_router<float>(s.dim, s.experts), s, x);
   run("TopKRouter", moe::make_topk_router<float>(s.dim, s.experts, 2), s, x);
   run("DeepSpeedTopKRouter", moe::make_deepspeed_topk_router<float>(s.dim, s.experts, 2), s, x);
+  run("XMoERouter", moe::make_xmoe_router<float>(s.dim, s.experts, 2), s, x);
   std::printf("\ncapacity: slots per expert (none: dropless); drop %%: (token, choice) pairs dropped; "
               "load CV: std/mean of tokens per expert;\nexp/tok: experts per real token; aux losses: "
               "each loss's raw value, in the preset's order (balance, then z-loss).\n");

@@ -850,3 +850,289 @@ TEST_CASE("bad input throws before anything is written", "[errors]") {
     REQUIRE(big.loss_values() == losses);
   }
 }
+
+// ---- X-MoE: the cosine scorer and XMoERouter (docs/scorers.md, docs/routers.md) --------------
+
+namespace {
+using moe::CosineForm;
+using moe::CosineScorer;
+
+// The logits straight from the formula of docs/scorers.md (CosineScorer), in double:
+// h = x W_proj^T; u = h / max(|h|, eps) (paper) or h (torchscale); e^ = e / max(|e|, eps);
+// l = <u, e^> / max(tau, tau_min) (paper) or <u, e^> (torchscale).
+template <class S>
+Matrix<double> cosine_logits_oracle(const Matrix<S>& x, const Matrix<S>& proj, const Matrix<S>& emb,
+                                    bool paper, double tau, double eps = 1e-4, double tau_min = 1e-4) {
+  const Index T = x.rows(), D = x.cols(), r = proj.rows(), E = emb.rows();
+  Matrix<double> out(T, E);
+  for (Index t = 0; t < T; ++t) {
+    std::vector<double> h(std::size_t(r), 0.0);
+    for (Index i = 0; i < r; ++i)
+      for (Index d = 0; d < D; ++d) h[i] += double(x(t, d)) * double(proj(i, d));
+    double hn = 0;
+    for (double v : h) hn += v * v;
+    hn = std::sqrt(hn);
+    for (Index j = 0; j < E; ++j) {
+      double en = 0, dot = 0;
+      for (Index i = 0; i < r; ++i) en += double(emb(j, i)) * double(emb(j, i));
+      en = std::sqrt(en);
+      for (Index i = 0; i < r; ++i) dot += h[i] * double(emb(j, i));
+      double l = dot / std::max(en, eps);
+      if (paper) l = l / std::max(hn, eps) / std::max(tau, tau_min);
+      out(t, j) = l;
+    }
+  }
+  return out;
+}
+
+// Every parameter of a scorer or router, by name: (value, gradient).
+template <class P>
+std::map<std::string, std::pair<moe::MatrixOut<double>, moe::MatrixOut<double>>> parameters_of(P& p) {
+  std::map<std::string, std::pair<moe::MatrixOut<double>, moe::MatrixOut<double>>> out;
+  p.for_each_parameter([&](std::string_view name, moe::MatrixOut<double> v, moe::MatrixOut<double> g) {
+    out.emplace(std::string(name), std::make_pair(v, g));
+  });
+  return out;
+}
+
+CosineScorer<double>::Options cosine_options(CosineForm form, std::uint64_t seed) {
+  // the embedding rescale is a separate step here: finite differences must not move the point
+  return {.form = form, .proj_dim = 5, .temperature = 0.3, .rescale_each_forward = false, .seed = seed};
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("cosine scorer logits match the formula in both forms", "[scorer][xmoe]", float, double) {
+  using S = TestType;
+  const Index D = 24, E = 6;
+  for (const Index T : {Index(37), Index(4100)}) {  // one block, and a ragged second block
+    const Matrix<S> x = random_matrix<S>(T, D, 31);
+    for (const CosineForm form : {CosineForm::paper, CosineForm::torchscale}) {
+      INFO("T " << T << " form " << int(form));
+      CosineScorer<S> scorer(D, E, {.form = form, .temperature = 0.25, .seed = 5});
+      REQUIRE(scorer.proj_dim() == 16);
+      // unequal embedding norms, so that the normalisation matters
+      for (Index j = 0; j < E; ++j) scorer.embedding().row(j) *= S(0.5 + 0.3 * double(j));
+      const Matrix<S> emb_before = scorer.embedding();
+      Matrix<S> logits(T, E);
+      scorer.forward(x, {}, logits);
+      const bool paper = form == CosineForm::paper;
+      // the torchscale form rescaled every embedding to norm 1.5 before scoring; the paper form
+      // left them alone
+      for (Index j = 0; j < E; ++j)
+        REQUIRE(double(scorer.embedding().row(j).norm()) ==
+                Approx(paper ? double(emb_before.row(j).norm()) : 1.5).epsilon(forward_tol<S>(16)));
+      // the oracle scores with the embeddings before the rescale: the logits cannot tell
+      const Matrix<double> want = cosine_logits_oracle(x, scorer.proj(), emb_before, paper, 0.25);
+      const double scale = std::max(1.0, want.cwiseAbs().maxCoeff());
+      const double err = (logits.template cast<double>() - want).cwiseAbs().maxCoeff();
+      INFO("max error " << err << " scale " << scale);
+      REQUIRE(err <= double(forward_tol<S>(D + 16)) * scale);
+      if (paper) REQUIRE(want.cwiseAbs().maxCoeff() <= 1 / 0.25 + 1e-9);  // a cosine over tau
+    }
+  }
+}
+
+TEST_CASE("cosine scorer initialisation: seeded, orthogonal embeddings with gain 0.32", "[scorer][xmoe]") {
+  for (const Index E : {Index(4), Index(40)}) {  // fewer and more experts than r = 16
+    const CosineScorer<double> a(12, E, {.seed = 9}), b(12, E, {.seed = 9}), c(12, E, {.seed = 10});
+    REQUIRE(a.embedding() == b.embedding());
+    REQUIRE(a.proj() == b.proj());
+    REQUIRE(a.embedding() != c.embedding());
+    const Matrix<double>& m = a.embedding();
+    // orthonormal columns (E >= r) or rows (E < r), times the gain
+    const Matrix<double> gram = E >= 16 ? Matrix<double>(m.transpose() * m) : Matrix<double>(m * m.transpose());
+    REQUIRE(gram.isApprox(0.32 * 0.32 * Matrix<double>::Identity(gram.rows(), gram.cols()), 1e-12));
+    REQUIRE(a.proj().cwiseAbs().maxCoeff() <= 1 / std::sqrt(12.0));
+    REQUIRE(a.temperature() == 0.07);
+  }
+}
+
+TEST_CASE("cosine scorer backward matches finite differences in both forms", "[scorer][xmoe][gradient]") {
+  const Index T = 13, D = 7, E = 5;
+  for (const CosineForm form : {CosineForm::paper, CosineForm::torchscale}) {
+    INFO("form " << int(form));
+    CosineScorer<double> scorer(D, E, cosine_options(form, 4));
+    scorer.rescale_embeddings();  // as torchscale would before the forward
+    scorer.embedding().row(2) *= 0.4;  // one embedding of another norm
+    Matrix<double> x = random_matrix<double>(T, D, 41);
+    const Matrix<double> R = random_matrix<double>(T, E, 42);
+    // L = sum R l + 0.25 sum l^2: dL/dl = R + l / 2
+    Matrix<double> logits(T, E);
+    const auto f = [&] {
+      scorer.forward(x, {}, logits);
+      return (R.array() * logits.array()).sum() + 0.25 * logits.squaredNorm();
+    };
+    f();
+    const Matrix<double> G = R + 0.5 * logits;
+    moe::zero_grad(scorer);
+    Matrix<double> dx(T, D);
+    scorer.backward(x, {}, G, dx);
+    auto params = parameters_of(scorer);
+    REQUIRE(params.count("router.proj") == 1);
+    REQUIRE(params.count("router.expert_embedding") == 1);
+    REQUIRE(params.count("router.temperature") == (form == CosineForm::paper ? 1u : 0u));
+    require_gradient_close(dx, numeric_gradient(x, f));
+    for (auto& [name, p] : params) {
+      INFO(name);
+      const Matrix<double> analytic = p.second;
+      require_gradient_close(analytic, numeric_gradient(p.first, f));
+    }
+    if (form == CosineForm::paper) {
+      // a clamped temperature gets no gradient and divides by the clamp
+      scorer.temperature() = 1e-5;
+      f();
+      const Matrix<double> oracle = cosine_logits_oracle(x, scorer.proj(), scorer.embedding(), true, 1e-5);
+      REQUIRE((logits - oracle).cwiseAbs().maxCoeff() <= forward_tol<double>(D + 5) * oracle.cwiseAbs().maxCoeff());
+      moe::zero_grad(scorer);
+      scorer.backward(x, {}, R, dx);
+      REQUIRE(parameters_of(scorer).at("router.temperature").second(0, 0) == 0.0);
+    }
+  }
+}
+
+TEST_CASE("cosine scorer: a zero token and a zero embedding stay finite", "[scorer][xmoe]") {
+  const Index T = 6, D = 5, E = 4;
+  for (const CosineForm form : {CosineForm::paper, CosineForm::torchscale}) {
+    INFO("form " << int(form));
+    CosineScorer<double> scorer(D, E, {.form = form, .proj_dim = 3, .seed = 2});
+    scorer.embedding().row(1).setZero();  // below eps: the rescale leaves it, its unit vector is 0
+    Matrix<double> x = random_matrix<double>(T, D, 3);
+    x.row(0).setZero();
+    Matrix<double> logits(T, E), dx(T, D);
+    scorer.forward(x, {}, logits);
+    REQUIRE(logits.allFinite());
+    REQUIRE(logits.row(0).isZero(0));
+    REQUIRE(logits.col(1).isZero(0));
+    REQUIRE(scorer.embedding().row(1).isZero(0));
+    moe::zero_grad(scorer);
+    scorer.backward(x, {}, random_matrix<double>(T, E, 4), dx);
+    REQUIRE(dx.allFinite());
+    for (auto& [name, p] : parameters_of(scorer)) {
+      INFO(name);
+      REQUIRE(Matrix<double>(p.second).allFinite());
+    }
+    // below the clamp the normalisation is a division by eps: dx of the zero token is G e^ W / eps
+    if (form == CosineForm::paper) REQUIRE(!dx.row(0).isZero(0));
+  }
+  // through a whole router: the zero token is routed like any other
+  auto router = moe::make_xmoe_router<double>(D, E, 2);
+  Matrix<double> x = random_matrix<double>(T, D, 5);
+  x.row(3).setZero();
+  const auto& r = router.forward(x);
+  REQUIRE(r.token_offsets[4] - r.token_offsets[3] == 2);
+  REQUIRE(router.logits().allFinite());
+}
+
+namespace {
+// A router whose embeddings are rescaled once, outside the objective (see cosine_options).
+moe::XMoERouter<double> xmoe_router_for_gradients(CosineForm form, Index k, double factor) {
+  CosineScorer<double> scorer(6, 5, cosine_options(form, 7));
+  scorer.rescale_embeddings();
+  return {std::move(scorer), moe::SoftmaxGate<double>{},
+          moe::TopKSelector<double>(k, {.weighting = k == 1 ? Weighting::raw : Weighting::renormalize_after_drop,
+                                        .capacity = {.factor = factor, .multiple_of = k,
+                                                     .overflow = OverflowOrder::rank_major,
+                                                     .slot_order = SlotOrder::priority}}),
+          moe::LoadBalanceLoss<double>(BalanceNorm::switch_top1, 0.1)};
+}
+}  // namespace
+
+TEST_CASE("XMoERouter gradients match finite differences in both forms", "[router][xmoe][gradient]") {
+  const Index T = 16;
+  for (const CosineForm form : {CosineForm::paper, CosineForm::torchscale})
+    for (const Index k : {Index(1), Index(2)}) {
+      INFO("form " << int(form) << " k " << k);
+      auto router = xmoe_router_for_gradients(form, k, 0.8);  // some tokens dropped
+      Matrix<double> x = random_matrix<double>(T, router.input_dim(), 50 + std::uint64_t(k), 2.0);
+      const Matrix<double> R = random_matrix<double>(T, router.num_experts(), 51);
+      const auto& r = router.forward(x);
+      std::vector<double> dw(std::size_t(r.num_slots()));
+      for (Index e = 0; e < r.num_experts; ++e)
+        for (Index s = r.expert_offsets[e]; s < r.expert_offsets[e + 1]; ++s)
+          dw[std::size_t(s)] = r.slot_token[s] >= 0 ? R(r.slot_token[s], e) : 0.0;
+      moe::zero_grad(router);
+      Matrix<double> dx(T, router.input_dim());
+      router.backward(x, {}, dw, dx);
+      const auto f = [&] { return router_objective(router, x, R, {}); };
+      require_gradient_close(dx, numeric_gradient(x, f));
+      for (auto& [name, p] : parameters_of(router)) {
+        INFO(name);
+        const Matrix<double> analytic = p.second;
+        REQUIRE(!analytic.isZero(0));
+        require_gradient_close(analytic, numeric_gradient(p.first, f));
+      }
+    }
+}
+
+TEMPLATE_TEST_CASE("XMoERouter routes as torchscale's top-1 and top-2 gating", "[router][xmoe]", float, double) {
+  using S = TestType;
+  const Index T = 100, D = 12, E = 8;  // E does not divide T: 2 ceil(T/E) = 26, ceil(T/E) = 13
+  const Matrix<S> x = random_matrix<S>(T, D, 60, 2.0);
+  for (const Index k : {Index(1), Index(2)}) {
+    INFO("k " << k);
+    auto router = moe::make_xmoe_router<S>(D, E, k, 1.0, 3);
+    const auto& r = router.forward(x);
+    REQUIRE(r.capacity == (k == 1 ? 13 : 26));
+    Matrix<S> scores(T, E);
+    moe::SoftmaxGate<S>{}.forward(router.logits(), scores);
+    require_matches(r, reference_route(Matrix<S>(router.logits()), scores, k, router.selector().options()), false);
+    // torchscale's l_aux: E^2 mean_e(mean_t g * mean_t first-choice mask)
+    double laux = 0;
+    for (Index e = 0; e < E; ++e) {
+      double me = 0, ce = 0;
+      for (Index t = 0; t < T; ++t) {
+        me += double(scores(t, e)) / double(T);
+        Index best = 0;
+        for (Index j = 1; j < E; ++j)
+          if (scores(t, j) > scores(t, best)) best = j;
+        ce += (best == e) / double(T);
+      }
+      laux += me * ce * double(E);
+    }
+    REQUIRE(double(router.loss_values()[0]) == Approx(laux).epsilon(double(forward_tol<S>(T))));
+    REQUIRE(router.template loss<0>().coefficient() == S(1e-2));
+  }
+}
+
+TEST_CASE("XMoERouter in a MoELayer: forward, backward, every parameter", "[router][xmoe][layer]") {
+  const Index T = 90, D = 16, E = 6, H = 20;
+  for (const CosineForm form : {CosineForm::torchscale, CosineForm::paper}) {
+    INFO("form " << int(form));
+    auto layer = moe::MoELayer(moe::make_xmoe_router<float>(D, E, 2, 1.0, 4, form), moe::FFNExperts<float>(E, D, H));
+    const Matrix<float> x = random_matrix<float>(T, D, 70), dy = random_matrix<float>(T, D, 71);
+    Matrix<float> y(T, D), dx(T, D);
+    layer.forward(x, y);
+    REQUIRE(y.allFinite());
+    REQUIRE(!y.isZero(0));
+    moe::zero_grad(layer);
+    layer.backward(dy, dx);
+    REQUIRE(dx.allFinite());
+    std::vector<std::string> names;
+    layer.for_each_parameter([&](std::string_view name, auto, auto grad) {
+      names.emplace_back(name);
+      if (name.starts_with("router.")) REQUIRE(!Matrix<float>(grad).isZero(0));
+    });
+    REQUIRE(std::count(names.begin(), names.end(), "router.proj") == 1);
+    REQUIRE(std::count(names.begin(), names.end(), "router.expert_embedding") == 1);
+    REQUIRE(std::count(names.begin(), names.end(), "router.temperature") == (form == CosineForm::paper));
+  }
+}
+
+TEST_CASE("cosine scorer and XMoERouter: bad configuration throws config_error", "[errors][xmoe]") {
+  require_error<moe::config_error>([] { CosineScorer<float>(0, 4); }, {"CosineScorer", "'input_dim'", "= 0", ">= 1"});
+  require_error<moe::config_error>([] { CosineScorer<float>(4, 0); }, {"'num_experts'", "= 0"});
+  require_error<moe::config_error>([] { CosineScorer<float>(4, 3, {.proj_dim = 0}); },
+                                   {"'proj_dim'", "= 0", "proj_dim >= 1"});
+  require_error<moe::config_error>([] { CosineScorer<float>(4, 3, {.temperature = 0}); },
+                                   {"'temperature'", "= 0", "temperature >= min_temperature"});
+  require_error<moe::config_error>([] { CosineScorer<float>(4, 3, {.temperature = -1}); }, {"'temperature'", "= -1"});
+  require_error<moe::config_error>([] { CosineScorer<float>(4, 3, {.min_temperature = 0}); }, {"'min_temperature'", "= 0"});
+  require_error<moe::config_error>([] { CosineScorer<float>(4, 3, {.eps = 0}); }, {"'eps'", "= 0", "eps > 0"});
+  require_error<moe::config_error>([] { CosineScorer<float>(4, 3, {.embedding_norm = -1.5}); },
+                                   {"'embedding_norm'", "= -1.5"});
+  require_error<moe::config_error>([] { CosineScorer<float>(4, 3, {.embedding_gain = 0}); }, {"'embedding_gain'", "= 0"});
+  require_error<moe::config_error>([] { moe::make_xmoe_router<float>(4, 3, 3); },
+                                   {"make_xmoe_router", "'k'", "= 3", "Top2Gate"});
+  require_error<moe::config_error>([] { moe::make_xmoe_router<float>(4, 1, 2); }, {"'k'", "= 2", "(1)"});
+  require_error<moe::config_error>([] { moe::make_xmoe_router<float>(4, 3, 2, 0.0); }, {"capacity.factor", "= 0"});
+}

@@ -53,6 +53,13 @@ TEST_CASE("1 and 2 threads give bit-identical layers", "[threads]") {
   require_thread_independent([&] { return moe::MoELayer(moe::make_switch_router<float>(D, 64), moe::FFNExperts<float>(64, D, H)); }, T, D);
 }
 
+TEST_CASE("1 and 2 threads give bit-identical X-MoE layers, both cosine forms", "[threads][xmoe]") {
+  // T past two of the cosine scorer's 4096-row blocks: per-block temperature sums, added in order
+  const Index T = 9000, D = 32, E = 8, H = 16;
+  for (const auto form : {moe::CosineForm::torchscale, moe::CosineForm::paper})
+    require_thread_independent([&] { return moe::MoELayer(moe::make_xmoe_router<float>(D, E, 2, 1.0, 5, form), moe::FFNExperts<float>(E, D, H)); }, T, D);
+}
+
 TEST_CASE("1 and 2 threads give bit-identical inference forwards with packed expert weights", "[threads][packed]") {
   // widths past Gemm::eigen_max_cols: the experts pack their weights, expert by expert, on
   // whichever thread runs the expert

@@ -24,6 +24,7 @@
 #include "moe/kernels/top_k.hpp"
 
 #include "moe/scorers/linear.hpp"
+#include "moe/scorers/cosine.hpp"
 #include "moe/gates/softmax.hpp"
 #include "moe/gates/sigmoid.hpp"
 #include "moe/gates/sqrt_softplus.hpp"

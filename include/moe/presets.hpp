@@ -6,6 +6,7 @@
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/z_loss.hpp"
 #include "moe/router.hpp"
+#include "moe/scorers/cosine.hpp"
 #include "moe/scorers/linear.hpp"
 #include "moe/selectors/top_k.hpp"
 
@@ -36,6 +37,13 @@ using TopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, Load
 // DeepSpeed's top-k gating takes no padding mask: with none given, every convention agrees.
 template <scalar S>
 using DeepSpeedTopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>>;
+
+// X-MoE (Chi et al. 2022) as torchscale's Top1Gate / Top2Gate with use_xmoe: cosine scorer on a
+// 16-dimensional projection, fairseq top-1 (raw weight, capacity cf ceil(T/E)) or top-2
+// (deterministic second expert, 2 ceil(T/E) slots, weights renormalised after dropping),
+// balance loss from first choices (1e-2).
+template <scalar S>
+using XMoERouter = Router<CosineScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>>;
 
 template <scalar S>
 SwitchRouter<S> make_switch_router(Index dim, Index experts, double capacity_factor = 1.25,
@@ -83,6 +91,26 @@ DeepSpeedTopKRouter<S> make_deepspeed_topk_router(Index dim, Index experts, Inde
                                            .slot_order = SlotOrder::token},
                               .padding = padding}),
           LoadBalanceLoss<S>(BalanceNorm::topk_mean, S(1e-2), padding)};
+}
+
+// k = 1 is torchscale's Top1Gate, k = 2 its Top2Gate (the reference has no other k).
+// `form` picks the torchscale code's scorer (default) or the paper's (docs/routers.md, XMoERouter).
+template <scalar S>
+XMoERouter<S> make_xmoe_router(Index dim, Index experts, Index k = 2, double capacity_factor = 1.0,
+                               std::uint64_t seed = 0, CosineForm form = CosineForm::torchscale,
+                               Padding padding = Padding::fairseq) {
+  detail::require<config_error>(k == 1 || k == 2, "make_xmoe_router", "k", k,
+                                "k = 1 (Top1Gate) or k = 2 (Top2Gate)");
+  // k = 1: C = ceil(cf T / E) (the reference: int(cf ceil(T / E)), the same at cf = 1);
+  // k = 2: C = ceil(2 cf T / E) rounded up to even, which is 2 ceil(T / E) at cf = 1.
+  return {CosineScorer<S>(dim, experts, {.form = form, .seed = seed}), SoftmaxGate<S>{},
+          TopKSelector<S>(k, {.weighting = k == 1 ? Weighting::raw : Weighting::renormalize_after_drop,
+                              .capacity = {.factor = capacity_factor,
+                                           .multiple_of = k,
+                                           .overflow = OverflowOrder::rank_major,
+                                           .slot_order = SlotOrder::priority},
+                              .padding = padding}),
+          LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2), padding)};
 }
 
 }  // namespace moe
