@@ -577,13 +577,14 @@ double router_objective(Router& router, const Matrix<double>& x, const Matrix<do
 // have a gradient (routed under megatron, in the balance loss's mean under fairseq).
 template <class Router>
 void check_router_gradient(Router router, Index T, std::uint64_t seed, bool masked = false,
-                           bool padding_gradient = false) {
+                           bool padding_gradient = false, std::span<const std::int32_t> segment = {}) {
   const Index D = router.input_dim(), E = router.num_experts();
   Matrix<double> x = random_matrix<double>(T, D, seed, 1.0);
   const Matrix<double> R = random_matrix<double>(T, E, seed + 1);
   std::vector<std::uint8_t> valid(T, 1);
   if (masked) valid[1] = valid[T - 2] = 0;
-  const moe::TokenInputs<double> tokens{.valid = masked ? std::span<const std::uint8_t>(valid) : std::span<const std::uint8_t>()};
+  const moe::TokenInputs<double> tokens{.valid = masked ? std::span<const std::uint8_t>(valid) : std::span<const std::uint8_t>(),
+                                        .segment = segment};
   // scale the router so that logits are O(1) and routing decisions stay away from ties
   router.scorer().weight() *= 3.0;
   const auto& r = router.forward(x, tokens);
@@ -1135,4 +1136,313 @@ TEST_CASE("cosine scorer and XMoERouter: bad configuration throws config_error",
                                    {"make_xmoe_router", "'k'", "= 3", "Top2Gate"});
   require_error<moe::config_error>([] { moe::make_xmoe_router<float>(4, 1, 2); }, {"'k'", "= 2", "(1)"});
   require_error<moe::config_error>([] { moe::make_xmoe_router<float>(4, 3, 2, 0.0); }, {"capacity.factor", "= 0"});
+}
+
+// ---- DeepSeek-V3: selection-only expert bias, group-limited top-k, normalised balance loss ----
+
+namespace {
+// Group-limited top-k written from docs/selectors.md: group score = sum of the m largest rank
+// values of the group (m = k / keep); the `keep` best groups by a stable sort (ties to the lower
+// group); then the k largest rank values among their experts by a stable sort (ties to the lower
+// expert). Returns the chosen experts in rank order.
+template <class S>
+std::vector<int> reference_group_top_k(const S* rank, Index E, Index G, Index keep, Index k) {
+  const Index size = E / G, m = k / keep;
+  std::vector<S> group(G);  // summed in S, largest first, so that equal sums stay equal
+  for (Index g = 0; g < G; ++g) {
+    std::vector<S> v(rank + g * size, rank + (g + 1) * size);
+    std::sort(v.begin(), v.end(), std::greater<>());
+    S sum = 0;
+    for (Index i = 0; i < m; ++i) sum += v[i];
+    group[g] = sum;
+  }
+  std::vector<int> order(G);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return group[a] > group[b]; });
+  std::vector<int> candidates;
+  for (Index j = 0; j < keep; ++j)
+    for (Index e = order[j] * size; e < (order[j] + 1) * size; ++e) candidates.push_back(int(e));
+  std::sort(candidates.begin(), candidates.end());
+  std::stable_sort(candidates.begin(), candidates.end(), [&](int a, int b) { return rank[a] > rank[b]; });
+  candidates.resize(std::size_t(k));
+  return candidates;
+}
+
+std::vector<int> chosen(const moe::SparseRouting<double>& r, Index t) {
+  return {r.choice_expert.begin() + r.token_offsets[t], r.choice_expert.begin() + r.token_offsets[t + 1]};
+}
+
+// The normalised balance loss written from docs/losses.md, sequence by sequence.
+double reference_normalized_balance(const Matrix<double>& p, Index k, const std::vector<std::int32_t>& segment,
+                                    const std::vector<std::uint8_t>& valid) {
+  const Index T = p.rows(), E = p.cols();
+  std::map<std::int32_t, std::vector<Index>> sequences;
+  for (Index t = 0; t < T; ++t)
+    if (valid.empty() || valid[t]) sequences[segment.empty() ? 0 : segment[t]].push_back(t);
+  double total = 0;
+  for (const auto& [id, tokens] : sequences) {
+    const double Ts = double(tokens.size());
+    std::vector<double> f(E, 0.0), P(E, 0.0);
+    for (const Index t : tokens) {
+      std::vector<int> idx(E);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return p(t, a) > p(t, b); });
+      for (Index j = 0; j < k; ++j) f[idx[j]] += double(E) / (double(k) * Ts);
+      const double z = p.row(t).sum() + 1e-20;
+      for (Index e = 0; e < E; ++e) P[e] += p(t, e) / z / Ts;
+    }
+    for (Index e = 0; e < E; ++e) total += f[e] * P[e];
+  }
+  return total / double(sequences.size());
+}
+}  // namespace
+
+TEST_CASE("group-limited top-k: hand-worked cases, ties to the lower group", "[selector][deepseek]") {
+  const auto route = [](Index E, Index G, Index keep, Index k, std::vector<double> row) {
+    moe::GroupLimitedTopKSelector<double> selector(k, {.count = G, .keep = keep});
+    const Matrix<double> rank = Eigen::Map<Matrix<double>>(row.data(), 1, E);
+    moe::SparseRouting<double> r;
+    selector.forward({rank, rank, rank, {}}, r);
+    return chosen(r, 0);
+  };
+  // groups of 2, scored by their top 2: {0.9, 0} = 0.9 < {0.5, 0.5} = 1.0 < {0.6, 0.45} = 1.05;
+  // groups 1 and 2 are kept, so expert 0 (the best single score) is never picked
+  REQUIRE(route(8, 4, 2, 4, {0.9, 0.0, 0.5, 0.5, 0.6, 0.45, 0.1, 0.1}) == std::vector<int>{4, 2, 3, 5});
+  // scored by their top 1 (k = keep): groups 0 and 2 win
+  REQUIRE(route(8, 4, 2, 2, {0.9, 0.0, 0.5, 0.5, 0.6, 0.45, 0.1, 0.1}) == std::vector<int>{0, 4});
+  // equal group scores (0.75 + 0.25 = 0.875 + 0.125): the lower group is kept, although plain
+  // top-2 would take expert 2
+  REQUIRE(route(4, 2, 1, 2, {0.75, 0.25, 0.875, 0.125}) == std::vector<int>{0, 1});
+}
+
+TEMPLATE_TEST_CASE("group-limited top-k matches its oracle and never picks from a dropped group",
+                   "[selector][deepseek]", float, double) {
+  using S = TestType;
+  const Index T = 200;
+  // {E, G, keep, k, coarse}: groups of 1 to 32 experts, group scores from the top 1, 2, 3 or 6
+  // (groups of 16 and 32 go through the SIMD group scores); coarse scores take 5 values only, so
+  // that groups and experts tie often
+  const std::vector<std::array<Index, 5>> configs{{24, 4, 2, 6, 0}, {24, 6, 3, 6, 0}, {24, 8, 3, 6, 0}, {24, 3, 1, 6, 0},
+                                                  {24, 24, 6, 6, 0}, {64, 2, 1, 2, 0}, {64, 4, 2, 4, 0}, {64, 4, 2, 2, 0},
+                                                  {64, 2, 1, 2, 1}, {64, 4, 2, 4, 1}, {64, 4, 4, 4, 1}, {256, 8, 4, 8, 0},
+                                                  {256, 8, 4, 8, 1}};
+  for (const auto& [E, G, keep, k, coarse] : configs) {
+    INFO("E " << E << " groups " << G << " keep " << keep << " k " << k << " coarse " << coarse);
+    Matrix<S> logits = random_matrix<S>(T, E, 70 + G + E);
+    if (coarse) logits = (logits.array() * S(2)).round().max(S(-2)).min(S(2)).matrix();
+    Matrix<S> scores(T, E);
+    moe::SigmoidGate<S>{}.forward(logits, scores);
+    moe::GroupLimitedTopKSelector<S> selector(k, {.count = G, .keep = keep},
+                                              {.weighting = Weighting::renormalize_before_drop, .scale = 2.5});
+    moe::SparseRouting<S> r;
+    selector.forward({logits, scores, scores, {}}, r);
+    for (Index t = 0; t < T; ++t) {
+      const auto want = reference_group_top_k(scores.row(t).data(), E, G, keep, k);
+      const std::vector<int> got(r.choice_expert.begin() + r.token_offsets[t], r.choice_expert.begin() + r.token_offsets[t + 1]);
+      REQUIRE(got == want);
+      // the groups of the chosen experts are at most `keep`: nothing from a dropped group
+      std::vector<Index> groups;
+      for (const int e : got) groups.push_back(e / (E / G));
+      std::sort(groups.begin(), groups.end());
+      REQUIRE(std::unique(groups.begin(), groups.end()) - groups.begin() <= keep);
+      double z = 0;
+      for (const int e : want) z += double(scores(t, e));
+      for (Index j = 0; j < k; ++j) {
+        const Index c = r.token_offsets[t] + j;
+        REQUIRE(double(r.slot_weight[r.choice_slot[c]]) ==
+                Approx(2.5 * double(scores(t, want[j])) / z).epsilon(forward_tol<S>(k)));
+      }
+    }
+  }
+}
+
+TEST_CASE("expert bias changes which experts are chosen but not the weights", "[gate][deepseek]") {
+  const Index T = 40, D = 5, E = 8, k = 2;
+  moe::Router router(moe::LinearScorer<double>(D, E, {.seed = 4}), moe::ExpertBiasGate<moe::SigmoidGate<double>>(E),
+                     moe::TopKSelector<double>(k, {.weighting = Weighting::renormalize_before_drop, .scale = 2.5}));
+  router.scorer().weight() *= 3.0;
+  const Matrix<double> x = random_matrix<double>(T, D, 5);
+  const Matrix<double> logits = x * router.scorer().weight().transpose();
+  Matrix<double> s = logits.unaryExpr([](double l) { return 1.0 / (1.0 + std::exp(-l)); });
+  const auto check = [&](const Matrix<double>& bias) {
+    router.gate().bias() = bias;
+    const auto& r = router.forward(x);
+    for (Index t = 0; t < T; ++t) {
+      std::vector<int> idx(E);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return s(t, a) + bias(0, a) > s(t, b) + bias(0, b); });
+      REQUIRE(chosen(r, t) == std::vector<int>(idx.begin(), idx.begin() + k));
+      const double z = s(t, idx[0]) + s(t, idx[1]);
+      for (Index j = 0; j < k; ++j)
+        REQUIRE(r.slot_weight[r.choice_slot[r.token_offsets[t] + j]] == Approx(2.5 * s(t, idx[j]) / z).epsilon(1e-12));
+    }
+    return r.choice_expert;
+  };
+  const auto plain = check(Matrix<double>::Zero(1, E));
+  Matrix<double> bias = Matrix<double>::Zero(1, E);
+  bias(0, 6) = 2.0;  // every token now takes expert 6, at its un-biased weight
+  bias(0, 1) = -0.3;
+  const auto biased = check(bias);
+  REQUIRE(biased != plain);
+  // the bias is not a parameter: the router's parameters are the scorer's alone
+  int parameters = 0;
+  router.for_each_parameter([&](std::string_view name, auto, auto) {
+    ++parameters;
+    REQUIRE(name.find("bias") == std::string_view::npos);
+  });
+  REQUIRE(parameters == 1);
+}
+
+TEST_CASE("the bias update moves load toward balance", "[gate][deepseek]") {
+  // Skewed synthetic logits: the first 4 of 16 experts have a head start of 0.2, about 0.05 in
+  // sigmoid score, next to a spread of 0.1 in the logits.
+  const Index T = 2048, E = 16;
+  auto router = moe::make_deepseek_v3_router<float>(4, E, 4, 4, 2);
+  Matrix<float> logits = random_matrix<float>(T, E, 31, 0.1);
+  for (Index t = 0; t < T; ++t)
+    for (Index e = 0; e < 4; ++e) logits(t, e) += 0.2f;
+  const double before = moe::load_cv(router.route(logits));
+  REQUIRE(before > 0.5);
+  for (int step = 0; step < 50; ++step) router.gate().update_bias(router.route(logits));
+  const double after = moe::load_cv(router.route(logits));
+  INFO("load CV " << before << " -> " << after);
+  REQUIRE(after <= before / 2);
+  // the update itself: +u below the mean load, -u above, 0 at it
+  moe::ExpertBiasGate<moe::SigmoidGate<double>> gate(3, {.update_rate = 0.5});
+  gate.update_bias(std::span<const Index>(std::vector<Index>{1, 2, 3}));
+  REQUIRE(gate.bias() == Matrix<double>{{0.5, 0.0, -0.5}});
+}
+
+TEST_CASE("normalised balance loss: value and gradient from its formula", "[loss][gradient][deepseek]") {
+  const Index T = 14, E = 6, k = 2;
+  const Matrix<double> logits = random_matrix<double>(T, E, 81, 2.0);
+  Matrix<double> p(T, E);
+  moe::SigmoidGate<double>{}.forward(logits, p);
+  std::vector<std::int32_t> segment{7, 7, 7, 7, 7, 3, 3, 3, 3, 3, 3, 9, 9, 9};
+  std::vector<std::uint8_t> valid(T, 1);
+  valid[2] = valid[12] = 0;
+  const moe::TokenInputs<double> tokens{.valid = valid, .segment = segment};
+  moe::TopKSelector<double> selector(k);
+  moe::SparseRouting<double> r;
+  selector.forward({logits, p, p, tokens}, r);
+  for (const auto scope : {moe::BalanceScope::sequence, moe::BalanceScope::batch}) {
+    INFO("scope " << int(scope));
+    const moe::NormalizedBalanceLoss<double> loss(0.7, {.scope = scope});
+    const auto seg = scope == moe::BalanceScope::sequence ? segment : std::vector<std::int32_t>{};
+    const double want = reference_normalized_balance(p, k, seg, valid);
+    REQUIRE(loss.forward({logits, p, r, tokens}) == Approx(want).epsilon(1e-13));
+    Matrix<double> dscores = Matrix<double>::Zero(T, E), dlogits = Matrix<double>::Zero(T, E);
+    loss.backward({logits, p, r, tokens}, dlogits, dscores);
+    Matrix<double> q = p;
+    const Matrix<double> numeric =
+        numeric_gradient(q, [&] { return 0.7 * loss.forward({logits, q, r, tokens}); });
+    require_gradient_close(dscores, numeric);
+    REQUIRE(dscores.row(2).isZero(0));  // padding: no gradient
+    REQUIRE(dlogits.isZero(0));
+  }
+  // counting the router's own choices instead: f from the routing
+  const moe::NormalizedBalanceLoss<double> by_routing(1.0, {.scope = moe::BalanceScope::batch, .count = moe::BalanceCount::routing});
+  REQUIRE(by_routing.forward({logits, p, r, tokens}) == Approx(reference_normalized_balance(p, k, {}, valid)).epsilon(1e-13));
+  // perfect balance: f = 1 and P = 1/E for every expert, L = 1
+  const Matrix<double> flat = Matrix<double>::Constant(4, 4, 0.5);
+  moe::SparseRouting<double> rr;
+  moe::TopKSelector<double>(1).forward({flat, flat, flat, {}}, rr);
+  // each token takes expert 0 (ties to the lower expert): f_0 = 4, P = 1/4 → L = 1 as well
+  REQUIRE(moe::NormalizedBalanceLoss<double>(1.0, {.scope = moe::BalanceScope::batch}).forward({flat, flat, rr, {}}) == Approx(1.0));
+}
+
+TEST_CASE("router gradients: DeepSeek-V3", "[router][gradient][deepseek]") {
+  std::vector<std::int32_t> segment(16);
+  for (Index t = 0; t < 16; ++t) segment[t] = std::int32_t(t / 5);
+  auto make = [] {
+    moe::DeepSeekV3Router<double> r(moe::LinearScorer<double>(6, 16, {.bias = false, .seed = 8}),
+                                    moe::ExpertBiasGate<moe::SigmoidGate<double>>(16),
+                                    moe::GroupLimitedTopKSelector<double>(4, {.count = 4, .keep = 2},
+                                                                          {.weighting = Weighting::renormalize_before_drop, .scale = 2.5}),
+                                    moe::NormalizedBalanceLoss<double>(0.3));
+    for (Index e = 0; e < 16; ++e) r.gate().bias()(0, e) = 0.05 * double((e * 7) % 5) - 0.1;
+    return r;
+  };
+  check_router_gradient(make(), 16, 90, true, false, segment);
+  check_router_gradient(moe::make_deepseek_v3_router<double>(6, 16, 4, 8, 4), 16, 91, false, false, segment);
+  check_router_gradient(moe::make_deepseek_v3_router<double>(6, 32, 8, 8, 4), 16, 92);
+}
+
+TEST_CASE("DeepSeek-V3 preset: defaults, and the same input twice is bit-identical", "[router][deepseek]") {
+  auto router = moe::make_deepseek_v3_router<float>(16);
+  REQUIRE(router.num_experts() == 256);
+  REQUIRE(router.selector().k() == 8);
+  REQUIRE(router.selector().groups().count == 8);
+  REQUIRE(router.selector().groups().keep == 4);
+  REQUIRE(router.selector().options().scale == 2.5);
+  REQUIRE(router.selector().options().weighting == Weighting::renormalize_before_drop);
+  REQUIRE_FALSE(router.selector().options().capacity.limited());
+  REQUIRE(router.gate().options().update_rate == 1e-3);
+  REQUIRE(router.loss<0>().coefficient() == 1e-4f);
+  const Matrix<float> x = random_matrix<float>(300, 16, 13);
+  std::vector<std::int32_t> segment(300);
+  for (Index t = 0; t < 300; ++t) segment[t] = std::int32_t(t / 100);
+  const moe::TokenInputs<float> tokens{.segment = segment};
+  router.gate().update_bias(router.forward(x, tokens));
+  const auto run = [&] {
+    const auto r = router.forward(x, tokens);
+    std::vector<float> dw(r.num_slots(), 1.0f);
+    Matrix<float> dx(300, 16);
+    moe::zero_grad(router);
+    router.backward(x, tokens, dw, dx);
+    return std::tuple(r.choice_expert, r.slot_weight, router.loss_values(), dx);
+  };
+  const auto first = run(), second = run();
+  REQUIRE(std::get<0>(first) == std::get<0>(second));
+  REQUIRE(std::get<1>(first) == std::get<1>(second));
+  REQUIRE(std::get<2>(first) == std::get<2>(second));
+  REQUIRE(std::get<3>(first) == std::get<3>(second));
+  // every token's 8 experts lie in at most 4 of the 8 groups of 32
+  const auto& r = router.routing();
+  for (Index t = 0; t < 300; ++t) {
+    std::vector<int> groups;
+    for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c) groups.push_back(r.choice_expert[c] / 32);
+    std::sort(groups.begin(), groups.end());
+    REQUIRE(std::unique(groups.begin(), groups.end()) - groups.begin() <= 4);
+  }
+}
+
+TEST_CASE("DeepSeek-V3 bad configuration and input: named errors, nothing written", "[errors][deepseek]") {
+  using Sel = moe::GroupLimitedTopKSelector<float>;
+  require_error<moe::config_error>([] { Sel(6, {.count = 4, .keep = 4}); }, {"'k'", "= 6", "divisible by groups.keep (4)"});
+  require_error<moe::config_error>([] { Sel(4, {.count = 4, .keep = 5}); }, {"groups.keep", "= 5"});
+  require_error<moe::config_error>([] { moe::make_deepseek_v3_router<float>(4, 20); },
+                                   {"groups.count", "= 8", "divides the number of experts (20)"});
+  require_error<moe::config_error>([] { moe::make_deepseek_v3_router<float>(4, 16, 8, 8, 2); },
+                                   {"'k'", "= 8", "the kept groups must hold k experts"});
+  require_error<moe::config_error>([] { moe::ExpertBiasGate<moe::SoftmaxGate<float>>(8); },
+                                   {"SoftmaxGate", "sigmoid or sqrt-softplus"});
+  moe::ExpertBiasGate<moe::SqrtSoftplusGate<float>> fine(8);  // allowed
+  REQUIRE(fine.bias().isZero(0));
+  require_error<moe::shape_error>(
+      [] { moe::Router(moe::LinearScorer<float>(4, 8), moe::ExpertBiasGate<moe::SigmoidGate<float>>(6), moe::TopKSelector<float>(2)); },
+      {"bias.cols", "= 6", "(8)"});
+  SECTION("a selector used on its own: E not divisible, rejected at the batch, routing untouched") {
+    Sel selector(2, {.count = 4, .keep = 2});
+    const Matrix<float> logits = random_matrix<float>(5, 10, 2);
+    moe::SparseRouting<float> r;
+    require_error<moe::config_error>([&] { selector.forward({logits, logits, logits, {}}, r); },
+                                     {"groups.count", "= 4", "(10)"});
+    REQUIRE(r.num_tokens == 0);
+    REQUIRE(r.choice_expert.empty());
+  }
+  SECTION("a bias update of the wrong length leaves the bias alone") {
+    auto router = moe::make_deepseek_v3_router<float>(4, 16, 4, 4, 2);
+    router.gate().bias().setConstant(0.25f);
+    require_error<moe::shape_error>([&] { router.gate().update_bias(std::span<const Index>(std::vector<Index>(15, 1))); },
+                                    {"load.size", "= 15", "(16)"});
+    REQUIRE((router.gate().bias().array() == 0.25f).all());
+    const Matrix<float> x = random_matrix<float>(8, 4, 3);
+    const auto before = router.forward(x);
+    Matrix<float> bad = x;
+    bad(3, 2) = std::numeric_limits<float>::quiet_NaN();
+    require_error<moe::value_error>([&] { router.forward(bad); }, {"'x'", "nan at (3, 2)"});
+    REQUIRE(router.routing().choice_expert == before.choice_expert);
+    REQUIRE(router.routing().slot_weight == before.slot_weight);
+  }
 }

@@ -51,6 +51,12 @@ TEST_CASE("1 and 2 threads give bit-identical layers", "[threads]") {
   require_thread_independent([&] { return moe::MoELayer(moe::make_gshard_router<float>(D, E, 0.9), moe::FFNExperts<float>(E, D, H)); }, T, D);
   require_thread_independent([&] { return moe::MoELayer(moe::make_topk_router<float>(D, 12, 3), moe::SwiGLUExperts<float>(12, D, H), moe::SwiGLUExperts<float>(1, D, H)); }, T, D);
   require_thread_independent([&] { return moe::MoELayer(moe::make_switch_router<float>(D, 64), moe::FFNExperts<float>(64, D, H)); }, T, D);
+  // group-limited top-k keeps its masked rank in per-thread scratch
+  require_thread_independent([&] {
+    auto router = moe::make_deepseek_v3_router<float>(D, E, 4, 4, 2);
+    for (Index e = 0; e < E; ++e) router.gate().bias()(0, e) = 0.01f * float(e % 3);
+    return moe::MoELayer(std::move(router), moe::FFNExperts<float>(E, D, H));
+  }, T, D);
 }
 
 TEST_CASE("1 and 2 threads give bit-identical X-MoE layers, both cosine forms", "[threads][xmoe]") {

@@ -28,10 +28,13 @@
 #include "moe/gates/softmax.hpp"
 #include "moe/gates/sigmoid.hpp"
 #include "moe/gates/sqrt_softplus.hpp"
+#include "moe/gates/expert_bias.hpp"
 #include "moe/selectors/capacity.hpp"
 #include "moe/selectors/top_k.hpp"
+#include "moe/selectors/group_limited.hpp"
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/z_loss.hpp"
+#include "moe/losses/normalized_balance.hpp"
 
 #include "moe/router.hpp"
 #include "moe/presets.hpp"

@@ -2,12 +2,16 @@
 // Named routers (docs/routers.md): each preset is an alias of moe::Router plus a make_ function
 // that fills in the reference's defaults, its padding convention included (the last argument
 // picks another). Nothing here is a new class.
+#include "moe/gates/expert_bias.hpp"
+#include "moe/gates/sigmoid.hpp"
 #include "moe/gates/softmax.hpp"
 #include "moe/losses/load_balance.hpp"
+#include "moe/losses/normalized_balance.hpp"
 #include "moe/losses/z_loss.hpp"
 #include "moe/router.hpp"
 #include "moe/scorers/cosine.hpp"
 #include "moe/scorers/linear.hpp"
+#include "moe/selectors/group_limited.hpp"
 #include "moe/selectors/top_k.hpp"
 
 namespace moe {
@@ -44,6 +48,14 @@ using DeepSpeedTopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector
 // balance loss from first choices (1e-2).
 template <scalar S>
 using XMoERouter = Router<CosineScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>>;
+
+// DeepSeek-V3 (DeepSeek-AI, arXiv 2412.19437): sigmoid scores, a selection-only expert bias
+// (auxiliary-loss-free balancing, update rate 1e-3, stepped by the caller), group-limited top-k
+// (k = 8 among 4 of 8 groups, a group scored by its top 2), weights s / sum of the chosen s times
+// 2.5, no dropping, sequence-wise balance loss 1e-4 on the renormalised scores.
+template <scalar S>
+using DeepSeekV3Router = Router<LinearScorer<S>, ExpertBiasGate<SigmoidGate<S>>, GroupLimitedTopKSelector<S>,
+                                NormalizedBalanceLoss<S>>;
 
 template <scalar S>
 SwitchRouter<S> make_switch_router(Index dim, Index experts, double capacity_factor = 1.25,
@@ -111,6 +123,16 @@ XMoERouter<S> make_xmoe_router(Index dim, Index experts, Index k = 2, double cap
                                            .slot_order = SlotOrder::priority},
                               .padding = padding}),
           LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2), padding)};
+}
+
+template <scalar S>
+DeepSeekV3Router<S> make_deepseek_v3_router(Index dim, Index experts = 256, Index k = 8, Index groups = 8,
+                                            Index groups_kept = 4, std::uint64_t seed = 0) {
+  return {LinearScorer<S>(dim, experts, {.bias = false, .seed = seed}),
+          ExpertBiasGate<SigmoidGate<S>>(experts, {.update_rate = 1e-3}),
+          GroupLimitedTopKSelector<S>(k, {.count = groups, .keep = groups_kept},
+                                      {.weighting = Weighting::renormalize_before_drop, .scale = 2.5}),
+          NormalizedBalanceLoss<S>(S(1e-4), {.scope = BalanceScope::sequence, .count = BalanceCount::plain_top_k})};
 }
 
 }  // namespace moe

@@ -58,6 +58,7 @@ public:
     // A selector that depends on the number of experts (k <= E) is checked now, not at the
     // first batch.
     if constexpr (requires { selector_.check_experts(Index{}); }) selector_.check_experts(num_experts());
+    if constexpr (requires { gate_.check_experts(Index{}); }) gate_.check_experts(num_experts());
   }
 
   Index input_dim() const { return scorer_.input_dim(); }

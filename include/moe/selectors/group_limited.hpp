@@ -1,0 +1,182 @@
+#pragma once
+// Group-limited top-k: DeepSeek-AI, "DeepSeek-V3 Technical Report", arXiv 2412.19437 (node-limited
+// routing), as Megatron-Core's `moe_router_num_groups` / `moe_router_group_topk` do it
+// (docs/selectors.md, GroupLimitedTopKSelector). The E experts form G contiguous groups of E/G;
+// a group scores the sum of its top k/group_topk rank values; each token keeps its group_topk best
+// groups (ties to the lower group) and picks its ordinary top-k among their experts. Everything
+// after the choice (weights, capacity, slots, backward) is TopKSelector's own.
+#include <algorithm>
+#include <bit>
+#include <limits>
+#include <string>
+
+#include "moe/concepts.hpp"
+#include "moe/core/parallel.hpp"
+#include "moe/core/validate.hpp"
+#include "moe/core/workspace.hpp"
+#include "moe/kernels/simd.hpp"
+#include "moe/kernels/top_k.hpp"
+#include "moe/selectors/top_k.hpp"
+
+namespace moe {
+
+template <scalar S>
+class GroupLimitedTopKSelector {
+public:
+  using scalar_type = S;
+  using routing_type = SparseRouting<S>;
+  using Options = typename TopKSelector<S>::Options;
+
+  struct Groups {
+    Index count = 1;  // G: number of contiguous expert groups (Megatron moe_router_num_groups)
+    Index keep = 1;   // group_topk: groups kept per token (Megatron moe_router_group_topk)
+  };
+
+  GroupLimitedTopKSelector(Index k, Groups groups, Options opt = {}) : inner_(k, opt), groups_(groups) {
+    const char* where = "GroupLimitedTopKSelector";
+    detail::require<config_error>(groups.count >= 1, where, "groups.count", groups.count, "groups.count >= 1");
+    detail::require<config_error>(groups.keep >= 1 && groups.keep <= groups.count, where, "groups.keep",
+                                  groups.keep, "1 <= groups.keep <= groups.count (" + std::to_string(groups.count) + ")");
+    detail::require<config_error>(k % groups.keep == 0, where, "k", k,
+                                  "k divisible by groups.keep (" + std::to_string(groups.keep) +
+                                      "): each kept group scores by its top k/groups.keep values");
+  }
+
+  Index k() const { return inner_.k(); }
+  const Groups& groups() const { return groups_; }
+  const Options& options() const { return inner_.options(); }
+
+  // E divisible by G, and the kept groups hold at least k experts (and k/keep per group).
+  void check_experts(Index experts) const {
+    const char* where = "GroupLimitedTopKSelector";
+    if (experts % groups_.count != 0)
+      detail::fail<config_error>(where, "groups.count", groups_.count,
+                                 "divides the number of experts (" + std::to_string(experts) + ")");
+    const Index size = experts / groups_.count;
+    if (groups_.keep * size < inner_.k())
+      detail::fail<config_error>(where, "k", inner_.k(),
+                                 "k <= groups.keep * experts per group (" + std::to_string(groups_.keep) + " * " +
+                                     std::to_string(size) + "): the kept groups must hold k experts");
+    inner_.check_experts(experts);
+  }
+
+  void forward(const SelectorInput<S>& in, routing_type& r) {
+    detail::check_shape("GroupLimitedTopKSelector", "scores", in.scores, in.logits.rows(), in.logits.cols());
+    detail::check_shape("GroupLimitedTopKSelector", "rank", in.rank, in.logits.rows(), in.logits.cols());
+    prepare(in.logits, in.tokens);
+    select_rows(in, 0);
+    finish(in.logits, in.tokens, r);
+  }
+
+  void prepare(MatrixIn<S> logits, const TokenInputs<S>& tokens) {
+    check_experts(logits.cols());
+    inner_.prepare(logits, tokens);
+    scratch_.reserve();
+  }
+
+  // The rank of the block with every expert of a dropped group set to -inf, then TopKSelector's
+  // own per-row work on it.
+  void select_rows(const SelectorInput<S>& block, Index begin) {
+    const Index rows = block.rank.rows(), experts = block.rank.cols();
+    if (rows == 0) return;
+    Matrix<S>& masked = scratch_.local().masked;
+    fit(masked, rows, experts);
+    mask_rows(block.rank, masked);
+    inner_.select_rows(SelectorInput<S>{block.logits, block.scores, masked, block.tokens}, begin);
+  }
+
+  void finish(MatrixIn<S> logits, const TokenInputs<S>& tokens, routing_type& r) { inner_.finish(logits, tokens, r); }
+
+  // The weights depend on the scores of the chosen experts only, as in TopKSelector.
+  void backward(const SelectorInput<S>& in, const routing_type& r, std::span<const S> dslot_weight,
+                MatrixOut<S> dscores, MatrixOut<S> dlogits) {
+    inner_.backward(in, r, dslot_weight, dscores, dlogits);
+  }
+
+  // Per row: group scores, the kept groups, and rank copied for kept groups / -inf elsewhere.
+  void mask_rows(MatrixIn<S> rank, MatrixOut<S> masked) const {
+    const Index experts = rank.cols(), G = groups_.count, size = experts / G;
+    const Index per_group = inner_.k() / groups_.keep;
+    constexpr S dropped = -std::numeric_limits<S>::infinity();
+    S group_score[max_static_groups];
+    std::int32_t top[max_static_groups];
+    std::vector<S> heap_score;
+    std::vector<std::int32_t> heap_top;
+    S* gs = group_score;
+    std::int32_t* kept = top;
+    if (G > max_static_groups) {
+      heap_score.resize(std::size_t(G));
+      heap_top.resize(std::size_t(G));
+      gs = heap_score.data();
+      kept = heap_top.data();
+    }
+    for (Index t = 0; t < rank.rows(); ++t) {
+      const S* row = rank.row(t).data();
+      for (Index g = 0; g < G; ++g) gs[g] = group_sum(row + g * size, size, per_group);
+      kernels::scalar::top_k_row(gs, G, groups_.keep, kept);  // ties to the lower group
+      S* out = masked.row(t).data();
+      std::fill(out, out + experts, dropped);
+      for (Index j = 0; j < groups_.keep; ++j) {
+        const Index g = kept[j];
+        std::copy(row + g * size, row + (g + 1) * size, out + g * size);
+      }
+    }
+  }
+
+private:
+  static constexpr Index max_static_groups = 64;
+
+  // Sum of the m largest of v[0, n), largest first: for m <= 2 on whole SIMD registers, the
+  // largest two per lane, then merged; one scalar pass for m = 1, 2 otherwise; a partial sort
+  // for larger m.
+  static S group_sum(const S* v, Index n, Index m) {
+    using B = kernels::Batch<S>;
+    constexpr Index w = Index(B::size);
+    constexpr S lowest = -std::numeric_limits<S>::infinity();
+    if (m <= 2 && n % w == 0) {
+      B a = B::load_unaligned(v), b(lowest);  // per lane: largest a, second b
+      for (Index i = w; i < n; i += w) {
+        const B x = B::load_unaligned(v + i);
+        b = xsimd::max(b, xsimd::min(a, x));
+        a = xsimd::max(a, x);
+      }
+      const S top = kernels::reduce_max(a);
+      if (m == 1) return top;
+      const auto at_top = a == B(top);
+      // the second largest: the top again if two lanes hold it, else the best of the other
+      // lanes' largest and every lane's second
+      const S second = std::popcount(kernels::mask_bits(at_top)) > 1
+                           ? top
+                           : std::max(kernels::reduce_max(b), kernels::reduce_max(xsimd::select(at_top, B(lowest), a)));
+      return top + second;
+    }
+    if (m == 1) return *std::max_element(v, v + n);
+    if (m == 2) {
+      S a = std::max(v[0], v[1]), b = std::min(v[0], v[1]);
+      for (Index i = 2; i < n; ++i) {
+        if (v[i] > a) b = a, a = v[i];
+        else if (v[i] > b) b = v[i];
+      }
+      return a + b;
+    }
+    S best[max_static_groups];
+    std::vector<S> heap;
+    S* buf = best;
+    if (n > max_static_groups) heap.assign(v, v + n), buf = heap.data();
+    else std::copy(v, v + n, buf);
+    std::partial_sort(buf, buf + m, buf + n, [](S x, S y) { return x > y; });
+    S sum = 0;  // largest first, as a sorted top-k sums them
+    for (Index i = 0; i < m; ++i) sum += buf[i];
+    return sum;
+  }
+
+  struct Scratch {
+    Matrix<S> masked;
+  };
+
+  TopKSelector<S> inner_;
+  Groups groups_;
+  PerThread<Scratch> scratch_;
+};
+
+}  // namespace moe
