@@ -956,9 +956,11 @@ TEMPLATE_TEST_CASE("check_shape, check_tokens and check_finite name argument and
   SECTION("check_tokens") {
     const std::vector<std::uint8_t> valid3(3, 1), valid4(4, 1);
     const std::vector<std::int32_t> seg5(5, 0), seg4(4, 0);
-    const std::vector<S> noise7(7, S(0)), noise8(8, S(0));
+    const std::vector<S> noise7(7, S(0)), noise8(8, S(0)), jitter12(12, S(0));
     CHECK_NOTHROW(moe::detail::check_tokens("f", moe::TokenInputs<S>{}, 4, 2));  // all absent
-    CHECK_NOTHROW(moe::detail::check_tokens("f", moe::TokenInputs<S>{valid4, seg4, noise8}, 4, 2));
+    CHECK_NOTHROW(moe::detail::check_tokens(
+        "f", moe::TokenInputs<S>{.valid = valid4, .segment = seg4, .normal = noise8, .gumbel = noise8,
+                                 .uniform = noise8, .second_uniform = std::span<const S>(noise8).first(4), .jitter = jitter12}, 4, 2, 3));
 
     const moe::TokenInputs<S> bad_valid{.valid = valid3};
     REQUIRE_THROWS_AS(moe::detail::check_tokens("f", bad_valid, 4, 2), moe::shape_error);
@@ -967,10 +969,32 @@ TEMPLATE_TEST_CASE("check_shape, check_tokens and check_finite name argument and
     const moe::TokenInputs<S> bad_seg{.segment = seg5};
     REQUIRE_THROWS_WITH(moe::detail::check_tokens("f", bad_seg, 4, 2),
                         Contains("argument 'tokens.segment' = 5") && Contains("or 4"));
-    const moe::TokenInputs<S> bad_noise{.noise = noise7};  // noise is [T, E] = 8 entries
-    REQUIRE_THROWS_AS(moe::detail::check_tokens("f", bad_noise, 4, 2), moe::shape_error);
-    REQUIRE_THROWS_WITH(moe::detail::check_tokens("f", bad_noise, 4, 2),
-                        Contains("argument 'tokens.noise' = 7") && Contains("or 8"));
+    // every draw tensor by its own name and shape: [T, E] = 8, [T] = 4, [T, D] = 12
+    const auto rejects = [&](const moe::TokenInputs<S>& in, const char* name, const char* rule) {
+      REQUIRE_THROWS_AS(moe::detail::check_tokens("f", in, 4, 2, 3), moe::shape_error);
+      REQUIRE_THROWS_WITH(moe::detail::check_tokens("f", in, 4, 2, 3), Contains(name) && Contains(rule));
+    };
+    rejects({.normal = noise7}, "argument 'tokens.normal' = 7", "or 8");
+    rejects({.gumbel = noise7}, "argument 'tokens.gumbel' = 7", "or 8");
+    rejects({.uniform = noise7}, "argument 'tokens.uniform' = 7", "or 8");
+    rejects({.second_uniform = noise8}, "argument 'tokens.second_uniform' = 8", "or 4");
+    rejects({.jitter = noise8}, "argument 'tokens.jitter' = 8", "or 12");
+    // without a scorer (dim < 0) the jitter is not read, so not checked
+    CHECK_NOTHROW(moe::detail::check_tokens("f", moe::TokenInputs<S>{.jitter = noise8}, 4, 2));
+  }
+  SECTION("rows() slices each draw tensor by its own width and records the first token") {
+    std::vector<S> normal(8), second(4);
+    std::iota(normal.begin(), normal.end(), S(0));
+    std::iota(second.begin(), second.end(), S(10));
+    const moe::TokenInputs<S> all{.normal = normal, .second_uniform = second, .jitter = normal};
+    const auto part = all.rows(1, 2, 2);
+    REQUIRE(part.normal.size() == 4);
+    CHECK(part.normal[0] == S(2));
+    CHECK(part.second_uniform.size() == 2);
+    CHECK(part.second_uniform[0] == S(11));
+    CHECK(part.jitter.empty());
+    CHECK(part.first == 1);
+    CHECK(part.rows(1, 1, 2).first == 2);
   }
   SECTION("check_finite reports the first offending entry in row-major order") {
     Matrix<S> m = Matrix<S>::Zero(3, 4);

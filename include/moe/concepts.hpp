@@ -23,6 +23,24 @@ struct SelectorInput {
   const TokenInputs<S>& tokens;
 };
 
+// A scorer that puts Gaussian noise on its logits (docs/scorers.md, Noise on the logits) shows
+// the losses what they were made of: logits = clean + stddev * normal, entry by entry.
+template <class S>
+struct LogitNoise {
+  MatrixIn<S> clean;   // [T, E] the logits before the noise
+  MatrixIn<S> stddev;  // [T, E], or [1, 1]: one standard deviation for every entry
+  S stddev_at(Index t, Index e) const { return stddev.size() == 1 ? stddev(0, 0) : stddev(t, e); }
+};
+
+// Where a loss adds its gradient with respect to the clean logits and to the noise's standard
+// deviation (its optional `backward(in, dlogits, dscores, LogitNoiseGradient<S>&)`); the scorer
+// takes both back through its own parameters.
+template <class S>
+struct LogitNoiseGradient {
+  MatrixOut<S> clean;   // [T, E]
+  MatrixOut<S> stddev;  // [T, E], or no entries when the deviation is not trained
+};
+
 // What a loss term reads.
 template <class S>
 struct LossInput {
@@ -36,6 +54,9 @@ struct LossInput {
   // The same over every row, padding included, when a loss asks for it with
   // `bool reads_padding_scores() const` (Padding::fairseq); empty otherwise.
   std::span<const S> score_sums_all{};
+  // The scorer's noise when this forward put noise on the logits (`logits` are then the noisy
+  // ones), null otherwise.
+  const LogitNoise<S>* noise = nullptr;
 };
 
 namespace detail {

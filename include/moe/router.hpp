@@ -68,13 +68,14 @@ public:
   // stay as they were (a backward after a rejected batch still sees the last good one).
   const routing_type& forward(MatrixIn<S> x, const TokenInputs<S>& tokens = {}) {
     detail::check_shape("Router::forward", "x", x, x.rows(), input_dim());
-    detail::check_tokens("Router::forward", tokens, x.rows(), num_experts());
+    detail::check_tokens("Router::forward", tokens, x.rows(), num_experts(), input_dim());
+    share_draw_state();
     auto& logits = state_[1 - current_].logits;
     fit(logits, x.rows(), num_experts());
     if (state_[current_].logits.size() == 0) fit(state_[current_].logits, x.rows(), num_experts());  // first call sizes both
     scorer_.forward(x, tokens, logits);
     try {
-      return route_logits(logits, tokens);
+      return route_logits(logits, tokens, true);
     } catch (const value_error&) {
       // Non-finite logits: name the entry of x they came from, when x has one.
       detail::check_finite<S>("Router::forward", "x", x);
@@ -99,7 +100,8 @@ public:
     MOE_ASSERT(view.data() == logits.derived().data());  // read in place, never a temporary
     detail::check_shape("Router::route", "logits", view, view.rows(), num_experts());
     detail::check_tokens("Router::route", tokens, view.rows(), num_experts());
-    return route_logits(view, tokens);
+    share_draw_state();
+    return route_logits(view, tokens, false);
   }
 
   // Backward from d(loss)/d(slot weight) [num_slots]: adds the router parameters' gradients
@@ -111,6 +113,7 @@ public:
                                   "backward needs a forward before it");
     detail::check_shape("Router::backward", "x", x, logits_rows_, input_dim());
     detail::check_shape("Router::backward", "dx", dx, logits_rows_, input_dim());
+    detail::check_tokens("Router::backward", tokens, logits_rows_, num_experts(), input_dim());
     backward_logits(tokens, dslot_weight);
     scorer_.backward(x, tokens, dlogits_, dx);
   }
@@ -131,8 +134,16 @@ public:
     const Matrix<S>& scores = this->scores();
     const SelectorInput<S> sel{logits, scores, rank_for_backward(logits, scores, tokens), tokens};
     selector_.backward(sel, routing_, dslot_weight, dscores_, dlogits_);
-    const LossInput<S> li{logits, scores, routing_, tokens};
-    std::apply([&](auto&... l) { (l.backward(li, dlogits_, dscores_), ...); }, losses_);
+    LossInput<S> li{logits, scores, routing_, tokens};
+    if constexpr (adds_logit_noise) li.noise = noisy_ ? scorer_.logit_noise() : nullptr;
+    if (li.noise) {  // losses that read the noise also differentiate through it
+      if constexpr (adds_logit_noise) {
+        LogitNoiseGradient<S> dnoise = scorer_.logit_noise_gradient();
+        std::apply([&](auto&... l) { (backward_loss(l, li, dnoise), ...); }, losses_);
+      }
+    } else {
+      std::apply([&](auto&... l) { (l.backward(li, dlogits_, dscores_), ...); }, losses_);
+    }
     gate_.backward(logits, scores, dscores_, dlogits_);
     return dlogits_;
   }
@@ -176,7 +187,39 @@ public:
   template <class F>
   void for_each_parameter(F&& visit) { scorer_.for_each_parameter(visit); }
 
+  // Training or evaluation, and the step the next forward or route draws at (docs/architecture.md,
+  // Randomness): stochastic options draw in training only (unless their reference also draws at
+  // evaluation), keyed by (seed, step, token, expert). Each successful forward or route advances
+  // the step by one; set_step replays any step.
+  void set_training(bool on) { draw_state_.training = on; }
+  bool training() const { return draw_state_.training; }
+  void set_step(std::uint64_t step) { draw_state_.step = step; }
+  std::uint64_t step() const { return draw_state_.step; }
+
 private:
+  // A scorer that puts noise on its logits shows it to the losses (moe::LogitNoise).
+  static constexpr bool adds_logit_noise = requires(Scorer& s, const Scorer& cs) {
+    { cs.logit_noise() } -> std::convertible_to<const LogitNoise<S>*>;
+    { s.logit_noise_gradient() } -> std::convertible_to<LogitNoiseGradient<S>>;
+  };
+
+  // Hands the mode and step to every policy that draws.
+  void share_draw_state() {
+    const auto share = [&](auto& p) {
+      if constexpr (requires { p.set_draw_state(draw_state_); }) p.set_draw_state(draw_state_);
+    };
+    share(scorer_);
+    share(gate_);
+    share(selector_);
+    std::apply([&](auto&... l) { (share(l), ...); }, losses_);
+  }
+
+  template <class L>
+  void backward_loss(const L& loss, const LossInput<S>& li, LogitNoiseGradient<S>& dnoise) {
+    if constexpr (requires { loss.backward(li, dlogits_, dscores_, dnoise); }) loss.backward(li, dlogits_, dscores_, dnoise);
+    else loss.backward(li, dlogits_, dscores_);
+  }
+
   static constexpr bool gate_ranks = requires(Gate& g, MatrixIn<S> in, const TokenInputs<S>& tok,
                                               MatrixOut<S> out) { g.rank(in, in, tok, out); };
   // Forward writes the [T, E] scores (and rank) only when something reads them after the gating
@@ -216,7 +259,8 @@ private:
     }
   }
 
-  const routing_type& route_logits(MatrixIn<S> logits, const TokenInputs<S>& tokens) {
+  // `scored`: the logits are the scorer's of this call (forward), not the caller's (route).
+  const routing_type& route_logits(MatrixIn<S> logits, const TokenInputs<S>& tokens, [[maybe_unused]] bool scored) {
     const int next = 1 - current_;
     State& st = state_[next];
     const Index T = logits.rows(), E = logits.cols();
@@ -268,6 +312,9 @@ private:
     current_ = next;
     scores_stale_ = true;
     routed_ = true;
+    ++draw_state_.step;
+    noisy_ = false;
+    if constexpr (adds_logit_noise) noisy_ = scored && scorer_.logit_noise() != nullptr;
     logits_data_ = logits.data();
     logits_rows_ = T;
     logits_stride_ = logits.outerStride();
@@ -279,9 +326,10 @@ private:
     };
     total(block_sums_, score_sums_);
     if (sum_all_rows) total(block_sums_all_, score_sums_all_);
-    const LossInput<S> li{logits, keeps_scores ? MatrixIn<S>(st.scores) : MatrixIn<S>(logits.topRows(0)),
-                          routing_, tokens, score_sums_,
-                          sum_all_rows ? std::span<const S>(score_sums_all_) : std::span<const S>()};
+    LossInput<S> li{logits, keeps_scores ? MatrixIn<S>(st.scores) : MatrixIn<S>(logits.topRows(0)),
+                    routing_, tokens, score_sums_,
+                    sum_all_rows ? std::span<const S>(score_sums_all_) : std::span<const S>()};
+    if constexpr (adds_logit_noise) li.noise = noisy_ ? scorer_.logit_noise() : nullptr;
     std::size_t i = 0;
     std::apply([&](const auto&... l) { ((loss_values_[i++] = l.forward(li)), ...); }, losses_);
     return routing_;
@@ -303,6 +351,8 @@ private:
   Matrix<S> block_sums_all_;     // the same over every row, padding included (reads_padding)
   std::vector<S> score_sums_all_;
   bool routed_ = false;              // a forward or route has succeeded (backward has a state)
+  bool noisy_ = false;               // ... and its logits carry the scorer's noise
+  DrawState draw_state_{};
   const S* logits_data_ = nullptr;  // the logits routed last: the router's own or the caller's
   Index logits_rows_ = 0, logits_stride_ = 0;
   routing_type routing_;

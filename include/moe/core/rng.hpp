@@ -5,13 +5,24 @@
 #include <cmath>
 #include <cstdint>
 #include <numbers>
+#include <span>
+
+#include "moe/core/tensor.hpp"
 
 namespace moe {
 
+enum class Distribution { normal, gumbel, uniform };
+
+// The library's stochastic options draw from separate streams, so two of them under one seed
+// stay independent (stream 0 is the parameters' initialisation).
+enum class DrawStream : std::uint64_t { init = 0, jitter, normal, gumbel, uniform, second_uniform };
+
 class CounterRng {
 public:
-  constexpr explicit CounterRng(std::uint64_t seed = 0, std::uint64_t step = 0)
-      : seed_(seed), step_(step) {}
+  constexpr explicit CounterRng(std::uint64_t seed = 0, std::uint64_t step = 0,
+                                DrawStream stream = DrawStream::init)
+      : seed_(stream == DrawStream::init ? seed : mix(seed ^ (std::uint64_t(stream) * 0xd1b54a32d192ed03ull))),
+        step_(step) {}
 
   // 64 random bits for key (token, expert, lane).
   constexpr std::uint64_t bits(std::uint64_t token, std::uint64_t expert,
@@ -40,6 +51,17 @@ public:
     return -std::log(-std::log(uniform(token, expert)));
   }
 
+  // The draw of `dist` for key (token, expert).
+  template <class S>
+  S draw(Distribution dist, std::uint64_t token, std::uint64_t expert) const {
+    switch (dist) {
+      case Distribution::normal: return S(normal(token, expert));
+      case Distribution::gumbel: return S(gumbel(token, expert));
+      case Distribution::uniform: break;
+    }
+    return S(uniform(token, expert));
+  }
+
 private:
   // SplitMix64 finalizer: a bijective avalanche mix of 64 bits.
   static constexpr std::uint64_t mix(std::uint64_t z) {
@@ -48,6 +70,45 @@ private:
     return z ^ (z >> 31);
   }
   std::uint64_t seed_, step_;
+};
+
+// When and under which key a stochastic option draws (docs/architecture.md, Randomness).
+struct Draws {
+  std::uint64_t seed = 0;
+  bool at_evaluation = false;  // most references draw in training only
+};
+
+// The router's mode, handed to every stochastic policy before each forward
+// (`void set_draw_state(const DrawState&)`): evaluation turns noise off, and the step keys the
+// draws, so each step draws afresh and any step can be replayed.
+struct DrawState {
+  bool training = true;
+  std::uint64_t step = 0;
+};
+
+// One option's draws for a batch: the caller's tensor ([T, width], row-major) when given, else
+// the generator's, keyed by the token's place in the batch.
+template <class S>
+class DrawSource {
+public:
+  DrawSource(const Draws& draws, const DrawState& state, DrawStream stream, Distribution dist,
+             std::span<const S> given, Index width, Index first_token = 0)
+      : on_(state.training || draws.at_evaluation), rng_(draws.seed, state.step, stream), dist_(dist),
+        given_(given), width_(width), first_(first_token) {}
+
+  bool on() const { return on_; }
+  // The draw for row t of the view (its token first_token + t) and column j.
+  S operator()(Index t, Index j) const {
+    if (!given_.empty()) return given_[std::size_t(t * width_ + j)];
+    return rng_.draw<S>(dist_, std::uint64_t(first_ + t), std::uint64_t(j));
+  }
+
+private:
+  bool on_;
+  CounterRng rng_;
+  Distribution dist_;
+  std::span<const S> given_;
+  Index width_, first_;
 };
 
 }  // namespace moe

@@ -45,16 +45,32 @@ struct TokenInputs {
   std::span<const std::uint8_t> valid{};
   // Which sequence / task each token belongs to (sequence-level losses, task routers).
   std::span<const std::int32_t> segment{};
-  // Caller-provided random draws, row-major [T, E], for policies that take their noise from the
-  // caller (no built-in policy reads them yet).
-  std::span<const S> noise{};
+  // Caller-provided random draws (docs/architecture.md, Randomness), row-major, each absent or
+  // whole: a stochastic option reads its draws here when they are given and from its
+  // counter-based generator otherwise, so another framework's draws can be replayed exactly.
+  std::span<const S> normal{};          // [T, E] standard normal: noise on the logits
+  std::span<const S> gumbel{};          // [T, E] standard Gumbel: sampled selection
+  std::span<const S> uniform{};         // [T, E] uniform (0, 1): random token selection
+  std::span<const S> second_uniform{};  // [T] uniform (0, 1): fairseq's random second expert
+  std::span<const S> jitter{};          // [T, D] uniform (0, 1): multiplicative input jitter
+  // The batch row of this view's first token: rows() sets it, so a policy that sees a block
+  // keys its generated draws by the token's place in the batch.
+  Index first = 0;
 
   bool is_valid(Index t) const { return valid.empty() || valid[static_cast<std::size_t>(t)] != 0; }
 
-  // The inputs of tokens [first, first + count) of a batch routed over `experts` experts.
-  TokenInputs rows(Index first, Index count, Index experts) const {
-    const auto part = [](auto span, Index from, Index n) { return span.empty() ? span : span.subspan(std::size_t(from), std::size_t(n)); };
-    return {part(valid, first, count), part(segment, first, count), part(noise, first * experts, count * experts)};
+  // The inputs of tokens [first, first + count) of a batch routed over `experts` experts. The
+  // scorer's jitter ([T, D]) stays with the whole batch: a slice does not carry it.
+  TokenInputs rows(Index from, Index count, Index experts) const {
+    const auto part = [](auto span, Index at, Index n) { return span.empty() ? span : span.subspan(std::size_t(at), std::size_t(n)); };
+    return {.valid = part(valid, from, count),
+            .segment = part(segment, from, count),
+            .normal = part(normal, from * experts, count * experts),
+            .gumbel = part(gumbel, from * experts, count * experts),
+            .uniform = part(uniform, from * experts, count * experts),
+            .second_uniform = part(second_uniform, from, count),
+            .jitter = {},
+            .first = first + from};
   }
 };
 

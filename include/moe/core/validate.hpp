@@ -22,16 +22,21 @@ void check_shape(std::string_view where, std::string_view name, const M& m, Inde
   fail<shape_error>(where, name, value.str(), rule.str());
 }
 
-// Optional per-token inputs: each either absent or one entry per token.
+// Optional per-token inputs: each either absent or one entry per token (per token and expert,
+// per token and input feature). `dim` < 0: the caller reads no jitter (no scorer runs).
 template <class S>
-void check_tokens(std::string_view where, const TokenInputs<S>& in, Index tokens, Index experts) {
+void check_tokens(std::string_view where, const TokenInputs<S>& in, Index tokens, Index experts, Index dim = -1) {
   const auto check = [&](std::string_view name, std::size_t size, Index want) {
     if (size != 0 && Index(size) != want)
       fail<shape_error>(where, name, size, "length 0 (absent) or " + std::to_string(want));
   };
   check("tokens.valid", in.valid.size(), tokens);
   check("tokens.segment", in.segment.size(), tokens);
-  check("tokens.noise", in.noise.size(), tokens * experts);
+  check("tokens.normal", in.normal.size(), tokens * experts);
+  check("tokens.gumbel", in.gumbel.size(), tokens * experts);
+  check("tokens.uniform", in.uniform.size(), tokens * experts);
+  check("tokens.second_uniform", in.second_uniform.size(), tokens);
+  if (dim >= 0) check("tokens.jitter", in.jitter.size(), tokens * dim);
 }
 
 // NaN or Inf in a matrix the routing depends on; m may be the block of rows starting at first_row.

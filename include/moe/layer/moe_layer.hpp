@@ -177,9 +177,15 @@ private:
   void keep_tokens(const TokenInputs<S>& t) {
     valid_.assign(t.valid.begin(), t.valid.end());
     segment_.assign(t.segment.begin(), t.segment.end());
-    noise_.assign(t.noise.begin(), t.noise.end());
+    for (std::size_t i = 0; i < draws_.size(); ++i) draws_[i].assign(draw_spans(t)[i].begin(), draw_spans(t)[i].end());
   }
-  TokenInputs<S> tokens_view() const { return {valid_, segment_, noise_}; }
+  static std::array<std::span<const S>, 5> draw_spans(const TokenInputs<S>& t) {
+    return {t.normal, t.gumbel, t.uniform, t.second_uniform, t.jitter};
+  }
+  TokenInputs<S> tokens_view() const {
+    return {.valid = valid_, .segment = segment_, .normal = draws_[0], .gumbel = draws_[1], .uniform = draws_[2],
+            .second_uniform = draws_[3], .jitter = draws_[4]};
+  }
 
   Router router_;
   Experts experts_;
@@ -187,7 +193,8 @@ private:
   // state of the last forward, and scratch
   bool grad_enabled_ = true, forwarded_ = false, backward_ready_ = false;
   Matrix<S> x_, blocks_in_, blocks_out_, dblocks_out_, dblocks_in_, shared_out_, dshared_in_;
-  std::vector<S> dslot_weight_, noise_;
+  std::vector<S> dslot_weight_;
+  std::array<std::vector<S>, 5> draws_;  // the caller's draws (TokenInputs), for backward
   std::vector<std::uint8_t> valid_;
   std::vector<std::int32_t> segment_;
   std::array<Index, 2> all_tokens_{};
