@@ -337,11 +337,11 @@ TEMPLATE_TEST_CASE("forward: every expert type and preset matches the oracle", "
   }
   SECTION("deepspeed top-k (by weight, min capacity) + GELU FFN + shared GELU FFN, masked tokens") {
     // masked tokens get the shared expert's output only
-    auto layer = moe::MoELayer(moe::make_deepspeed_topk_router<S>(s.dim, s.experts, 2, 0.5, 6, 18),
+    auto layer = moe::MoELayer(moe::make_deepspeed_topk_router<S>(s.dim, s.experts, 3, 0.5, 6, 18),
                                moe::FFNExperts<S>(s.experts, s.dim, s.hidden, Activation::gelu, 19),
                                moe::FFNExperts<S>(1, s.dim, s.hidden, Activation::gelu, 20));
     check_forward_against_oracle(layer, Kind::ffn_gelu, x, mask_every(s.tokens, 5));
-    REQUIRE(layer.routing().capacity == 6);  // max(ceil(2 * 0.5 * 25 / 8), 6): the minimum wins
+    REQUIRE(layer.routing().capacity == 6);  // max(ceil(3 * 0.5 * 25 / 8), 6): the minimum wins
     REQUIRE(layer.routing().num_dropped() > 0);
   }
 }
@@ -431,7 +431,7 @@ TEST_CASE("gradients: presets, expert types and the shared expert", "[layer][gra
   }
   SECTION("deepspeed top-k (by weight, min capacity) + GELU FFN + shared GELU FFN, masked tokens") {
     // a masked token's x still reaches the loss, through the shared expert only
-    auto layer = moe::MoELayer(moe::make_deepspeed_topk_router<double>(s.dim, s.experts, 2, 0.5, 5, 39),
+    auto layer = moe::MoELayer(moe::make_deepspeed_topk_router<double>(s.dim, s.experts, 3, 0.5, 5, 39),
                                moe::FFNExperts<double>(s.experts, s.dim, s.hidden, Activation::gelu, 40),
                                moe::FFNExperts<double>(1, s.dim, s.hidden, Activation::gelu, 41));
     check_gradients(layer, x, mask_every(s.tokens, 4));

@@ -41,7 +41,8 @@ struct RefRouting {
 template <class S>
 RefRouting reference_route(const Matrix<S>& logits, const Matrix<S>& scores, Index k,
                            const typename moe::TopKSelector<S>::Options& opt,
-                           const std::vector<std::uint8_t>& valid = {}) {
+                           const std::vector<std::uint8_t>& valid = {}, const Matrix<S>& uniform = {},
+                           const Matrix<S>& rank = {}) {
   const Index T = scores.rows(), E = scores.cols();
   const auto is_valid = [&](Index t) { return valid.empty() || valid[t]; };
   RefRouting out;
@@ -52,7 +53,8 @@ RefRouting reference_route(const Matrix<S>& logits, const Matrix<S>& scores, Ind
     ++n_valid;
     std::vector<int> idx(E);
     std::iota(idx.begin(), idx.end(), 0);
-    std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return scores(t, a) > scores(t, b); });
+    const Matrix<S>& by = rank.size() ? rank : scores;  // the selection ranks by `rank` when given
+    std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return by(t, a) > by(t, b); });
     top[t].assign(idx.begin(), idx.begin() + k);
     for (int r = 0; r < k; ++r) out.choices.push_back({int(t), r, top[t][r]});
   }
@@ -93,6 +95,9 @@ RefRouting reference_route(const Matrix<S>& logits, const Matrix<S>& scores, Ind
       case OverflowOrder::batch_priority: return std::make_tuple(double(c.rank), -top1, double(c.token), 0.0);
       case OverflowOrder::by_score: return std::make_tuple(-double(scores(c.token, c.expert)), double(c.token), double(c.rank), 0.0);
       case OverflowOrder::by_masked_logit: return std::make_tuple(double(c.token), double(c.rank), 0.0, 0.0);
+      case OverflowOrder::random:  // the highest draw first; rank-major when there are none
+        if (uniform.size() == 0) return std::make_tuple(double(c.rank), 0.0, double(c.token), 0.0);
+        return std::make_tuple(-double(uniform(c.token, c.expert)), double(c.token), double(c.rank), 0.0);
     }
     return std::make_tuple(0.0, 0.0, 0.0, 0.0);
   };
@@ -468,7 +473,7 @@ TEST_CASE("by_masked_logit: a chosen negative logit loses to the tokens that did
   for (const auto order : {OverflowOrder::by_score, OverflowOrder::by_weight, OverflowOrder::token_major})
     for (const auto slot : route(order)) REQUIRE(slot >= 0);  // C = 2 holds every choice
   // the preset uses it
-  REQUIRE(moe::make_deepspeed_topk_router<double>(2, 2).selector().options().capacity.overflow ==
+  REQUIRE(moe::make_deepspeed_topk_router<double>(2, 3, 3).selector().options().capacity.overflow ==
           OverflowOrder::by_masked_logit);
 }
 
@@ -565,6 +570,7 @@ namespace {
 template <class Router>
 double router_objective(Router& router, const Matrix<double>& x, const Matrix<double>& R,
                         const moe::TokenInputs<double>& tokens) {
+  router.set_step(0);  // a stochastic router draws the same at every evaluation
   const auto& r = router.forward(x, tokens);
   double sum = router.aux_loss();
   for (Index e = 0; e < r.num_experts; ++e)
@@ -587,6 +593,7 @@ void check_router_gradient(Router router, Index T, std::uint64_t seed, bool mask
                                         .segment = segment};
   // scale the router so that logits are O(1) and routing decisions stay away from ties
   router.scorer().weight() *= 3.0;
+  router.set_step(0);
   const auto& r = router.forward(x, tokens);
   std::vector<double> dw(r.num_slots());
   for (Index e = 0; e < E; ++e)
@@ -624,7 +631,7 @@ TEST_CASE("router gradients: presets", "[router][gradient]") {
   check_router_gradient(moe::make_topk_router<double>(6, 5, 3, 0, moe::Padding::excluded), 16, 3, true);
   check_router_gradient(moe::make_gshard_router<double>(6, 4, 0.75), 16, 5, true, true);  // fairseq
   check_router_gradient(moe::make_switch_router<double>(6, 4, 1.0), 16, 6, true, true);
-  check_router_gradient(moe::make_deepspeed_topk_router<double>(6, 5, 2, 0.6, 2), 16, 4);
+  check_router_gradient(moe::make_deepspeed_topk_router<double>(6, 5, 3, 0.6, 2), 16, 4);
 }
 
 TEST_CASE("router gradients: every weighting, capacity and gate", "[router][gradient]") {
@@ -642,7 +649,7 @@ TEST_CASE("router gradients: every weighting, capacity and gate", "[router][grad
 
 TEMPLATE_TEST_CASE("Router routes as the reference on its own logits", "[router]", float, double) {
   using S = TestType;
-  auto router = moe::make_deepspeed_topk_router<S>(8, 6, 2, 1.0, 4);
+  auto router = moe::make_deepspeed_topk_router<S>(8, 6, 3, 1.0, 4);
   const Matrix<S> x = random_matrix<S>(40, 8, 9);
   const auto& r = router.forward(x);
   // the logits are x W^T: recomputed here, the reference routes them independently
@@ -650,7 +657,7 @@ TEMPLATE_TEST_CASE("Router routes as the reference on its own logits", "[router]
   REQUIRE(router.logits().isApprox(logits, forward_tol<S>(8)));
   Matrix<S> scores(40, 6);
   moe::SoftmaxGate<S>{}.forward(router.logits(), scores);
-  require_matches(r, reference_route(Matrix<S>(router.logits()), scores, 2, router.selector().options()), false);
+  require_matches(r, reference_route(Matrix<S>(router.logits()), scores, 3, router.selector().options()), false);
 }
 
 TEST_CASE("same input, bit-identical routing and gradients", "[router]") {
@@ -1445,4 +1452,312 @@ TEST_CASE("DeepSeek-V3 bad configuration and input: named errors, nothing writte
     REQUIRE(router.routing().choice_expert == before.choice_expert);
     REQUIRE(router.routing().slot_weight == before.slot_weight);
   }
+}
+
+// ---- noise and randomness (docs/architecture.md, Randomness) ------------------------------------
+
+namespace {
+// Uniform (0, 1) draws for injection, as torch.rand would give them.
+template <class S>
+Matrix<S> uniform_draws(Index rows, Index cols, std::uint64_t seed) {
+  Matrix<S> u(rows, cols);
+  const moe::CounterRng rng(seed);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) u(i, j) = S(rng.uniform(i, j));
+  return u;
+}
+
+template <class S>
+std::span<const S> span_of(const Matrix<S>& m) {
+  return {m.data(), std::size_t(m.size())};
+}
+
+// Softmax of each row, written out.
+template <class S>
+Matrix<S> softmax_of(const Matrix<S>& logits) {
+  Matrix<S> p(logits.rows(), logits.cols());
+  for (Index t = 0; t < logits.rows(); ++t) {
+    const S m = logits.row(t).maxCoeff();
+    S z = 0;
+    for (Index e = 0; e < logits.cols(); ++e) z += std::exp(logits(t, e) - m);
+    for (Index e = 0; e < logits.cols(); ++e) p(t, e) = std::exp(logits(t, e) - m) / z;
+  }
+  return p;
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("input jitter: x times lo + u (hi - lo), in training only", "[scorer][noise]", float, double) {
+  using S = TestType;
+  const Index T = 7, D = 5, E = 3;
+  const double eps = 0.1;
+  moe::LinearScorer<S> scorer(D, E, {.seed = 4, .jitter = eps, .jitter_draws = {.seed = 9}});
+  const Matrix<S> x = random_matrix<S>(T, D, 5), u = uniform_draws<S>(T, D, 6);
+  Matrix<S> logits(T, E), want(T, E);
+  // the factor as torch.distributions.Uniform(1 - eps, 1 + eps).rsample computes it
+  const S lo = S(1 - eps), hi = S(1 + eps);
+  for (Index t = 0; t < T; ++t)
+    for (Index e = 0; e < E; ++e) {
+      S sum = 0;
+      for (Index j = 0; j < D; ++j) sum += x(t, j) * (lo + u(t, j) * (hi - lo)) * scorer.weight()(e, j);
+      want(t, e) = sum;
+    }
+  scorer.forward(x, {.jitter = span_of(u)}, logits);
+  REQUIRE(logits.isApprox(want, forward_tol<S>(D)));
+  // generated draws: a pure function of (seed, step); evaluation turns the jitter off
+  Matrix<S> a(T, E), b(T, E), c(T, E), clean(T, E);
+  scorer.set_draw_state({.training = true, .step = 3});
+  scorer.forward(x, {}, a);
+  scorer.forward(x, {}, b);
+  scorer.set_draw_state({.training = true, .step = 4});
+  scorer.forward(x, {}, c);
+  REQUIRE(a == b);
+  REQUIRE(a != c);
+  scorer.set_draw_state({.training = false, .step = 3});
+  scorer.forward(x, {}, clean);
+  REQUIRE(clean.isApprox(Matrix<S>(x * scorer.weight().transpose()), forward_tol<S>(D)));
+  for (Index t = 0; t < T; ++t)
+    for (Index e = 0; e < E; ++e)  // every factor within [1 - eps, 1 + eps]
+      REQUIRE(std::abs(a(t, e) - clean(t, e)) <= S(eps) * (x.row(t).cwiseAbs() * scorer.weight().row(e).cwiseAbs().transpose()).value() * S(1 + 1e-5));
+}
+
+TEMPLATE_TEST_CASE("Gumbel-sampled selection: every expert, or the second after the greedy first", "[gate][noise]",
+                   float, double) {
+  using S = TestType;
+  const Index T = 30, E = 6;
+  const Matrix<S> logits = random_matrix<S>(T, E, 14, 1.5);
+  Matrix<S> g(T, E);
+  const moe::CounterRng rng(15);
+  for (Index t = 0; t < T; ++t)
+    for (Index e = 0; e < E; ++e) g(t, e) = S(rng.gumbel(t, e));
+  const Matrix<S> p = softmax_of(logits);
+  const moe::TokenInputs<S> tokens{.gumbel = span_of(g)};
+  const auto route = [&](moe::Sampled sampled, Index k, bool training) {
+    moe::Router router(moe::LinearScorer<S>(2, E), moe::GumbelGate<moe::SoftmaxGate<S>>({.sampled = sampled}),
+                       moe::TopKSelector<S>(k, {.weighting = Weighting::raw}));
+    router.set_training(training);
+    return router.route(logits, tokens);
+  };
+  const auto argmax = [&](Index t, auto value, Index skip) {
+    Index best = skip == 0 ? 1 : 0;
+    for (Index e = 0; e < E; ++e)
+      if (e != skip && value(t, e) > value(t, best)) best = e;
+    return best;
+  };
+  const auto noisy = [&](Index t, Index e) { return logits(t, e) + g(t, e); };
+  const auto clean = [&](Index t, Index e) { return p(t, e); };
+  SECTION("all (DeepSpeed RSample): argmax of logits + g, weight the clean probability") {
+    const auto r = route(moe::Sampled::all, 1, true);
+    Index differs = 0;
+    for (Index t = 0; t < T; ++t) {
+      const Index e = argmax(t, noisy, -1);
+      REQUIRE(r.choice_expert[t] == e);
+      REQUIRE(r.slot_weight[r.choice_slot[t]] == Approx(p(t, e)).epsilon(forward_tol<S>(E)));
+      differs += e != argmax(t, clean, -1);
+    }
+    REQUIRE(differs > 0);  // the noise changed some choices: the test can fail
+    const auto greedy = route(moe::Sampled::all, 1, false);  // evaluation: no noise
+    for (Index t = 0; t < T; ++t) REQUIRE(greedy.choice_expert[t] == argmax(t, clean, -1));
+  }
+  SECTION("after_first (DeepSpeed top-2, fairseq 'sampling'): first greedy, second sampled among the rest") {
+    const auto r = route(moe::Sampled::after_first, 2, true);
+    Index differs = 0;
+    for (Index t = 0; t < T; ++t) {
+      const Index first = argmax(t, clean, -1), second = argmax(t, noisy, first);
+      REQUIRE(r.choice_expert[2 * t] == first);
+      REQUIRE(r.choice_expert[2 * t + 1] == second);
+      differs += second != argmax(t, clean, first);
+    }
+    REQUIRE(differs > 0);
+  }
+  SECTION("none: the inner gate's ranking") {
+    const auto r = route(moe::Sampled::none, 2, true);
+    for (Index t = 0; t < T; ++t) REQUIRE(r.choice_expert[2 * t + 1] == argmax(t, clean, argmax(t, clean, -1)));
+  }
+}
+
+TEMPLATE_TEST_CASE("DeepSpeed presets route as top1gating (RTS) and top2gating (sampled second)", "[router][noise]",
+                   float, double) {
+  using S = TestType;
+  const Index T = 40, E = 5, D = 6;
+  const Matrix<S> x = random_matrix<S>(T, D, 21);
+  const Matrix<S> u = uniform_draws<S>(T, E, 22);
+  Matrix<S> g(T, E);
+  const moe::CounterRng rng(23);
+  for (Index t = 0; t < T; ++t)
+    for (Index e = 0; e < E; ++e) g(t, e) = S(rng.gumbel(t, e));
+  const moe::TokenInputs<S> tokens{.gumbel = span_of(g), .uniform = span_of(u)};
+  SECTION("k = 1: capacity max(ceil(cf T/E), min), the C highest draws of each expert, token-order slots") {
+    auto router = moe::make_deepspeed_topk_router<S>(D, E, 1, 0.5, 3, 24);
+    const auto& r = router.forward(x, tokens);
+    const Matrix<S> p = softmax_of(Matrix<S>(router.logits()));
+    const auto ref = reference_route(Matrix<S>(router.logits()), p, 1, router.selector().options(), {}, u);
+    REQUIRE(ref.capacity == 4);  // max(ceil(0.5 * 40 / 5), 3)
+    require_matches(r, ref, false);
+    REQUIRE(r.num_dropped() > 0);
+    // the balance loss of top1gating: E sum_e mean_t(p_te) * (first choices of e before dropping) / T
+    double want = 0;
+    for (Index e = 0; e < E; ++e) {
+      double pe = 0, fe = 0;
+      for (Index t = 0; t < T; ++t) pe += double(p(t, e)) / T, fe += (r.choice_expert[t] == e) / double(T);
+      want += E * pe * fe;
+    }
+    REQUIRE(router.loss_values()[0] == Approx(want).epsilon(forward_tol<S>(T * E)));
+    // RTS draws at evaluation too, as DeepSpeed's use_rts does
+    router.set_training(false);
+    const auto& again = router.forward(x, tokens);
+    require_matches(again, ref, false);
+  }
+  SECTION("k = 2: first greedy, second argmax of logits + g among the rest, first choices first") {
+    auto router = moe::make_deepspeed_topk_router<S>(D, E, 2, 0.5, 3, 25);
+    router.set_training(false);  // top2gating samples at evaluation too
+    const auto& r = router.forward(x, tokens);
+    const Matrix<S> logits = router.logits(), p = softmax_of(logits);
+    Matrix<S> rank(T, E);
+    for (Index t = 0; t < T; ++t) {
+      Index first = 0;
+      for (Index e = 1; e < E; ++e) first = p(t, e) > p(t, first) ? e : first;
+      for (Index e = 0; e < E; ++e) rank(t, e) = e == first ? std::numeric_limits<S>::infinity() : logits(t, e) + g(t, e);
+    }
+    const auto ref = reference_route(logits, p, 2, router.selector().options(), {}, Matrix<S>{}, rank);
+    REQUIRE(ref.capacity == 8);  // max(ceil(2 * 0.5 * 40 / 5), 3)
+    require_matches(r, ref, false);
+    REQUIRE(r.num_dropped() > 0);
+    REQUIRE(router.selector().options().capacity.slot_order == SlotOrder::priority);
+  }
+  SECTION("k = 1 with the Jitter and RSample policies: on in training, off at evaluation") {
+    using moe::NoisyGatePolicy;
+    for (auto policy : {NoisyGatePolicy::jitter, NoisyGatePolicy::rsample}) {
+      auto noisy = moe::make_deepspeed_topk_router<S>(D, E, 1, 2.0, 3, 26, std::nullopt, {.noisy_gate_policy = policy, .seed = 5});
+      auto plain = moe::make_deepspeed_topk_router<S>(D, E, 1, 2.0, 3, 26, std::nullopt, {.seed = 5});
+      const std::vector<std::int32_t> chosen = noisy.forward(x).choice_expert;
+      const auto greedy = plain.forward(x).choice_expert;
+      if (policy == NoisyGatePolicy::rsample) REQUIRE(chosen != greedy);
+      else REQUIRE_FALSE(noisy.logits().isApprox(plain.logits(), S(0)));
+      noisy.set_training(false);
+      REQUIRE(noisy.forward(x).choice_expert == greedy);
+      REQUIRE(noisy.logits() == plain.logits());
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("fairseq's random second expert: kept iff 2 g2 > u, a rejected choice takes no slot",
+                   "[selector][noise]", float, double) {
+  using S = TestType;
+  const Index T = 36, E = 4;
+  const Matrix<S> logits = random_matrix<S>(T, E, 31, 1.0);
+  const Matrix<S> u = uniform_draws<S>(T, 1, 32);
+  const Matrix<S> p = softmax_of(logits);
+  for (const auto weighting : {Weighting::renormalize_after_drop, Weighting::renormalize_before_drop}) {
+    INFO("weighting " << int(weighting));
+    moe::Router router(moe::LinearScorer<S>(2, E), moe::SoftmaxGate<S>{},
+                       moe::TopKSelector<S, 2>({.weighting = weighting,
+                                                .capacity = {.factor = 1.0, .overflow = OverflowOrder::rank_major,
+                                                             .slot_order = SlotOrder::priority},
+                                                .second = moe::SecondExpert::random}));
+    const auto& r = router.route(logits, {.second_uniform = span_of(u)});
+    // the reference, written out: rank-major over the accepted choices, first C per expert
+    const Index C = 18;  // ceil(2 * 36 / 4)
+    REQUIRE(r.capacity == C);
+    std::vector<Index> taken(E, 0);
+    std::vector<int> first(T), second(T);
+    std::vector<bool> accepted(T), kept1(T), kept2(T);
+    Index rejected = 0;
+    for (Index t = 0; t < T; ++t) {
+      first[t] = 0;
+      for (int e = 1; e < E; ++e) first[t] = p(t, e) > p(t, first[t]) ? e : first[t];
+      second[t] = first[t] == 0 ? 1 : 0;
+      for (int e = 0; e < E; ++e)
+        if (e != first[t] && p(t, e) > p(t, second[t])) second[t] = e;
+      const S g2 = weighting == Weighting::renormalize_before_drop ? p(t, second[t]) / (p(t, first[t]) + p(t, second[t]))
+                                                                   : p(t, second[t]);
+      accepted[t] = 2 * g2 > u(t, 0);
+      rejected += !accepted[t];
+      kept1[t] = taken[first[t]] < C;
+      taken[first[t]] += kept1[t];
+    }
+    for (Index t = 0; t < T; ++t) {
+      kept2[t] = accepted[t] && taken[second[t]] < C;
+      taken[second[t]] += kept2[t];
+    }
+    REQUIRE(rejected > 0);
+    REQUIRE(rejected < T);
+    for (Index t = 0; t < T; ++t) {
+      INFO("token " << t);
+      REQUIRE(r.choice_expert[2 * t] == first[t]);
+      REQUIRE(r.choice_expert[2 * t + 1] == second[t]);
+      REQUIRE((r.choice_slot[2 * t] >= 0) == kept1[t]);
+      REQUIRE((r.choice_slot[2 * t + 1] >= 0) == kept2[t]);
+      const S p1 = p(t, first[t]), p2 = p(t, second[t]);
+      const bool after = weighting == Weighting::renormalize_after_drop;
+      const S z = (after ? (kept1[t] ? p1 : 0) + (kept2[t] ? p2 : 0) : p1 + p2);
+      if (kept1[t]) REQUIRE(r.slot_weight[r.choice_slot[2 * t]] == Approx(p1 / z).epsilon(forward_tol<S>(4)));
+      if (kept2[t]) REQUIRE(r.slot_weight[r.choice_slot[2 * t + 1]] == Approx(p2 / z).epsilon(forward_tol<S>(4)));
+    }
+  }
+}
+
+TEST_CASE("stochastic routing: the same seed and step give the same bits, the step advances", "[router][noise]") {
+  auto make = [] {
+    return moe::make_deepspeed_topk_router<float>(8, 6, 1, 0.5, 2, 3, std::nullopt,
+                                                  {.noisy_gate_policy = moe::NoisyGatePolicy::jitter, .seed = 11});
+  };
+  const Matrix<float> x = random_matrix<float>(64, 8, 12);
+  auto a = make(), b = make();
+  REQUIRE(a.step() == 0);
+  const auto first = a.forward(x);
+  REQUIRE(a.step() == 1);
+  const auto next = a.forward(x);  // step 1: other draws
+  REQUIRE(next.slot_token != first.slot_token);
+  REQUIRE(b.forward(x).slot_token == first.slot_token);  // another router, same seed and step
+  a.set_step(0);
+  const auto replay = a.forward(x);
+  REQUIRE(replay.slot_token == first.slot_token);
+  REQUIRE(replay.slot_weight == first.slot_weight);
+  REQUIRE(a.logits() == b.logits());
+  // another seed draws otherwise
+  auto c = moe::make_deepspeed_topk_router<float>(8, 6, 1, 0.5, 2, 3, std::nullopt, {.seed = 12});
+  REQUIRE(c.forward(x).slot_token != first.slot_token);
+}
+
+TEST_CASE("router gradients: jitter, sampled selection, random token selection, random second expert",
+          "[router][gradient][noise]") {
+  using moe::NoisyGatePolicy;
+  check_router_gradient(moe::make_deepspeed_topk_router<double>(6, 5, 1, 0.6, 2, 0, std::nullopt,
+                                                                {.noisy_gate_policy = NoisyGatePolicy::jitter, .seed = 3}),
+                        16, 61);
+  check_router_gradient(moe::make_deepspeed_topk_router<double>(6, 5, 1, 0.6, 2, 0, std::nullopt,
+                                                                {.noisy_gate_policy = NoisyGatePolicy::rsample, .seed = 4}),
+                        16, 62, true, true);
+  check_router_gradient(moe::make_deepspeed_topk_router<double>(6, 5, 2, 0.6, 2, 0, std::nullopt, {.seed = 5}), 16, 63);
+  check_router_gradient(
+      moe::Router(moe::LinearScorer<double>(6, 4, {.jitter = 0.2, .jitter_draws = {.seed = 1}}), moe::SoftmaxGate<double>{},
+                  moe::TopKSelector<double, 2>({.weighting = Weighting::renormalize_after_drop,
+                                                .capacity = {.factor = 0.75},
+                                                .second = moe::SecondExpert::random,
+                                                .draws = {.seed = 2}}),
+                  moe::LoadBalanceLoss<double>(BalanceNorm::switch_top1, 0.1)),
+      16, 64, true);
+}
+
+TEST_CASE("noise options: bad configuration and draws of the wrong shape are named errors", "[errors][noise]") {
+  require_error<moe::config_error>([] { moe::LinearScorer<float>(4, 3, {.jitter = 1.0}); }, {"'jitter'", "= 1", "jitter < 1"});
+  require_error<moe::config_error>([] { moe::TopKSelector<float>(3, {.second = moe::SecondExpert::random}); },
+                                   {"'k'", "= 3", "k = 2 for SecondExpert::random"});
+  require_error<moe::config_error>(
+      [] {
+        moe::TopKSelector<float, 2>({.capacity = {.factor = 1.0, .overflow = OverflowOrder::by_masked_logit},
+                                     .second = moe::SecondExpert::random});
+      },
+      {"capacity.overflow", "by_masked_logit"});
+  auto router = moe::make_deepspeed_topk_router<float>(4, 6, 2, 1.0, 2);
+  const Matrix<float> x = random_matrix<float>(10, 4, 3);
+  const auto before = router.forward(x);
+  const std::vector<float> short_draws(59, 0.5f), jitter(39, 0.5f);
+  require_error<moe::shape_error>([&] { router.forward(x, {.gumbel = short_draws}); }, {"'tokens.gumbel' = 59", "or 60"});
+  require_error<moe::shape_error>([&] { router.forward(x, {.uniform = short_draws}); }, {"'tokens.uniform' = 59"});
+  require_error<moe::shape_error>([&] { router.forward(x, {.second_uniform = short_draws}); }, {"'tokens.second_uniform' = 59", "or 10"});
+  require_error<moe::shape_error>([&] { router.forward(x, {.jitter = jitter}); }, {"'tokens.jitter' = 39", "or 40"});
+  REQUIRE(router.routing().choice_expert == before.choice_expert);
+  REQUIRE(router.routing().slot_weight == before.slot_weight);
+  REQUIRE(router.step() == 1);  // a rejected call does not advance the step
 }

@@ -29,6 +29,7 @@
 #include "moe/gates/sigmoid.hpp"
 #include "moe/gates/sqrt_softplus.hpp"
 #include "moe/gates/expert_bias.hpp"
+#include "moe/gates/gumbel.hpp"
 #include "moe/selectors/capacity.hpp"
 #include "moe/selectors/top_k.hpp"
 #include "moe/selectors/group_limited.hpp"

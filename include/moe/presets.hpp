@@ -2,7 +2,10 @@
 // Named routers (docs/routers.md): each preset is an alias of moe::Router plus a make_ function
 // that fills in the reference's defaults, its padding convention included (the last argument
 // picks another). Nothing here is a new class.
+#include <optional>
+
 #include "moe/gates/expert_bias.hpp"
+#include "moe/gates/gumbel.hpp"
 #include "moe/gates/sigmoid.hpp"
 #include "moe/gates/softmax.hpp"
 #include "moe/losses/load_balance.hpp"
@@ -35,12 +38,32 @@ using GShardRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S, 2>,
 template <scalar S>
 using TopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>, ZLoss<S>>;
 
-// DeepSpeed `topkgating`: capacity max(ceil(k cf T/E), 8), its 'probs' drop order (per expert,
-// the top C of the logits of the choices against 0 for every other token: by_masked_logit),
-// token-order slots, weights renormalised over the survivors, loss (E/k) sum f P over all choices.
-// DeepSpeed's top-k gating takes no padding mask: with none given, every convention agrees.
+// DeepSpeed's TopKGate (Rajbhandari et al. 2022), which picks its gating function by k:
+// - k = 1, `top1gating`: capacity max(ceil(cf T/E), 8), random token selection (use_rts, at
+//   evaluation too) with token-order slots, the raw weight, loss E sum f P from the choices
+//   before dropping; padding as its used_token mask counts it (fairseq);
+// - k = 2, `top2gating`: capacity max(ceil(2 cf T/E), 8), the second expert Gumbel-sampled
+//   (top2_2nd_expert_sampling, at evaluation too), first choices before second ones with slots
+//   in that order, weights renormalised after dropping, the same loss;
+// - k > 2, `topkgating`: capacity max(ceil(k cf T/E), 8), its 'probs' drop order (per expert,
+//   the top C of the logits of the choices against 0 for every other token: by_masked_logit),
+//   token-order slots, weights renormalised after dropping, loss (E/k) sum f P over all choices.
+// Its noisy_gate_policy (none by default) is DeepSpeedNoise's.
 template <scalar S>
-using DeepSpeedTopKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, LoadBalanceLoss<S>>;
+using DeepSpeedTopKRouter = Router<LinearScorer<S>, GumbelGate<SoftmaxGate<S>>, TopKSelector<S>, LoadBalanceLoss<S>>;
+
+// DeepSpeed's noise options; every draw is keyed by `seed` (docs/architecture.md, Randomness).
+enum class NoisyGatePolicy {
+  none,
+  jitter,   // "Jitter": the router's input times U(1 - 1e-2, 1 + 1e-2), in training
+  rsample,  // "RSample": k = 1 picks argmax(logits + Gumbel noise), in training
+};
+struct DeepSpeedNoise {
+  NoisyGatePolicy noisy_gate_policy = NoisyGatePolicy::none;
+  bool use_rts = true;                   // k = 1: random token selection
+  bool top2_2nd_expert_sampling = true;  // k = 2: the Gumbel-sampled second expert
+  std::uint64_t seed = 0;
+};
 
 // X-MoE (Chi et al. 2022) as torchscale's Top1Gate / Top2Gate with use_xmoe: cosine scorer on a
 // 16-dimensional projection, fairseq top-1 (raw weight, capacity cf ceil(T/E)) or top-2
@@ -94,15 +117,30 @@ template <scalar S>
 DeepSpeedTopKRouter<S> make_deepspeed_topk_router(Index dim, Index experts, Index k = 2,
                                                   double capacity_factor = 1.0,
                                                   Index min_capacity = 8, std::uint64_t seed = 0,
-                                                  Padding padding = Padding::excluded) {
-  return {LinearScorer<S>(dim, experts, {.seed = seed}), SoftmaxGate<S>{},
-          TopKSelector<S>(k, {.weighting = Weighting::renormalize_after_drop,
+                                                  std::optional<Padding> padding = std::nullopt,
+                                                  DeepSpeedNoise noise = {}) {
+  // Only top1gating takes a padding mask (used_token, counted as fairseq does); the others take
+  // none, so the library's convention stands in.
+  const Padding pad = padding.value_or(k == 1 ? Padding::fairseq : Padding::excluded);
+  const Draws in_training{.seed = noise.seed}, always{.seed = noise.seed, .at_evaluation = true};
+  const Sampled sampled = k == 1 && noise.noisy_gate_policy == NoisyGatePolicy::rsample ? Sampled::all
+                          : k == 2 && noise.top2_2nd_expert_sampling                    ? Sampled::after_first
+                                                                                        : Sampled::none;
+  const OverflowOrder overflow = k == 1 ? (noise.use_rts ? OverflowOrder::random : OverflowOrder::rank_major)
+                                 : k == 2 ? OverflowOrder::rank_major
+                                          : OverflowOrder::by_masked_logit;
+  return {LinearScorer<S>(dim, experts, {.seed = seed,
+                                         .jitter = noise.noisy_gate_policy == NoisyGatePolicy::jitter ? 1e-2 : 0.0,
+                                         .jitter_draws = in_training}),
+          GumbelGate<SoftmaxGate<S>>({.sampled = sampled, .draws = sampled == Sampled::all ? in_training : always}),
+          TopKSelector<S>(k, {.weighting = k == 1 ? Weighting::raw : Weighting::renormalize_after_drop,
                               .capacity = {.factor = capacity_factor,
                                            .minimum = min_capacity,
-                                           .overflow = OverflowOrder::by_masked_logit,
-                                           .slot_order = SlotOrder::token},
-                              .padding = padding}),
-          LoadBalanceLoss<S>(BalanceNorm::topk_mean, S(1e-2), padding)};
+                                           .overflow = overflow,
+                                           .slot_order = k == 2 ? SlotOrder::priority : SlotOrder::token},
+                              .padding = pad,
+                              .draws = always}),
+          LoadBalanceLoss<S>(k <= 2 ? BalanceNorm::switch_top1 : BalanceNorm::topk_mean, S(1e-2), pad)};
 }
 
 // k = 1 is torchscale's Top1Gate, k = 2 its Top2Gate (the reference has no other k).

@@ -7,6 +7,7 @@
 //   DeepSpeed top-k:     {.factor = cf, .times_k = true, .minimum = 8}, by_masked_logit, token slots
 //   flaxformer:          {.factor = cf, .times_k = false, .rounding = round, .minimum = 4}
 //   Megatron:            {.factor = cf, .times_k = true}, by_weight or token_major, pad optional
+//   DeepSpeed top-1:     {.factor = cf, .minimum = 8}, random (RTS), token slots
 #include <cmath>
 #include <optional>
 #include <string>
@@ -31,6 +32,9 @@ enum class OverflowOrder {
                    // the expert and 0 for each routed token that did not (DeepSpeed top-k
                    // 'probs' as its releases that rank logits do it): a choice with a negative
                    // logit loses to the tokens that did not choose the expert
+  random,          // highest U(0, 1) draw first, per (token, expert): random token selection
+                   // (DeepSpeed top1gating's use_rts); first come (rank_major) when the
+                   // selector's draws are off
 };
 
 // Position of a kept token inside its expert's buffer (the output y does not depend on it).

@@ -13,6 +13,7 @@
 
 #include "moe/concepts.hpp"
 #include "moe/core/parallel.hpp"
+#include "moe/core/rng.hpp"
 #include "moe/core/validate.hpp"
 #include "moe/core/workspace.hpp"
 #include "moe/kernels/slot_assignment.hpp"
@@ -31,6 +32,14 @@ enum class Weighting {
   softmax_of_kept_logits,   // softmax over the k chosen logits (Shazeer KeepTopK, Mixtral)
 };
 
+// What happens to a token's second choice before capacity (k = 2).
+enum class SecondExpert {
+  all,     // always kept (GShard/fairseq 'all')
+  random,  // kept iff 2 g2 > u, u ~ U(0, 1) per token, g2 the second choice's pre-drop gate
+           // value (fairseq/GShard 'random'); a rejected choice takes no slot and counts as
+           // dropped, so the first choice's weight renormalises alone
+};
+
 template <scalar S, int K = dynamic_k>
 class TopKSelector {
   static_assert(K >= 0, "moe::TopKSelector: K must be >= 1 (or moe::dynamic_k)");
@@ -44,6 +53,10 @@ public:
     double scale = 1.0;  // multiplies every combine weight (DeepSeek-V3 route_scale 2.5)
     Capacity capacity{};
     Padding padding = Padding::excluded;  // which tokens of a mask are routed and count in C
+    SecondExpert second = SecondExpert::all;
+    // the generator's key for OverflowOrder::random (tokens.uniform, [T, E], overrides it) and
+    // SecondExpert::random (tokens.second_uniform, [T])
+    Draws draws{};
   };
 
   explicit TopKSelector(Options opt = {}) requires(K != dynamic_k) : TopKSelector(K, opt, 0) {}
@@ -62,6 +75,7 @@ public:
 
   // Called by Router at construction, when the number of experts is first known.
   void check_experts(Index experts) const { check_k(experts); }
+  void set_draw_state(const DrawState& state) { draw_state_ = state; }
 
   void forward(const SelectorInput<S>& in, routing_type& r) {
     detail::check_shape("TopKSelector", "scores", in.scores, in.logits.rows(), in.logits.cols());
@@ -172,7 +186,7 @@ public:
   }
 
   // Capacity and slots from the choices of every row: writes the routing.
-  void finish(MatrixIn<S> logits, const TokenInputs<S>&, routing_type& r) {
+  void finish(MatrixIn<S> logits, const TokenInputs<S>& tokens, routing_type& r) {
     // The routing takes the choice arrays by swap (its old ones become the next call's scratch)
     // and every other array is overwritten whole below, so nothing is cleared or copied.
     r.num_tokens = logits.rows();
@@ -189,13 +203,14 @@ public:
 
     // the priority sequence; each expert keeps its first C entries of it, counting-sorted into
     // expert-grouped slots
-    const Index ranks = priority_sequence(r, logits);
+    const Index ranks = priority_sequence(r, logits, tokens);
     const bool masked_logit = opt_.capacity.overflow == OverflowOrder::by_masked_logit;
+    const bool sampled_second = sample_second_choices(r, tokens);
     kernels::assign_slots<S>({.choice_token = choice_token_, .order = order_, .ranks = ranks, .weight = pre_weight_,
                               .capacity = capacity_, .pad = opt_.capacity.pad,
                               .token_order = opt_.capacity.slot_order == SlotOrder::token,
-                              .eligible = masked_logit ? std::span<const std::uint8_t>(eligible_)
-                                                       : std::span<const std::uint8_t>()},
+                              .eligible = masked_logit || sampled_second ? std::span<const std::uint8_t>(eligible_)
+                                                                         : std::span<const std::uint8_t>()},
                              r, count_);
 
     // The slots hold the pre-drop weights. Renormalised after the drop, they differ only for a
@@ -265,6 +280,33 @@ private:
     detail::require<config_error>(std::isfinite(opt.scale), "TopKSelector", "scale", opt.scale,
                                   "finite");
     opt_.capacity.validate("TopKSelector");
+    if (opt_.second == SecondExpert::random) {
+      detail::require<config_error>(k == 2, "TopKSelector", "k", k, "k = 2 for SecondExpert::random (a second expert)");
+      detail::require<config_error>(opt_.capacity.overflow != OverflowOrder::by_masked_logit, "TopKSelector",
+                                    "capacity.overflow", "by_masked_logit",
+                                    "another order with SecondExpert::random (the masked-logit ranking decides the kept set itself)");
+    }
+  }
+
+  // SecondExpert::random: eligible_ = 0 for each rejected second choice, 1 elsewhere. False when
+  // nothing is sampled (the rule is off, or its draws are).
+  bool sample_second_choices(const routing_type& r, const TokenInputs<S>& tokens) {
+    if (opt_.second != SecondExpert::random) return false;
+    const DrawSource<S> u(opt_.draws, draw_state_, DrawStream::second_uniform, Distribution::uniform,
+                          tokens.second_uniform, 1, tokens.first);
+    if (!u.on()) return false;
+    fit(eligible_, r.num_choices());
+    std::fill(eligible_.begin(), eligible_.end(), std::uint8_t(1));
+    const bool normalized = opt_.weighting == Weighting::renormalize_before_drop;
+    for (Index t = 0; t < r.num_tokens; ++t) {
+      const Index c = r.token_offsets[t];
+      if (r.token_offsets[t + 1] - c != 2) continue;  // padding
+      // g2 as the reference compares it: the raw gate value, or normalised over the two choices
+      const S g2 = normalized ? choice_score_[c + 1] / std::max(choice_score_[c] + choice_score_[c + 1], floor())
+                              : choice_score_[c + 1];
+      eligible_[std::size_t(c + 1)] = 2 * g2 > u(t, 0);
+    }
+    return true;
   }
 
   // fairseq/DeepSpeed clamp the renormalisation denominator at float epsilon.
@@ -297,9 +339,12 @@ private:
 
   // The priority sequence into order_, or empty order_ and the ranks of assign_slots' implicit
   // one (every real token holds exactly k choices).
-  Index priority_sequence(const routing_type& r, MatrixIn<S> logits) {
+  Index priority_sequence(const routing_type& r, MatrixIn<S> logits, const TokenInputs<S>& tokens) {
     const Index choices = r.num_choices(), valid = routed_;  // tokens holding k choices each
-    const auto overflow = opt_.capacity.overflow;
+    const DrawSource<S> u(opt_.draws, draw_state_, DrawStream::uniform, Distribution::uniform, tokens.uniform,
+                          logits.cols(), tokens.first);
+    auto overflow = opt_.capacity.overflow;
+    if (overflow == OverflowOrder::random && !u.on()) overflow = OverflowOrder::rank_major;
     if (overflow == OverflowOrder::by_masked_logit) {
       masked_logit_eligible(r, logits);  // the kept set itself; slots then in token order
       order_.clear();
@@ -315,6 +360,16 @@ private:
       case OverflowOrder::rank_major:
       case OverflowOrder::by_masked_logit:
         break;
+      case OverflowOrder::random: {
+        // each choice's draw, keyed by (token, expert); highest first, ties to the lower choice
+        fit(choice_key_, choices);
+        for (Index c = 0; c < choices; ++c) choice_key_[c] = u(choice_token_[c], r.choice_expert[c]);
+        std::iota(order_.begin(), order_.end(), 0);
+        std::sort(order_.begin(), order_.end(), [&](auto a, auto b) {
+          return choice_key_[a] != choice_key_[b] ? choice_key_[a] > choice_key_[b] : a < b;
+        });
+        break;
+      }
       case OverflowOrder::by_score:
         std::iota(order_.begin(), order_.end(), 0);
         std::sort(order_.begin(), order_.end(), [&](auto a, auto b) {
@@ -397,7 +452,9 @@ private:
   std::vector<std::int32_t> choice_expert_, choice_token_, order_, token_order_;
   std::vector<S> pre_weight_, choice_score_, token_priority_;
   std::vector<Index> count_;
-  std::vector<std::uint8_t> eligible_;  // by_masked_logit
+  std::vector<std::uint8_t> eligible_;  // by_masked_logit, SecondExpert::random
+  std::vector<S> choice_key_;           // OverflowOrder::random
+  DrawState draw_state_{};
 };
 
 }  // namespace moe
