@@ -30,6 +30,19 @@ static void BM_GroupLimitedRoute(benchmark::State& state) {
   set_rates(state, T, double(T * E) * sizeof(float));
 }
 
+// DeepSpeed's stochastic gating of given logits, with generated draws: k = 1 top1gating (random
+// token selection: a U(0, 1) draw per choice and a sort), k = 2 top2gating (a Gumbel draw per
+// logit for the sampled second expert). Compare BM_TokenChoiceRoute at the same T, E, k.
+static void BM_NoisyRoute(benchmark::State& state) {
+  const Index T = state.range(0), E = state.range(1), k = state.range(2);
+  const auto sets = logit_sets(T, E);
+  auto router = moe::make_deepspeed_topk_router<float>(8, E, k, 1.25, 8);
+  for (const auto& logits : sets) router.route(logits);  // warm-up: sizes and touches every buffer
+  int i = 0;
+  for (auto _ : state) benchmark::DoNotOptimize(router.route(sets[i++ % rotating_sets]).num_slots());
+  set_rates(state, T, double(T * E) * sizeof(float));
+}
+
 static void BM_Gating(benchmark::State& state) {
   const Index T = state.range(0), D = state.range(1), E = state.range(2), k = state.range(3);
   std::vector<Matrix<float>> xs;
@@ -91,6 +104,11 @@ static void group_limited_shapes(benchmark::internal::Benchmark* b) {
   shapes(b, {{16384, 256, 8, 8}}, {64, 16, 4, 4});
 }
 BENCHMARK(BM_GroupLimitedRoute)->Apply(group_limited_shapes)->Unit(benchmark::kMicrosecond);
+static void noisy_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"T", "E", "k"});
+  shapes(b, {{16384, 8, 1}, {16384, 64, 1}, {16384, 8, 2}, {16384, 64, 2}}, {64, 8, 2});
+}
+BENCHMARK(BM_NoisyRoute)->Apply(noisy_shapes)->Unit(benchmark::kMicrosecond);
 static void logits_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "D", "E"});
   shapes(b, {{16384, 1024, 8}, {16384, 1024, 64}, {16384, 1024, 256}}, {64, 32, 8});

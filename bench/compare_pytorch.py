@@ -68,6 +68,81 @@ def soft_moe_weights(x, phi):
     return F.softmax(logits, dim=0), F.softmax(logits, dim=1)
 
 
+def route_deepseek_v3(logits, bias, k, groups, groups_kept, route_scale=2.5):
+    """DeepSeek-V3's gate as its inference code writes it: sigmoid scores, the bias added for
+    selection only, a group scored by the sum of its top 2, the best groups kept, top-k among
+    them, weights = the chosen unbiased scores renormalised, times route_scale."""
+    scores = logits.sigmoid()
+    original = scores
+    scores = scores + bias
+    tokens = scores.shape[0]
+    grouped = scores.view(tokens, groups, -1)
+    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    kept = group_scores.topk(groups_kept, dim=-1)[1]
+    mask = torch.ones(tokens, groups, dtype=torch.bool).scatter_(1, kept, False)
+    scores = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(1)
+    indices = torch.topk(scores, k, dim=-1)[1]
+    weights = original.gather(1, indices)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * route_scale, indices
+
+
+def route_deepspeed_top1(logits, capacity_factor, min_capacity=8):
+    """DeepSpeed top1gating with random token selection (use_rts, its default)."""
+    tokens, experts = logits.shape
+    gates = F.softmax(logits, dim=1)
+    capacity = max(math.ceil(tokens / experts * capacity_factor), min_capacity)
+    mask1 = F.one_hot(torch.argmax(gates, dim=1), num_classes=experts)
+    l_aux = torch.sum(gates.mean(dim=0) * mask1.float().mean(dim=0)) * experts
+    mask1_rand = mask1 * torch.rand(mask1.shape)
+    top_idx = torch.topk(mask1_rand, k=capacity, dim=0)[1]
+    mask1 = mask1 * torch.zeros_like(mask1).scatter_(0, top_idx, 1)
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    locations1_s = torch.sum(locations1 * mask1, dim=1)
+    gates1_s = (gates * mask1).sum(dim=1)
+    return gates1_s, locations1_s, mask1, l_aux
+
+
+def route_deepspeed_top2(logits, capacity_factor, min_capacity=8):
+    """DeepSpeed top2gating with its Gumbel-sampled second expert (its default)."""
+    tokens, experts = logits.shape
+    gates = F.softmax(logits, dim=1)
+    mask1 = F.one_hot(torch.argmax(gates, dim=1), num_classes=experts)
+    noisy = logits - torch.log(-torch.log(torch.rand(logits.shape)))  # + Gumbel(0, 1)
+    mask2 = F.one_hot(torch.argmax(noisy.masked_fill(mask1.bool(), float("-inf")), dim=1), num_classes=experts)
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    locations2 = torch.cumsum(mask2, dim=0) - 1 + torch.sum(mask1, dim=0, keepdim=True)
+    l_aux = torch.mean(gates.mean(dim=0) * mask1.float().mean(dim=0)) * experts * experts
+    capacity = max(math.ceil(tokens / experts * 2 * capacity_factor), min_capacity)
+    mask1 = mask1 * torch.lt(locations1, capacity)
+    mask2 = mask2 * torch.lt(locations2, capacity)
+    gates1_s = (gates * mask1).sum(dim=1)
+    gates2_s = (gates * mask2).sum(dim=1)
+    denom = torch.clamp(gates1_s + gates2_s, min=torch.finfo(torch.float32).eps)
+    return gates1_s / denom, gates2_s / denom, (locations1 * mask1).sum(dim=1), (locations2 * mask2).sum(dim=1), l_aux
+
+
+def router_cases(reps):
+    """Routing of given logits by the stochastic and group-limited references: (case, our
+    benchmark, PyTorch seconds)."""
+    torch.manual_seed(0)
+    cases = []
+    for T, E, k in [(16384, 8, 1), (16384, 64, 1)]:
+        logits = torch.randn(T, E) * 2
+        cases.append((f"DeepSpeed top1gating + RTS T:{T}/E:{E}", f"BM_NoisyRoute/T:{T}/E:{E}/k:1",
+                      timed(lambda: route_deepspeed_top1(logits, 1.25), reps)))
+    for T, E in [(16384, 8), (16384, 64)]:
+        logits = torch.randn(T, E) * 2
+        cases.append((f"DeepSpeed top2gating + Gumbel T:{T}/E:{E}", f"BM_NoisyRoute/T:{T}/E:{E}/k:2",
+                      timed(lambda: route_deepspeed_top2(logits, 1.25), reps)))
+    T, E, k, G = 16384, 256, 8, 8
+    logits = torch.randn(T, E) * 2
+    bias = torch.randn(E) * 1e-3
+    cases.append((f"DeepSeek-V3 grouped top-k T:{T}/E:{E}/k:{k}", f"BM_GroupLimitedRoute/T:{T}/E:{E}/k:{k}/G:{G}",
+                  timed(lambda: route_deepseek_v3(logits, bias, k, G, G // 2), reps)))
+    return cases
+
+
 def pytorch_cases(T, D, E, k, cf, reps):
     torch.manual_seed(0)
     x = torch.randn(T, D)
@@ -154,6 +229,9 @@ def main():
             name = ours_names.get(case.split(" (")[0]) if "usual" not in case else ours_names.get(case.split(" (")[0])
             our = mine.get(name) if name else None
             rows.append((f"{case} {shape}", our, seconds))
+    cases = router_cases(reps)
+    mine = ours(args.bench, [name for _, name, _ in cases], args.quick)
+    rows += [(case, mine.get(name), seconds) for case, name, seconds in cases]
     print(f"{'case':48} {'ours (ms)':>10} {'PyTorch (ms)':>13} {'ratio':>7}")
     for case, our, theirs in rows:
         o = f"{our * 1e3:10.2f}" if our else f"{'n/a':>10}"

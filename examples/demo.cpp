@@ -90,6 +90,8 @@ int main(int argc, char** argv) {
   run("GShardRouter", moe::make_gshard_router<float>(s.dim, s.experts), s, x);
   run("TopKRouter", moe::make_topk_router<float>(s.dim, s.experts, 2), s, x);
   run("DeepSpeedTopKRouter", moe::make_deepspeed_topk_router<float>(s.dim, s.experts, 2), s, x);
+  run("DeepSpeedTopKRouter k=1", moe::make_deepspeed_topk_router<float>(s.dim, s.experts, 1, 1.0, 8, 0, std::nullopt,
+                                                                         {.noisy_gate_policy = moe::NoisyGatePolicy::jitter}), s, x);
   run("XMoERouter", moe::make_xmoe_router<float>(s.dim, s.experts, 2), s, x);
   // DeepSeek-V3's 8 groups of 32, 4 kept, k = 8 need E = 256 (--experts 256); below that the row
   // is scaled to 4 groups, 2 kept, k = 4 (E divisible by 4), still scoring a group by its top 2
@@ -100,6 +102,8 @@ int main(int argc, char** argv) {
   std::printf("\ncapacity: slots per expert (none: dropless); drop %%: (token, choice) pairs dropped; "
               "load CV: std/mean of tokens per expert;\nexp/tok: experts per real token; aux losses: "
               "each loss's raw value, in the preset's order (balance, then z-loss).\n"
+              "DeepSpeedTopKRouter: top2gating (second expert Gumbel-sampled); k=1: top1gating with random token "
+              "selection and input jitter.\n"
               "DeepSeekV3Router: DeepSeek-V3's 8 groups, 4 kept, k = 8 at --experts 256 only; at other E "
               "(divisible by 4) scaled to 4 groups, 2 kept, k = 4.\n");
   return 0;

@@ -66,6 +66,31 @@ TEST_CASE("1 and 2 threads give bit-identical X-MoE layers, both cosine forms", 
     require_thread_independent([&] { return moe::MoELayer(moe::make_xmoe_router<float>(D, E, 2, 1.0, 5, form), moe::FFNExperts<float>(E, D, H)); }, T, D);
 }
 
+TEST_CASE("1 and 2 threads give bit-identical stochastic layers: draws keyed by token, not by thread",
+          "[threads][noise]") {
+  // T past the scorer's 4096-row blocks and many gating blocks; each router a fresh one at step 0
+  const Index T = 9000, D = 32, E = 8, H = 16;
+  using moe::NoisyGatePolicy;
+  for (const auto policy : {NoisyGatePolicy::jitter, NoisyGatePolicy::rsample})  // with random token selection
+    require_thread_independent([&] {
+      return moe::MoELayer(moe::make_deepspeed_topk_router<float>(D, E, 1, 0.8, 8, 1, std::nullopt, {.noisy_gate_policy = policy, .seed = 2}),
+                           moe::FFNExperts<float>(E, D, H));
+    }, T, D);
+  require_thread_independent([&] {  // the Gumbel-sampled second expert
+    return moe::MoELayer(moe::make_deepspeed_topk_router<float>(D, E, 2, 0.8, 8, 3, std::nullopt, {.seed = 4}),
+                         moe::FFNExperts<float>(E, D, H));
+  }, T, D);
+  require_thread_independent([&] {  // fairseq's random second expert
+    return moe::MoELayer(moe::Router(moe::LinearScorer<float>(D, E), moe::SoftmaxGate<float>{},
+                                     moe::TopKSelector<float, 2>({.weighting = moe::Weighting::renormalize_after_drop,
+                                                                  .capacity = {.factor = 1.0},
+                                                                  .second = moe::SecondExpert::random,
+                                                                  .draws = {.seed = 5}}),
+                                     moe::LoadBalanceLoss<float>(moe::BalanceNorm::switch_top1, 0.01f)),
+                         moe::FFNExperts<float>(E, D, H));
+  }, T, D);
+}
+
 TEST_CASE("1 and 2 threads give bit-identical inference forwards with packed expert weights", "[threads][packed]") {
   // widths past Gemm::eigen_max_cols: the experts pack their weights, expert by expert, on
   // whichever thread runs the expert
