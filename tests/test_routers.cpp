@@ -1457,15 +1457,19 @@ TEST_CASE("DeepSeek-V3 bad configuration and input: named errors, nothing writte
 // ---- noise and randomness (docs/architecture.md, Randomness) ------------------------------------
 
 namespace {
-// Uniform (0, 1) draws for injection, as torch.rand would give them.
+// Standard draws for injection, as torch.rand or DeepSpeed's gumbel_rsample would give them.
 template <class S>
-Matrix<S> uniform_draws(Index rows, Index cols, std::uint64_t seed) {
-  Matrix<S> u(rows, cols);
+Matrix<S> draws(Index rows, Index cols, std::uint64_t seed, moe::Distribution dist) {
+  Matrix<S> m(rows, cols);
   const moe::CounterRng rng(seed);
   for (Index i = 0; i < rows; ++i)
-    for (Index j = 0; j < cols; ++j) u(i, j) = S(rng.uniform(i, j));
-  return u;
+    for (Index j = 0; j < cols; ++j) m(i, j) = rng.draw<S>(dist, std::uint64_t(i), std::uint64_t(j));
+  return m;
 }
+template <class S>
+Matrix<S> uniform_draws(Index rows, Index cols, std::uint64_t seed) { return draws<S>(rows, cols, seed, moe::Distribution::uniform); }
+template <class S>
+Matrix<S> gumbel_draws(Index rows, Index cols, std::uint64_t seed) { return draws<S>(rows, cols, seed, moe::Distribution::gumbel); }
 
 template <class S>
 std::span<const S> span_of(const Matrix<S>& m) {
@@ -1525,10 +1529,7 @@ TEMPLATE_TEST_CASE("Gumbel-sampled selection: every expert, or the second after 
   using S = TestType;
   const Index T = 30, E = 6;
   const Matrix<S> logits = random_matrix<S>(T, E, 14, 1.5);
-  Matrix<S> g(T, E);
-  const moe::CounterRng rng(15);
-  for (Index t = 0; t < T; ++t)
-    for (Index e = 0; e < E; ++e) g(t, e) = S(rng.gumbel(t, e));
+  const Matrix<S> g = gumbel_draws<S>(T, E, 15);
   const Matrix<S> p = softmax_of(logits);
   const moe::TokenInputs<S> tokens{.gumbel = span_of(g)};
   const auto route = [&](moe::Sampled sampled, Index k, bool training) {
@@ -1581,10 +1582,7 @@ TEMPLATE_TEST_CASE("DeepSpeed presets route as top1gating (RTS) and top2gating (
   const Index T = 40, E = 5, D = 6;
   const Matrix<S> x = random_matrix<S>(T, D, 21);
   const Matrix<S> u = uniform_draws<S>(T, E, 22);
-  Matrix<S> g(T, E);
-  const moe::CounterRng rng(23);
-  for (Index t = 0; t < T; ++t)
-    for (Index e = 0; e < E; ++e) g(t, e) = S(rng.gumbel(t, e));
+  const Matrix<S> g = gumbel_draws<S>(T, E, 23);
   const moe::TokenInputs<S> tokens{.gumbel = span_of(g), .uniform = span_of(u)};
   SECTION("k = 1: capacity max(ceil(cf T/E), min), the C highest draws of each expert, token-order slots") {
     auto router = moe::make_deepspeed_topk_router<S>(D, E, 1, 0.5, 3, 24);

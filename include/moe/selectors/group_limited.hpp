@@ -60,6 +60,8 @@ public:
     inner_.check_experts(experts);
   }
 
+  void set_draw_state(const DrawState& state) { inner_.set_draw_state(state); }
+
   void forward(const SelectorInput<S>& in, routing_type& r) {
     detail::check_shape("GroupLimitedTopKSelector", "scores", in.scores, in.logits.rows(), in.logits.cols());
     detail::check_shape("GroupLimitedTopKSelector", "rank", in.rank, in.logits.rows(), in.logits.cols());
