@@ -1318,6 +1318,21 @@ TEST_CASE("the bias update moves load toward balance", "[gate][deepseek]") {
   moe::ExpertBiasGate<moe::SigmoidGate<double>> gate(3, {.update_rate = 0.5});
   gate.update_bias(std::span<const Index>(std::vector<Index>{1, 2, 3}));
   REQUIRE(gate.bias() == Matrix<double>{{0.5, 0.0, -0.5}});
+  // Megatron-Core routes padding but leaves it out of the counts: the mask given to the update.
+  // Tokens 0, 1 choose expert 0, token 2 expert 1, and the padding tokens 3, 4 expert 1 too.
+  moe::Router megatron(moe::LinearScorer<double>(2, 3), moe::ExpertBiasGate<moe::SigmoidGate<double>>(3, {.update_rate = 0.5}),
+                       moe::TopKSelector<double, 1>({.padding = moe::Padding::megatron}));
+  const std::vector<std::uint8_t> valid{1, 1, 1, 0, 0};
+  const Matrix<double> five{{2, 0, 0}, {2, 0, 0}, {0, 2, 0}, {0, 2, 0}, {0, 2, 0}};
+  const auto& routed = megatron.route(five, {.valid = valid});
+  REQUIRE(routed.num_choices() == 5);  // padding routed
+  megatron.gate().update_bias(routed, valid);  // loads (2, 1, 0), mean 1
+  REQUIRE(megatron.gate().bias() == Matrix<double>{{-0.5, 0.0, 0.5}});
+  megatron.gate().bias().setZero();
+  megatron.gate().update_bias(routed);  // without the mask: loads (2, 3, 0), mean 5/3
+  REQUIRE(megatron.gate().bias() == Matrix<double>{{-0.5, -0.5, 0.5}});
+  require_error<moe::shape_error>([&] { megatron.gate().update_bias(routed, std::span<const std::uint8_t>(valid).first(3)); },
+                                  {"valid.size", "= 3", "(5)"});
 }
 
 TEST_CASE("normalised balance loss: value and gradient from its formula", "[loss][gradient][deepseek]") {

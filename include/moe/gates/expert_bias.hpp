@@ -87,14 +87,21 @@ public:
   }
 
   // The same from a routing: each expert's load is the number of (real token, choice) pairs that
-  // chose it, before capacity (padding has no choices under the library's convention).
-  void update_bias(const SparseRouting<S>& r) {
+  // chose it, before capacity. Padding has no choices under the library's and fairseq's
+  // conventions; under Padding::megatron it is routed, and `valid` (the batch's mask) leaves it
+  // out of the counts, as Megatron-Core does.
+  void update_bias(const SparseRouting<S>& r, std::span<const std::uint8_t> valid = {}) {
     if (r.num_experts != bias_.cols())
       detail::fail<shape_error>("ExpertBiasGate::update_bias", "routing.num_experts", r.num_experts,
                                 "the gate's number of experts (" + std::to_string(bias_.cols()) + ")");
+    if (!valid.empty() && Index(valid.size()) != r.num_tokens)
+      detail::fail<shape_error>("ExpertBiasGate::update_bias", "valid.size", valid.size(),
+                                "length 0 (absent) or the routing's tokens (" + std::to_string(r.num_tokens) + ")");
     fit(load_, bias_.cols());
     std::fill(load_.begin(), load_.end(), Index(0));
-    for (Index c = 0; c < r.num_choices(); ++c) ++load_[std::size_t(r.choice_expert[std::size_t(c)])];
+    for (Index t = 0; t < r.num_tokens; ++t)
+      if (valid.empty() || valid[std::size_t(t)])
+        for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c) ++load_[std::size_t(r.choice_expert[std::size_t(c)])];
     update_bias(std::span<const Index>(load_));
   }
 
