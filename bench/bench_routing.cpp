@@ -14,6 +14,23 @@ static void BM_TokenChoiceRoute(benchmark::State& state) {
   set_rates(state, T, double(T * E) * sizeof(float));
 }
 
+// BM_TokenChoiceRoute in Shazeer's form (NoisyTopKRouter): the noise is drawn inside the scorer,
+// so this runs forward from x [T, 8] (the logits GEMM is small next to the rest): clean and
+// noise-deviation logits, generated N(0, 1) draws, top-k of the noisy logits, softmax over the k
+// kept, dropless, importance and load (normal CDF against the (k+1)-th / k-th noisy logit) losses.
+static void BM_NoisyTopKRoute(benchmark::State& state) {
+  const Index T = state.range(0), E = state.range(1), k = state.range(2), D = 8;
+  std::vector<Matrix<float>> xs;
+  for (int s = 0; s < rotating_sets; ++s) xs.push_back(random_matrix(T, D, 3000 + s));
+  auto router = moe::make_noisy_topk_router<float>(D, E, k);
+  router.scorer().weight() = random_matrix(E, D, 1, 0.7);  // trained-looking: not the zero start
+  router.scorer().noise_weight() = random_matrix(E, D, 2, 0.1);
+  for (const auto& x : xs) router.forward(x);  // warm-up: sizes and touches every buffer
+  int i = 0;
+  for (auto _ : state) benchmark::DoNotOptimize(router.forward(xs[i++ % rotating_sets]).num_slots());
+  set_rates(state, T, double(T * D + 2 * T * E) * sizeof(float));
+}
+
 // DeepSeek-V3 routing of given logits: sigmoid + expert bias, 8-group limited top-8, weights
 // 2.5 s / sum s, dropless, sequence-wise balance loss (one sequence per 4096 tokens).
 static void BM_GroupLimitedRoute(benchmark::State& state) {
@@ -99,6 +116,11 @@ static void token_choice_shapes(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_TokenChoiceRoute)->Apply(token_choice_shapes)->Unit(benchmark::kMicrosecond);
+static void noisy_topk_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"T", "E", "k"});
+  shapes(b, {{16384, 8, 1}, {16384, 64, 2}, {16384, 256, 8}}, {64, 8, 2});
+}
+BENCHMARK(BM_NoisyTopKRoute)->Apply(noisy_topk_shapes)->Unit(benchmark::kMicrosecond);
 static void group_limited_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "E", "k", "G"});
   shapes(b, {{16384, 256, 8, 8}}, {64, 16, 4, 4});

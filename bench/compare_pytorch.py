@@ -54,6 +54,31 @@ def route_token_choice(logits, k, capacity_factor):
     return torch.stack(slots, dim=1), kept, weights, capacity, aux
 
 
+def cv_squared(x):
+    """tensor2tensor's cv_squared: population variance over (mean^2 + 1e-10)."""
+    size = x.numel() + 1e-10
+    mean = x.sum() / size
+    return ((x - mean) ** 2).sum() / size / (mean ** 2 + 1e-10)
+
+
+def noisy_top_k_gating(x, w_gate, w_noise, k, noise_epsilon=1e-2):
+    """Shazeer et al.'s noisy top-k gating in training as tensor2tensor and its PyTorch port write
+    it: learned noise, top-(k+1), softmax over the k kept, importance and load (_prob_in_top_k)."""
+    clean_logits = x @ w_gate
+    noise_stddev = F.softplus(x @ w_noise) + noise_epsilon
+    noisy_logits = clean_logits + torch.randn_like(clean_logits) * noise_stddev
+    top_logits, top_indices = noisy_logits.topk(k + 1, dim=1)
+    gates = torch.zeros_like(noisy_logits).scatter(1, top_indices[:, :k], F.softmax(top_logits[:, :k], dim=1))
+    threshold_if_in = top_logits[:, k:k + 1]
+    threshold_if_out = top_logits[:, k - 1:k]
+    normal = torch.distributions.normal.Normal(0.0, 1.0)
+    prob = torch.where(noisy_logits > threshold_if_in,
+                       normal.cdf((clean_logits - threshold_if_in) / noise_stddev),
+                       normal.cdf((clean_logits - threshold_if_out) / noise_stddev))
+    loss = 1e-2 * (cv_squared(gates.sum(0)) + cv_squared(prob.sum(0)))
+    return gates, loss
+
+
 def route_expert_choice(logits, capacity_factor):
     tokens, experts = logits.shape
     gates = F.softmax(logits, dim=1)
@@ -182,6 +207,8 @@ def pytorch_cases(T, D, E, k, cf, reps):
         return torch.zeros(T, D).index_add_(0, tok, buf[sl] * we.unsqueeze(1))
 
     phi = torch.randn(D, E)
+    x8 = torch.randn(T, 8)  # BM_NoisyTopKRoute's shape: the noise is part of the scorer
+    w_gate, w_noise = torch.randn(8, E) * 0.7, torch.randn(8, E) * 0.1
     return {
         "route": timed(lambda: route_token_choice(logits, k, cf), reps),
         "dispatch": timed(dispatch_reused, reps),
@@ -191,6 +218,7 @@ def pytorch_cases(T, D, E, k, cf, reps):
         "data path": timed(data_path, max(1, reps // 2)),
         "expert choice route": timed(lambda: route_expert_choice(logits, 2.0), reps),
         "soft moe weights": timed(lambda: soft_moe_weights(x, phi), reps),
+        "noisy top-k route": timed(lambda: noisy_top_k_gating(x8, w_gate, w_noise, k), reps),
     }
 
 
@@ -222,6 +250,7 @@ def main():
             "dispatch": f"BM_Dispatch/{shape}",
             "combine": f"BM_Combine/{shape}",
             "data path": f"BM_LayerIdentity/{shape}",
+            "noisy top-k route": f"BM_NoisyTopKRoute/T:{T}/E:{E}/k:{k}",
         }
         mine = ours(args.bench, list(ours_names.values()), args.quick)
         torch_times = pytorch_cases(T, D, E, k, 1.25, reps)

@@ -93,6 +93,9 @@ int main(int argc, char** argv) {
   run("DeepSpeedTopKRouter k=1", moe::make_deepspeed_topk_router<float>(s.dim, s.experts, 1, 1.0, 8, 0, std::nullopt,
                                                                          {.noisy_gate_policy = moe::NoisyGatePolicy::jitter}), s, x);
   run("XMoERouter", moe::make_xmoe_router<float>(s.dim, s.experts, 2), s, x);
+  run("NoisyTopKRouter", moe::make_noisy_topk_router<float>(s.dim, s.experts, 2), s, x);
+  run("VMoERouter", moe::make_vmoe_router<float>(s.dim, s.experts, 2), s, x);
+  run("BPRRouter", moe::make_bpr_router<float>(s.dim, s.experts, 2), s, x);
   // DeepSeek-V3's 8 groups of 32, 4 kept, k = 8 need E = 256 (--experts 256); below that the row
   // is scaled to 4 groups, 2 kept, k = 4 (E divisible by 4), still scoring a group by its top 2
   if (s.experts == 256)
@@ -101,7 +104,10 @@ int main(int argc, char** argv) {
     run("DeepSeekV3Router", moe::make_deepseek_v3_router<float>(s.dim, s.experts, 4, 4, 2), s, x);
   std::printf("\ncapacity: slots per expert (none: dropless); drop %%: (token, choice) pairs dropped; "
               "load CV: std/mean of tokens per expert;\nexp/tok: experts per real token; aux losses: "
-              "each loss's raw value, in the preset's order (balance, then z-loss).\n"
+              "each loss's raw value, in the preset's order (balance, then z-loss;\n"
+              "importance, then load for NoisyTopKRouter and VMoERouter; importance for BPRRouter).\n"
+              "NoisyTopKRouter, VMoERouter: noise on the logits in training, drawn afresh each pass; "
+              "VMoERouter and BPRRouter at the demo's E (the V-MoE paper: --experts 32).\n"
               "DeepSpeedTopKRouter: top2gating (second expert Gumbel-sampled); k=1: top1gating with random token "
               "selection and input jitter.\n"
               "DeepSeekV3Router: DeepSeek-V3's 8 groups, 4 kept, k = 8 at --experts 256 only; at other E "

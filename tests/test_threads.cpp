@@ -91,6 +91,19 @@ TEST_CASE("1 and 2 threads give bit-identical stochastic layers: draws keyed by 
   }, T, D);
 }
 
+TEST_CASE("1 and 2 threads give bit-identical noisy layers (generated draws)", "[threads][noisy]") {
+  // T past two of the noise loop's 1024-row blocks; the draws are keyed by token, not by thread
+  const Index T = 3000, D = 32, E = 8, H = 16;
+  require_thread_independent([&] {
+    auto router = moe::make_noisy_topk_router<float>(D, E, 2);
+    router.scorer().weight() = random_matrix<float>(E, D, 4, 0.3);
+    router.scorer().noise_weight() = random_matrix<float>(E, D, 5, 0.3);
+    return moe::MoELayer(std::move(router), moe::FFNExperts<float>(E, D, H));
+  }, T, D);
+  require_thread_independent([&] { return moe::MoELayer(moe::make_vmoe_router<float>(D, E, 2), moe::FFNExperts<float>(E, D, H)); }, T, D);
+  require_thread_independent([&] { return moe::MoELayer(moe::make_bpr_router<float>(D, E, 2, 0.8), moe::FFNExperts<float>(E, D, H)); }, T, D);
+}
+
 TEST_CASE("1 and 2 threads give bit-identical inference forwards with packed expert weights", "[threads][packed]") {
   // widths past Gemm::eigen_max_cols: the experts pack their weights, expert by expert, on
   // whichever thread runs the expert

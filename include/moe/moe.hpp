@@ -25,6 +25,7 @@
 
 #include "moe/scorers/linear.hpp"
 #include "moe/scorers/cosine.hpp"
+#include "moe/scorers/noisy_linear.hpp"
 #include "moe/gates/softmax.hpp"
 #include "moe/gates/sigmoid.hpp"
 #include "moe/gates/sqrt_softplus.hpp"
@@ -36,6 +37,9 @@
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/z_loss.hpp"
 #include "moe/losses/normalized_balance.hpp"
+#include "moe/losses/cv_squared.hpp"
+#include "moe/losses/importance.hpp"
+#include "moe/losses/noisy_load.hpp"
 
 #include "moe/router.hpp"
 #include "moe/presets.hpp"

@@ -8,12 +8,15 @@
 #include "moe/gates/gumbel.hpp"
 #include "moe/gates/sigmoid.hpp"
 #include "moe/gates/softmax.hpp"
+#include "moe/losses/importance.hpp"
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/normalized_balance.hpp"
+#include "moe/losses/noisy_load.hpp"
 #include "moe/losses/z_loss.hpp"
 #include "moe/router.hpp"
 #include "moe/scorers/cosine.hpp"
 #include "moe/scorers/linear.hpp"
+#include "moe/scorers/noisy_linear.hpp"
 #include "moe/selectors/group_limited.hpp"
 #include "moe/selectors/top_k.hpp"
 
@@ -79,6 +82,28 @@ using XMoERouter = Router<CosineScorer<S>, SoftmaxGate<S>, TopKSelector<S>, Load
 template <scalar S>
 using DeepSeekV3Router = Router<LinearScorer<S>, ExpertBiasGate<SigmoidGate<S>>, GroupLimitedTopKSelector<S>,
                                 NormalizedBalanceLoss<S>>;
+
+// Noisy top-k gating (Shazeer et al. 2017, arXiv 1701.06538) as tensor2tensor's
+// noisy_top_k_gating and the PyTorch port davidmrau/mixture-of-experts: learned noise
+// softplus(x W_noise^T) + 1e-2 in training, both matrices starting at 0, softmax over the k kept
+// noisy logits, dropless, importance (of those weights) + load (through the normal CDF), one
+// coefficient 1e-2 on each; CV² as tensor2tensor writes it unless `cv` says otherwise.
+template <scalar S>
+using NoisyTopKRouter = Router<NoisyLinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, ImportanceLoss<S>, NoisyLoadLoss<S>>;
+
+// V-MoE (Riquelme et al. 2021, arXiv 2106.05974) as vmoe's NoisyTopExpertsPerItemRouter: noise
+// N(0, (1/E)^2) on the logits in training, softmax of the noisy logits, top-k with the raw
+// weights, capacity ceil(k cf T / E) rounded up to a multiple of 4 (cf 1.05, vmoe_paper), batch
+// priority routing (the paper's training configs turn it off: batch_priority = false), importance
+// of the clean softmax + load, 0.005 each, CV² = (std / mean)².
+template <scalar S>
+using VMoERouter = Router<NoisyLinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, ImportanceLoss<S>, NoisyLoadLoss<S>>;
+
+// Batch prioritized routing alone: vmoe's router with noise_std = 0, which then has the
+// importance loss only (gshard_loss_weight defaults to 0): no noise, softmax, raw top-k weights,
+// V-MoE capacity, tokens ranked by their top score.
+template <scalar S>
+using BPRRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, ImportanceLoss<S>>;
 
 template <scalar S>
 SwitchRouter<S> make_switch_router(Index dim, Index experts, double capacity_factor = 1.25,
@@ -171,6 +196,50 @@ DeepSeekV3Router<S> make_deepseek_v3_router(Index dim, Index experts = 256, Inde
           GroupLimitedTopKSelector<S>(k, {.count = groups, .keep = groups_kept},
                                       {.weighting = Weighting::renormalize_before_drop, .scale = 2.5}),
           NormalizedBalanceLoss<S>(S(1e-4), {.scope = BalanceScope::sequence, .count = BalanceCount::plain_top_k})};
+}
+
+// k = 2 as tensor2tensor's default (the PyTorch port's is 4); `cv` = CVSquared::pytorch_port
+// reproduces the port's unbiased variance.
+template <scalar S>
+NoisyTopKRouter<S> make_noisy_topk_router(Index dim, Index experts, Index k = 2,
+                                          CVSquared cv = CVSquared::tensor2tensor, std::uint64_t seed = 0) {
+  return {NoisyLinearScorer<S>(dim, experts, {.scale = NoiseScale::learned, .seed = seed, .draws = {.seed = seed}}),
+          SoftmaxGate<S>{},
+          TopKSelector<S>(k, {.weighting = Weighting::softmax_of_kept_logits}),
+          ImportanceLoss<S>(S(1e-2), {.source = ImportanceSource::kept_softmax, .cv = cv}),
+          NoisyLoadLoss<S>(k, S(1e-2), {.threshold = LoadThreshold::shazeer, .cv = cv})};
+}
+
+namespace detail {
+// vmoe get_top_experts_per_item_dispatcher: ceil(k cf T / E) up to a multiple of 4, all first
+// choices before second ones, slots in the order they are won.
+inline Capacity vmoe_capacity(double capacity_factor, bool batch_priority) {
+  return {.factor = capacity_factor,
+          .multiple_of = 4,
+          .overflow = batch_priority ? OverflowOrder::batch_priority : OverflowOrder::rank_major,
+          .slot_order = SlotOrder::priority};
+}
+}  // namespace detail
+
+// E = 32 and k = 2 are the paper's V-MoE models; batch_priority = false is vmoe_paper's
+// training configuration.
+template <scalar S>
+VMoERouter<S> make_vmoe_router(Index dim, Index experts = 32, Index k = 2, double capacity_factor = 1.05,
+                               bool batch_priority = true, double noise_std = 1.0, std::uint64_t seed = 0) {
+  return {NoisyLinearScorer<S>(dim, experts, {.scale = NoiseScale::fixed, .noise_std = noise_std, .seed = seed,
+                                              .draws = {.seed = seed}}),
+          SoftmaxGate<S>{},
+          TopKSelector<S>(k, {.weighting = Weighting::raw, .capacity = detail::vmoe_capacity(capacity_factor, batch_priority)}),
+          ImportanceLoss<S>(S(0.005), {.source = ImportanceSource::clean_softmax, .cv = CVSquared::vmoe}),
+          NoisyLoadLoss<S>(k, S(0.005), {.threshold = LoadThreshold::vmoe, .cv = CVSquared::vmoe})};
+}
+
+template <scalar S>
+BPRRouter<S> make_bpr_router(Index dim, Index experts = 32, Index k = 2, double capacity_factor = 1.05,
+                             std::uint64_t seed = 0) {
+  return {LinearScorer<S>(dim, experts, {.seed = seed}), SoftmaxGate<S>{},
+          TopKSelector<S>(k, {.weighting = Weighting::raw, .capacity = detail::vmoe_capacity(capacity_factor, true)}),
+          ImportanceLoss<S>(S(0.005), {.source = ImportanceSource::clean_softmax, .cv = CVSquared::vmoe})};
 }
 
 }  // namespace moe

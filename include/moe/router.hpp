@@ -59,6 +59,7 @@ public:
     // first batch.
     if constexpr (requires { selector_.check_experts(Index{}); }) selector_.check_experts(num_experts());
     if constexpr (requires { gate_.check_experts(Index{}); }) gate_.check_experts(num_experts());
+    std::apply([&](const auto&... l) { (check_loss_experts(l), ...); }, losses_);
   }
 
   Index input_dim() const { return scorer_.input_dim(); }
@@ -212,6 +213,12 @@ private:
     share(gate_);
     share(selector_);
     std::apply([&](auto&... l) { (share(l), ...); }, losses_);
+  }
+
+  // A loss whose rule depends on the number of experts (Shazeer's load needs k < E).
+  template <class L>
+  void check_loss_experts(const L& loss) const {
+    if constexpr (requires { loss.check_experts(Index{}); }) loss.check_experts(num_experts());
   }
 
   template <class L>

@@ -2,6 +2,7 @@
 // Scalar functions written once for every policy that needs them, stable for any |x|.
 #include <algorithm>
 #include <cmath>
+#include <numbers>
 
 namespace moe::detail {
 
@@ -16,6 +17,19 @@ S sigmoid(S x) {
 template <class S>
 S softplus(S x) {
   return std::max(x, S(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+
+// Standard normal CDF through erfc, which keeps its relative accuracy in the lower tail
+// (1 - Phi(-z) would cancel there).
+template <class S>
+S normal_cdf(S z) {
+  return S(0.5) * std::erfc(-z / S(std::numbers::sqrt2));
+}
+
+// Standard normal density.
+template <class S>
+S normal_pdf(S z) {
+  return S(std::numbers::inv_sqrtpi / std::numbers::sqrt2) * std::exp(S(-0.5) * z * z);
 }
 
 }  // namespace moe::detail
