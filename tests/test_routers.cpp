@@ -1585,6 +1585,32 @@ TEMPLATE_TEST_CASE("Gumbel-sampled selection: every expert, or the second after 
     }
     REQUIRE(differs > 0);
   }
+  SECTION("generated draws sample the softmax: one U(0, 1) per token through the cumulative probabilities") {
+    // every token has the same logits, so the sampled experts' frequencies estimate the
+    // probabilities; tolerance 5 binomial standard deviations
+    const Index N = 20000;
+    const Matrix<S> row{{1.0, 0.2, -0.5, 0.7, 0.0, -1.0}};
+    const Matrix<S> same = row.replicate(N, 1);
+    const Matrix<S> q = softmax_of(row);
+    for (const auto sampled : {moe::Sampled::all, moe::Sampled::after_first}) {
+      const bool after = sampled == moe::Sampled::after_first;
+      moe::Router router(moe::LinearScorer<S>(2, E), moe::GumbelGate<moe::SoftmaxGate<S>>({.sampled = sampled, .draws = {.seed = 7}}),
+                         moe::TopKSelector<S>(after ? 2 : 1));
+      const auto& r = router.route(same);
+      std::vector<double> freq(E, 0.0);
+      for (Index t = 0; t < N; ++t) {
+        if (after) REQUIRE(r.choice_expert[2 * t] == 0);  // the greedy first
+        freq[std::size_t(r.choice_expert[after ? 2 * t + 1 : t])] += 1.0 / double(N);
+      }
+      const double rest = after ? 1 - double(q(0, 0)) : 1.0;
+      for (Index e = after ? 1 : 0; e < E; ++e) {
+        const double want = double(q(0, e)) / rest;
+        INFO("sampled " << int(sampled) << " expert " << e);
+        REQUIRE(std::abs(freq[std::size_t(e)] - want) <= 5 * std::sqrt(want * (1 - want) / double(N)));
+      }
+      if (after) REQUIRE(freq[0] == 0);
+    }
+  }
   SECTION("none: the inner gate's ranking") {
     const auto r = route(moe::Sampled::none, 2, true);
     for (Index t = 0; t < T; ++t) REQUIRE(r.choice_expert[2 * t + 1] == argmax(t, clean, argmax(t, clean, -1)));

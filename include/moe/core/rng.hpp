@@ -21,15 +21,14 @@ class CounterRng {
 public:
   constexpr explicit CounterRng(std::uint64_t seed = 0, std::uint64_t step = 0,
                                 DrawStream stream = DrawStream::init)
-      : seed_(stream == DrawStream::init ? seed : mix(seed ^ (std::uint64_t(stream) * 0xd1b54a32d192ed03ull))),
-        step_(step) {}
+      : prefix_(mix(mix((stream == DrawStream::init ? seed : mix(seed ^ (std::uint64_t(stream) * 0xd1b54a32d192ed03ull))) ^
+                        0x9e3779b97f4a7c15ull) ^
+                    step)) {}
 
   // 64 random bits for key (token, expert, lane).
   constexpr std::uint64_t bits(std::uint64_t token, std::uint64_t expert,
                                std::uint64_t lane = 0) const {
-    std::uint64_t h = mix(seed_ ^ 0x9e3779b97f4a7c15ull);
-    h = mix(h ^ step_);
-    h = mix(h ^ token);
+    std::uint64_t h = mix(prefix_ ^ token);  // the (seed, step) part is mixed once, at construction
     h = mix(h ^ expert);
     return mix(h ^ lane);
   }
@@ -69,7 +68,7 @@ private:
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
   }
-  std::uint64_t seed_, step_;
+  std::uint64_t prefix_;
 };
 
 // When and under which key a stochastic option draws (docs/architecture.md, Randomness).

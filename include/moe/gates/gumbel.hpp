@@ -1,21 +1,27 @@
 #pragma once
-// Gumbel-sampled selection (docs/gates.md, GumbelGate): the selector ranks by logits + Gumbel
-// noise, so a token's experts are drawn from the softmax instead of taken greedily (the
-// Gumbel-max trick), while the combine weights stay the inner gate's clean scores. The forms of
-// the references:
-//   Sampled::after_first  the first expert is the inner gate's argmax, the others are sampled
-//                         (DeepSpeed top2gating's top2_2nd_expert_sampling, fairseq/GShard
-//                         second_expert_policy="sampling")
-//   Sampled::all          every expert is sampled (DeepSpeed top1gating's noisy_gate_policy
+// Sampled selection (docs/gates.md, GumbelGate): one expert per token is drawn from the softmax of
+// its logits instead of taken greedily, while the combine weights stay the inner gate's clean
+// scores. The forms of the references, each sampling one expert:
+//   Sampled::after_first  the first expert is the inner gate's argmax, the second is sampled
+//                         among the others (DeepSpeed top2gating's top2_2nd_expert_sampling,
+//                         fairseq/GShard second_expert_policy="sampling")
+//   Sampled::all          the first expert is sampled (DeepSpeed top1gating's noisy_gate_policy
 //                         "RSample")
 //   Sampled::none         no sampling: the inner gate's ranking, for a preset whose sampling is
 //                         an option
-// No gradient flows through the noise: only the choices it makes matter to backward.
+// With the batch's Gumbel draws g (tokens.gumbel) the sampled expert is argmax(logits + g), as the
+// references compute it, so their draws replay exactly. Without them the gate draws one U(0, 1)
+// per token and inverts the cumulative softmax: the same distribution, with one draw and no
+// logarithm per token instead of a Gumbel draw per logit. Later choices (k beyond the sampled
+// one) follow the inner gate's ranking. No gradient flows through the sampling.
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
+#include "moe/gates/softmax.hpp"
 
 namespace moe {
 
@@ -50,29 +56,69 @@ public:
     inner_.backward(logits, scores, dscores, dlogits);
   }
 
-  // rank = logits + g; under after_first the inner gate's own first choice ranks +inf, so it is
-  // chosen first whatever the noise (ties to the lower expert, as argmax). Off (evaluation, or
-  // Sampled::none): the inner gate's ranking.
+  // The inner gate's ranking, with the sampled expert (and under after_first the greedy first one)
+  // moved to the top. Off (evaluation, or Sampled::none): the inner gate's ranking.
   void rank(MatrixIn<S> logits, MatrixIn<S> scores, const TokenInputs<S>& tokens, MatrixOut<S> rank) {
-    const DrawSource<S> g(opt_.draws, state_, DrawStream::gumbel, Distribution::gumbel, tokens.gumbel, logits.cols(),
-                          tokens.first);
-    if (opt_.sampled == Sampled::none || !g.on()) {
-      inner_rank(logits, scores, tokens, rank);
-      return;
-    }
+    inner_rank(logits, scores, tokens, rank);
+    const bool given = !tokens.gumbel.empty();
+    const DrawSource<S> draw(opt_.draws, state_, DrawStream::gumbel, given ? Distribution::gumbel : Distribution::uniform,
+                             tokens.gumbel, given ? logits.cols() : 1, tokens.first);
+    if (opt_.sampled == Sampled::none || !draw.on()) return;
     const Index E = logits.cols();
     const bool keep_first = opt_.sampled == Sampled::after_first;
-    if (keep_first) inner_rank(logits, scores, tokens, rank);  // read row by row below, then overwritten
+    constexpr S top = std::numeric_limits<S>::infinity(), next = std::numeric_limits<S>::max();
     for (Index t = 0; t < logits.rows(); ++t) {
-      Index first = 0;
-      if (keep_first)
+      Index first = -1;  // excluded from the sampling
+      if (keep_first) {
+        first = 0;  // the inner ranking's first, ties to the lower expert
         for (Index e = 1; e < E; ++e) first = rank(t, e) > rank(t, first) ? e : first;
-      for (Index e = 0; e < E; ++e) rank(t, e) = logits(t, e) + g(t, e);
-      if (keep_first) rank(t, first) = std::numeric_limits<S>::infinity();
+        if (E == 1) continue;
+      }
+      const Index sampled = given ? gumbel_max(logits.row(t).data(), E, first, [&](Index e) { return draw(t, e); })
+                                  : inverse_cdf(logits.row(t).data(), scores.row(t).data(), E, first, draw(t, 0));
+      if (keep_first) rank(t, first) = top;
+      rank(t, sampled) = keep_first ? next : top;
     }
   }
 
 private:
+  // argmax over e != skip of logit_e + g_e (ties to the lower expert, as torch.argmax).
+  template <class G>
+  static Index gumbel_max(const S* logit, Index E, Index skip, G&& g) {
+    Index best = -1;
+    S best_value = 0;
+    for (Index e = 0; e < E; ++e) {
+      if (e == skip) continue;
+      const S v = logit[e] + g(e);
+      if (best < 0 || v > best_value) best = e, best_value = v;
+    }
+    return best;
+  }
+
+  // The first e != skip whose cumulative probability exceeds u times the total, the softmax of
+  // the logits (the inner scores when the inner gate is the softmax) over e != skip.
+  static Index inverse_cdf(const S* logit, const S* score, Index E, Index skip, S u) {
+    constexpr bool softmax_scores = std::is_same_v<Inner, SoftmaxGate<S>>;
+    double row_max = 0;
+    if constexpr (!softmax_scores) row_max = double(*std::max_element(logit, logit + E));
+    const auto p = [&](Index e) -> double {
+      if constexpr (softmax_scores) return double(score[e]);
+      else return std::exp(double(logit[e]) - row_max);
+    };
+    double total = 0;
+    for (Index e = 0; e < E; ++e) total += e == skip ? 0.0 : p(e);
+    const double target = double(u) * total;
+    double sum = 0;
+    Index last = -1;
+    for (Index e = 0; e < E; ++e) {
+      if (e == skip || p(e) <= 0) continue;
+      sum += p(e);
+      last = e;
+      if (sum > target) return e;
+    }
+    return last >= 0 ? last : (skip == 0 ? 1 : 0);  // rounding past the end, or every p zero
+  }
+
   void inner_rank(MatrixIn<S> logits, MatrixIn<S> scores, const TokenInputs<S>& tokens, MatrixOut<S> rank) {
     if constexpr (requires { inner_.rank(logits, scores, tokens, rank); }) inner_.rank(logits, scores, tokens, rank);
     else rank = scores;

@@ -59,7 +59,8 @@ private:
   void row(const LossInput<S>& in, Index t, Index& count) const {
     const Index E = in.logits.cols();
     if (opt_.source == ImportanceSource::clean_softmax) {
-      const auto c = clean(in).row(t);
+      const MatrixIn<S> logits = clean(in);  // a named view: a row of a temporary one would dangle
+      const auto c = logits.row(t);
       const S top = c.maxCoeff();
       S sum = 0;
       for (Index e = 0; e < E; ++e) sum += (g_[std::size_t(e)] = std::exp(c(e) - top));

@@ -9,6 +9,7 @@
 #include <limits>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moe/concepts.hpp"
@@ -361,13 +362,28 @@ private:
       case OverflowOrder::by_masked_logit:
         break;
       case OverflowOrder::random: {
-        // each choice's draw, keyed by (token, expert); highest first, ties to the lower choice
-        fit(choice_key_, choices);
-        for (Index c = 0; c < choices; ++c) choice_key_[c] = u(choice_token_[c], r.choice_expert[c]);
-        std::iota(order_.begin(), order_.end(), 0);
-        std::sort(order_.begin(), order_.end(), [&](auto a, auto b) {
-          return choice_key_[a] != choice_key_[b] ? choice_key_[a] > choice_key_[b] : a < b;
-        });
+        // Only an overflowing expert's order decides anything, and only among its own choices:
+        // the choices grouped by expert (a stable counting sort), then each overflowing expert's
+        // by its draws, highest first, ties to the lower choice (the first C are what counts).
+        // So draws are taken for the choices of overflowing experts only.
+        const Index experts = r.num_experts;
+        fit(expert_start_, experts + 1);
+        std::fill(expert_start_.begin(), expert_start_.end(), Index(0));
+        for (Index c = 0; c < choices; ++c) ++expert_start_[r.choice_expert[c] + 1];
+        for (Index e = 0; e < experts; ++e) expert_start_[e + 1] += expert_start_[e];
+        fit(count_, experts);
+        std::copy_n(expert_start_.begin(), experts, count_.begin());
+        for (Index c = 0; c < choices; ++c) order_[count_[r.choice_expert[c]]++] = std::int32_t(c);
+        for (Index e = 0; e < experts; ++e) {
+          const Index begin = expert_start_[e], n = expert_start_[e + 1] - begin;
+          if (capacity_ < 0 || n <= capacity_) continue;
+          keyed_.clear();
+          for (Index i = begin; i < begin + n; ++i) keyed_.emplace_back(u(choice_token_[order_[i]], e), order_[i]);
+          std::partial_sort(keyed_.begin(), keyed_.begin() + capacity_, keyed_.end(), [](const auto& a, const auto& b) {
+            return a.first != b.first ? a.first > b.first : a.second < b.second;
+          });
+          for (Index i = 0; i < n; ++i) order_[begin + i] = keyed_[i].second;
+        }
         break;
       }
       case OverflowOrder::by_score:
@@ -453,7 +469,8 @@ private:
   std::vector<S> pre_weight_, choice_score_, token_priority_;
   std::vector<Index> count_;
   std::vector<std::uint8_t> eligible_;  // by_masked_logit, SecondExpert::random
-  std::vector<S> choice_key_;           // OverflowOrder::random
+  std::vector<Index> expert_start_;                   // OverflowOrder::random: choices by expert
+  std::vector<std::pair<S, std::int32_t>> keyed_;     // ... and an overflowing expert's draws
   DrawState draw_state_{};
 };
 
