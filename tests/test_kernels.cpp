@@ -12,7 +12,7 @@ using namespace moe_test;
 namespace k = moe::kernels;
 
 namespace {
-const std::vector<Index> awkward_widths = {1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 100};
+const std::vector<Index> awkward_widths = {1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 33, 64, 100, 128, 256};  // 128, 256: whole AVX-512 registers
 
 // Logits of the chosen flavour: random, all equal, large, or rounded to integers.
 template <class S>
