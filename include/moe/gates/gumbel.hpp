@@ -71,7 +71,12 @@ public:
       Index first = -1;  // excluded from the sampling
       if (keep_first) {
         first = 0;  // the inner ranking's first, ties to the lower expert
-        for (Index e = 1; e < E; ++e) first = rank(t, e) > rank(t, first) ? e : first;
+        S best = rank(t, 0);
+        for (Index e = 1; e < E; ++e) {
+          const S v = rank(t, e);
+          first = v > best ? e : first;
+          best = v > best ? v : best;
+        }
         if (E == 1) continue;
       }
       const Index sampled = given ? gumbel_max(logits.row(t).data(), E, first, [&](Index e) { return draw(t, e); })
@@ -108,14 +113,18 @@ private:
     double total = 0;
     for (Index e = 0; e < E; ++e) total += e == skip ? 0.0 : p(e);
     const double target = double(u) * total;
+    // Branch-free: the cumulative sums do not decrease, so the first e whose sum exceeds the
+    // target is the number of positions whose sum does not (skip and zero-probability entries
+    // repeat the previous sum, and are never that first e).
     double sum = 0;
-    Index last = -1;
+    Index below = 0, last = -1;
     for (Index e = 0; e < E; ++e) {
-      if (e == skip || p(e) <= 0) continue;
-      sum += p(e);
-      last = e;
-      if (sum > target) return e;
+      const double q = e == skip ? 0.0 : p(e);
+      sum += q;
+      below += sum <= target;
+      last = q > 0 ? e : last;
     }
+    if (below < E) return below;
     return last >= 0 ? last : (skip == 0 ? 1 : 0);  // rounding past the end, or every p zero
   }
 
