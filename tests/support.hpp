@@ -61,4 +61,34 @@ inline void require_gradient_close(const Matrix<double>& analytic, const Matrix<
   REQUIRE(err <= rel_tol * scale);
 }
 
+// L = sum over the kept slots of w * R[t, e] + aux_loss, so d L / d w[slot] = R[t, e]; every
+// evaluation draws at `step`, so a stochastic router's draws stay fixed under finite differences.
+template <class Router>
+double slot_objective(Router& router, const Matrix<double>& x, const Matrix<double>& R,
+                      const moe::TokenInputs<double>& tokens, std::uint64_t step = 0) {
+  router.set_step(step);
+  const auto& r = router.forward(x, tokens);
+  double sum = router.aux_loss();
+  for (Index e = 0; e < r.num_experts; ++e)
+    for (Index s = r.expert_offsets[e]; s < r.expert_offsets[e + 1]; ++s)
+      if (r.slot_token[s] >= 0) sum += r.slot_weight[s] * R(r.slot_token[s], e);
+  return sum;
+}
+
+// The backward of slot_objective at the router's last forward: zeroes the parameter gradients,
+// fills them, and returns d L / d x.
+template <class Router>
+Matrix<double> slot_backward(Router& router, const Matrix<double>& x, const Matrix<double>& R,
+                             const moe::TokenInputs<double>& tokens) {
+  const auto& r = router.routing();
+  std::vector<double> dw(std::size_t(r.num_slots()));
+  for (Index e = 0; e < r.num_experts; ++e)
+    for (Index s = r.expert_offsets[e]; s < r.expert_offsets[e + 1]; ++s)
+      dw[std::size_t(s)] = r.slot_token[s] >= 0 ? R(r.slot_token[s], e) : 0.0;
+  moe::zero_grad(router);
+  Matrix<double> dx(x.rows(), x.cols());
+  router.backward(x, tokens, dw, dx);
+  return dx;
+}
+
 }  // namespace moe_test

@@ -376,20 +376,6 @@ TEST_CASE("BPRRouter: vmoe without noise, importance only", "[noisy][preset]") {
 // ---- gradients --------------------------------------------------------------------------------
 
 namespace {
-// L = sum over kept slots of w * R[t, e] + aux_loss, with the draws held fixed: the caller's
-// tokens.normal, or the generator's at one step (set_step before every forward).
-template <class Router>
-double objective(Router& router, const Matrix<double>& x, const Matrix<double>& R, const moe::TokenInputs<double>& tokens,
-                 bool given) {
-  if (!given) router.set_step(7);
-  const auto& r = router.forward(x, tokens);
-  double sum = router.aux_loss();
-  for (Index e = 0; e < r.num_experts; ++e)
-    for (Index s = r.expert_offsets[e]; s < r.expert_offsets[e + 1]; ++s)
-      if (r.slot_token[s] >= 0) sum += r.slot_weight[s] * R(r.slot_token[s], e);
-  return sum;
-}
-
 // R_scale = 0 checks the auxiliary losses alone.
 template <class Router>
 void check_noisy_gradient(Router router, Index T, std::uint64_t seed, bool given, bool masked, double R_scale = 1.0) {
@@ -405,23 +391,16 @@ void check_noisy_gradient(Router router, Index T, std::uint64_t seed, bool given
   router.scorer().weight() = random_matrix<double>(E, D, seed + 3, 1.5);
   const bool learned = router.scorer().options().scale == moe::NoiseScale::learned;
   if (learned) router.scorer().noise_weight() = random_matrix<double>(E, D, seed + 4, 0.7);
-  objective(router, x, R, tokens, given);
-  const auto& r = router.routing();
+  slot_objective(router, x, R, tokens, 7);
   REQUIRE(router.scorer().logit_noise() != nullptr);
-  std::vector<double> dw(r.num_slots());
-  for (Index e = 0; e < E; ++e)
-    for (Index s = r.expert_offsets[e]; s < r.expert_offsets[e + 1]; ++s)
-      dw[s] = r.slot_token[s] >= 0 ? R(r.slot_token[s], e) : 0.0;
-  moe::zero_grad(router);
-  Matrix<double> dx(T, D);
-  router.backward(x, tokens, dw, dx);
+  const Matrix<double> dx = slot_backward(router, x, R, tokens);
   Matrix<double> dweight, dnoise;
   router.for_each_parameter([&](std::string_view name, auto, auto grad) {
     if (name == "router.weight") dweight = grad;
     if (name == "router.noise_weight") dnoise = grad;
   });
   REQUIRE(dnoise.size() == (learned ? E * D : 0));
-  const auto f = [&] { return objective(router, x, R, tokens, given); };
+  const auto f = [&] { return slot_objective(router, x, R, tokens, 7); };
   require_gradient_close(dx, numeric_gradient(x, f));
   require_gradient_close(dweight, numeric_gradient(router.scorer().weight(), f));
   if (learned) require_gradient_close(dnoise, numeric_gradient(router.scorer().noise_weight(), f));

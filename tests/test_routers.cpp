@@ -566,19 +566,6 @@ TEST_CASE("z-loss matches its formula", "[loss]") {
 // ---- the Router: gradients by finite differences ------------------------------------------
 
 namespace {
-// L = sum over kept (t, e) of w[t, e] * R[t, e] + aux_loss: d L / d w[slot] = R[t, e].
-template <class Router>
-double router_objective(Router& router, const Matrix<double>& x, const Matrix<double>& R,
-                        const moe::TokenInputs<double>& tokens) {
-  router.set_step(0);  // a stochastic router draws the same at every evaluation
-  const auto& r = router.forward(x, tokens);
-  double sum = router.aux_loss();
-  for (Index e = 0; e < r.num_experts; ++e)
-    for (Index s = r.expert_offsets[e]; s < r.expert_offsets[e + 1]; ++s)
-      if (r.slot_token[s] >= 0) sum += r.slot_weight[s] * R(r.slot_token[s], e);
-  return sum;
-}
-
 // masked: tokens 1 and T-2 are padding; `padding_gradient`: whether the convention lets them
 // have a gradient (routed under megatron, in the balance loss's mean under fairseq).
 template <class Router>
@@ -593,20 +580,13 @@ void check_router_gradient(Router router, Index T, std::uint64_t seed, bool mask
                                         .segment = segment};
   // scale the router so that logits are O(1) and routing decisions stay away from ties
   router.scorer().weight() *= 3.0;
-  router.set_step(0);
-  const auto& r = router.forward(x, tokens);
-  std::vector<double> dw(r.num_slots());
-  for (Index e = 0; e < E; ++e)
-    for (Index s = r.expert_offsets[e]; s < r.expert_offsets[e + 1]; ++s)
-      dw[s] = r.slot_token[s] >= 0 ? R(r.slot_token[s], e) : 0.0;
-  moe::zero_grad(router);
-  Matrix<double> dx(T, D);
-  router.backward(x, tokens, dw, dx);
+  slot_objective(router, x, R, tokens);
+  const Matrix<double> dx = slot_backward(router, x, R, tokens);
   Matrix<double> dweight;
   router.for_each_parameter([&](std::string_view name, auto, auto grad) {
     if (name == "router.weight") dweight = grad;
   });
-  const auto f = [&] { return router_objective(router, x, R, tokens); };
+  const auto f = [&] { return slot_objective(router, x, R, tokens); };
   require_gradient_close(dx, numeric_gradient(x, f));
   require_gradient_close(dweight, numeric_gradient(router.scorer().weight(), f));
   if (masked) REQUIRE(dx.row(1).isZero(0) == !padding_gradient);
@@ -1061,7 +1041,7 @@ TEST_CASE("XMoERouter gradients match finite differences in both forms", "[route
       moe::zero_grad(router);
       Matrix<double> dx(T, router.input_dim());
       router.backward(x, {}, dw, dx);
-      const auto f = [&] { return router_objective(router, x, R, {}); };
+      const auto f = [&] { return slot_objective(router, x, R, {}); };
       require_gradient_close(dx, numeric_gradient(x, f));
       for (auto& [name, p] : parameters_of(router)) {
         INFO(name);
