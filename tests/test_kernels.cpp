@@ -2,6 +2,7 @@
 // not a multiple of the SIMD width, k = E, all-equal values, values near +-1e3.
 #include <cfloat>
 #include <cstring>
+#include <numbers>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -503,4 +504,51 @@ TEMPLATE_TEST_CASE("GEMM kernel with B packed ahead matches the twin", "[kernel]
   // released, it fits nothing
   packed.release();
   REQUIRE_FALSE(packed.fits(1000, 300));
+}
+
+TEST_CASE("float log and cos(2 pi u) kernels against the C library", "[kernel]") {
+  using B = moe::kernels::Batch<float>;
+  // relative error of a few float ulps away from log's zero at 1; absolute near it
+  const float tol = 4 * std::numeric_limits<float>::epsilon();
+  for (float x : {1e-30f, 1.17549435e-38f, 1e-7f, 0.001f, 0.25f, 0.7071f, 0.7072f, 0.999f, 1.0f, 1.001f, 1.4142f,
+                  1.4143f, 2.0f, 3.0f, 1e5f, 3e38f}) {
+    INFO("x " << x);
+    const float got = moe::kernels::log_approx(B(x)).get(0), want = std::log(x);
+    REQUIRE(std::abs(got - want) <= tol * std::max(1.0f, std::abs(want)));
+  }
+  for (int i = 0; i <= 4096; ++i) {  // u over [0, 1], through every octant
+    const float u = float(i) / 4096.0f;
+    INFO("u " << u);
+    REQUIRE(std::abs(moe::kernels::cos_2pi_approx(B(u)).get(0) - float(std::cos(2 * std::numbers::pi * double(u)))) <= tol);
+  }
+}
+
+TEMPLATE_TEST_CASE("softplus, normal CDF and Box-Muller kernels match their twins, body and tail alike", "[kernel]", float, double) {
+  using S = TestType;
+  // float: the polynomials against the C library; double: the C library itself
+  const S tol = std::is_same_v<S, float> ? S(8) * std::numeric_limits<float>::epsilon() : S(0);
+  for (Index n : awkward_widths) {
+    INFO("n " << n);
+    std::vector<S> x(static_cast<std::size_t>(n)), got(x.size()), want(x.size());
+    for (Index i = 0; i < n; ++i) x[std::size_t(i)] = S(-30.0 + 60.0 * double(i) / double(std::max<Index>(n - 1, 1)));
+    k::softplus(x.data(), got.data(), n, S(0.01));
+    k::scalar::softplus(x.data(), want.data(), n, S(0.01));
+    for (Index i = 0; i < n; ++i) REQUIRE(std::abs(got[std::size_t(i)] - want[std::size_t(i)]) <= tol * std::max(S(1), want[std::size_t(i)]));
+    std::vector<double> u1(x.size()), u2(x.size());
+    const moe::CounterRng rng(3);
+    for (Index i = 0; i < n; ++i) u1[std::size_t(i)] = rng.uniform(std::uint64_t(i), 0), u2[std::size_t(i)] = rng.uniform(std::uint64_t(i), 1);
+    std::vector<S> z(x.size());  // [-9, 9]: Phi from 1e-19 to 1
+    for (Index i = 0; i < n; ++i) z[std::size_t(i)] = x[std::size_t(i)] * S(0.3);
+    k::normal_cdf(z.data(), got.data(), n);
+    k::scalar::normal_cdf(z.data(), want.data(), n);
+    // relative, growing with z^2: exp(-z^2/2) inherits the rounding of its argument
+    for (Index i = 0; i < n; ++i) {
+      const S zi = z[std::size_t(i)];
+      REQUIRE(std::abs(got[std::size_t(i)] - want[std::size_t(i)]) <= tol / 2 * (1 + zi * zi) * want[std::size_t(i)]);
+    }
+    k::box_muller(u1.data(), u2.data(), got.data(), n);
+    k::scalar::box_muller(u1.data(), u2.data(), want.data(), n);
+    // a draw of size up to ~6: a few float ulps of 6, the rounding of u to float included
+    for (Index i = 0; i < n; ++i) REQUIRE(std::abs(got[std::size_t(i)] - want[std::size_t(i)]) <= tol * S(16) * S(6));
+  }
 }

@@ -22,6 +22,7 @@
 #include "moe/kernels/small_logits.hpp"
 #include "moe/kernels/softmax.hpp"
 #include "moe/kernels/top_k.hpp"
+#include "moe/kernels/transcendental.hpp"
 
 #include "moe/scorers/linear.hpp"
 #include "moe/scorers/cosine.hpp"

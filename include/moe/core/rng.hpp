@@ -96,6 +96,10 @@ public:
         given_(given), width_(width), first_(first_token) {}
 
   bool on() const { return on_; }
+  // Whether the draws come from the generator (the caller gave none), and the generator itself,
+  // for a caller that wants the raw uniforms of a whole block at once.
+  bool generated() const { return given_.empty(); }
+  const CounterRng& generator() const { return rng_; }
   // The draw for row t of the view (its token first_token + t) and column j.
   S operator()(Index t, Index j) const {
     if (!given_.empty()) return given_[std::size_t(t * width_ + j)];

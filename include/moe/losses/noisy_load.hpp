@@ -16,6 +16,7 @@
 #include "moe/core/workspace.hpp"
 #include "moe/errors.hpp"
 #include "moe/kernels/top_k.hpp"
+#include "moe/kernels/transcendental.hpp"
 #include "moe/losses/cv_squared.hpp"
 
 namespace moe {
@@ -95,7 +96,7 @@ private:
   void top(const LossInput<S>& in, Index t) const {
     const Index m = opt_.threshold == LoadThreshold::shazeer ? k_ + 1 : k_;
     fit(top_, m);
-    kernels::scalar::top_k_row(in.logits.row(t).data(), in.logits.cols(), m, top_.data());
+    kernels::top_k_row(in.logits.row(t).data(), in.logits.cols(), m, top_.data());
   }
 
   // The threshold entry (t, e) must beat, and the expert whose noisy logit it is.
@@ -118,20 +119,21 @@ private:
       return;
     }
     const LogitNoise<S>& noise = *in.noise;
+    fit(z_, E);
+    fit(p_, E);
     for (Index t = 0; t < in.logits.rows(); ++t) {
       if (!in.tokens.is_valid(t)) continue;
       top(in, t);
-      for (Index e = 0; e < E; ++e) {
-        const S threshold = threshold_of(in, t, e).first;
-        load_[std::size_t(e)] += detail::normal_cdf((noise.clean(t, e) - threshold) / noise.stddev_at(t, e));
-      }
+      for (Index e = 0; e < E; ++e) z_[std::size_t(e)] = (noise.clean(t, e) - threshold_of(in, t, e).first) / noise.stddev_at(t, e);
+      kernels::normal_cdf(z_.data(), p_.data(), E);  // a row's probabilities on whole SIMD registers
+      for (Index e = 0; e < E; ++e) load_[std::size_t(e)] += p_[std::size_t(e)];
     }
   }
 
   Index k_;
   S coefficient_;
   Options opt_;
-  mutable std::vector<S> load_, dload_;  // scratch
+  mutable std::vector<S> load_, dload_, z_, p_;  // scratch
   mutable std::vector<std::int32_t> top_;
 };
 

@@ -8,6 +8,7 @@
 #include <optional>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "moe/concepts.hpp"
 #include "moe/core/math.hpp"
@@ -15,6 +16,7 @@
 #include "moe/core/rng.hpp"
 #include "moe/core/workspace.hpp"
 #include "moe/errors.hpp"
+#include "moe/kernels/transcendental.hpp"
 #include "moe/scorers/linear.hpp"
 
 namespace moe {
@@ -82,14 +84,33 @@ public:
       s.stddev(0, 0) = S(opt_.noise_std / double(E));
     }
     const S eps = S(opt_.noise_epsilon);
+    uniforms_.reserve();
+    // Row blocks of the contiguous [T, E] matrices: the draws and the softplus run on whole SIMD
+    // registers (kernels/transcendental.hpp), the same way on any thread count.
     parallel_for(T, row_block, [&](Index begin, Index end) {
+      const Index n = (end - begin) * E;
+      S* const normal = s.normal.row(begin).data();
+      if (draw.generated()) {  // Box-Muller over the generator's lanes 0 and 1, as CounterRng::normal
+        Uniforms& u = uniforms_.local();
+        fit(u.first, n);
+        fit(u.second, n);
+        const CounterRng& rng = draw.generator();
+        for (Index t = begin; t < end; ++t)
+          for (Index e = 0; e < E; ++e) {
+            const auto token = std::uint64_t(tokens.first + t), expert = std::uint64_t(e);
+            const auto i = std::size_t((t - begin) * E + e);
+            u.first[i] = rng.uniform(token, expert, 0);
+            u.second[i] = rng.uniform(token, expert, 1);
+          }
+        kernels::box_muller(u.first.data(), u.second.data(), normal, n);
+      } else {
+        for (Index t = begin; t < end; ++t)
+          for (Index e = 0; e < E; ++e) s.normal(t, e) = draw(t, e);
+      }
+      if (learned()) kernels::softplus(s.raw.row(begin).data(), s.stddev.row(begin).data(), n, eps);
       for (Index t = begin; t < end; ++t)
-        for (Index e = 0; e < E; ++e) {
-          const S n = draw(t, e);
-          s.normal(t, e) = n;
-          if (learned()) s.stddev(t, e) = detail::softplus(s.raw(t, e)) + eps;
-          logits(t, e) = s.clean(t, e) + (learned() ? s.stddev(t, e) : s.stddev(0, 0)) * n;
-        }
+        for (Index e = 0; e < E; ++e)
+          logits(t, e) = s.clean(t, e) + (learned() ? s.stddev(t, e) : s.stddev(0, 0)) * s.normal(t, e);
     });
     commit(true, logits);
   }
@@ -173,7 +194,12 @@ private:
     current_ = 1 - current_;
   }
 
+  struct Uniforms {
+    std::vector<double> first, second;  // a row block's generated lanes 0 and 1
+  };
+
   static constexpr Index row_block = 1024;
+  PerThread<Uniforms> uniforms_;
   Options opt_;
   LinearScorer<S> gate_, noise_;
   DrawState state_{};
