@@ -16,12 +16,14 @@
 // one) follow the inner gate's ranking. No gradient flows through the sampling.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/gates/softmax.hpp"
+#include "moe/kernels/top_k.hpp"
 
 namespace moe {
 
@@ -70,13 +72,9 @@ public:
     for (Index t = 0; t < logits.rows(); ++t) {
       Index first = -1;  // excluded from the sampling
       if (keep_first) {
-        first = 0;  // the inner ranking's first, ties to the lower expert
-        S best = rank(t, 0);
-        for (Index e = 1; e < E; ++e) {
-          const S v = rank(t, e);
-          first = v > best ? e : first;
-          best = v > best ? v : best;
-        }
+        std::int32_t top = 0;  // the inner ranking's first, ties to the lower expert (SIMD top-1)
+        kernels::top_k_row(&rank(t, 0), E, 1, &top);
+        first = top;
         if (E == 1) continue;
       }
       const Index sampled = given ? gumbel_max(logits.row(t).data(), E, first, [&](Index e) { return draw(t, e); })
