@@ -58,7 +58,7 @@ void run(const char* name, Router router, const Settings& s, const moe::Matrix<f
     aux += buf;
   }
   const double ms = 1e3 / double(s.reps);
-  std::printf("| %-20s | %9.0f | %8.2f | %8.2f | %8s | %7.2f | %7.3f | %8.3f | %-16s |\n", name,
+  std::printf("| %-23s | %9.0f | %8.2f | %8.2f | %8s | %7.2f | %7.3f | %8.3f | %-16s |\n", name,
               double(s.tokens) * double(s.reps) / forward_s, forward_s * ms, backward_s * ms,
               capacity.c_str(), 100.0 * moe::drop_fraction(r), moe::load_cv(r),
               moe::experts_per_token(r), aux.c_str());
@@ -80,9 +80,9 @@ int main(int argc, char** argv) {
     for (moe::Index j = 0; j < s.dim; ++j)
       x(t, j) = float(rng.normal(t, j) + 2.0 * rng.normal(t % 5, s.dim + j));
 
-  std::printf("| %-20s | %9s | %8s | %8s | %8s | %7s | %7s | %8s | %-16s |\n", "preset", "fwd tok/s",
+  std::printf("| %-23s | %9s | %8s | %8s | %8s | %7s | %7s | %8s | %-16s |\n", "preset", "fwd tok/s",
               "fwd ms", "bwd ms", "capacity", "drop %", "load CV", "exp/tok", "aux losses");
-  std::printf("|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s|\n", std::string(22, '-').c_str(),
+  std::printf("|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s|\n", std::string(25, '-').c_str(),
               std::string(10, '-').c_str(), std::string(9, '-').c_str(), std::string(9, '-').c_str(),
               std::string(9, '-').c_str(), std::string(8, '-').c_str(), std::string(8, '-').c_str(),
               std::string(9, '-').c_str(), std::string(18, '-').c_str());
