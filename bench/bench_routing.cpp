@@ -4,14 +4,21 @@
 
 namespace moe_bench {
 
+// Times router.route over the rotating logit sets of [T, E] (every buffer warmed by one pass over
+// them first), with the logits' bytes as the rate.
+template <class Router>
+void time_route(benchmark::State& state, Router& router, Index T, Index E, const moe::TokenInputs<float>& tokens = {}) {
+  const auto sets = logit_sets(T, E);
+  for (const auto& logits : sets) router.route(logits, tokens);
+  int i = 0;
+  for (auto _ : state) benchmark::DoNotOptimize(router.route(sets[i++ % rotating_sets], tokens).num_slots());
+  set_rates(state, T, double(T * E) * sizeof(float));
+}
+
 static void BM_TokenChoiceRoute(benchmark::State& state) {
   const Index T = state.range(0), E = state.range(1), k = state.range(2);
-  const auto sets = logit_sets(T, E);
   auto router = benchmark_router(8, E, k);
-  for (const auto& logits : sets) router.route(logits);  // warm-up: sizes and touches every buffer
-  int i = 0;
-  for (auto _ : state) benchmark::DoNotOptimize(router.route(sets[i++ % rotating_sets]).num_slots());
-  set_rates(state, T, double(T * E) * sizeof(float));
+  time_route(state, router, T, E);
 }
 
 // BM_TokenChoiceRoute in Shazeer's form (NoisyTopKRouter): the noise is drawn inside the scorer,
@@ -35,29 +42,21 @@ static void BM_NoisyTopKRoute(benchmark::State& state) {
 // 2.5 s / sum s, dropless, sequence-wise balance loss (one sequence per 4096 tokens).
 static void BM_GroupLimitedRoute(benchmark::State& state) {
   const Index T = state.range(0), E = state.range(1), k = state.range(2), G = state.range(3);
-  const auto sets = logit_sets(T, E);
   auto router = moe::make_deepseek_v3_router<float>(8, E, k, G, G / 2);
   for (Index e = 0; e < E; ++e) router.gate().bias()(0, e) = 1e-3f * float(e % 7) - 3e-3f;  // a trained-looking bias
   std::vector<std::int32_t> segment(static_cast<std::size_t>(T));
   for (Index t = 0; t < T; ++t) segment[static_cast<std::size_t>(t)] = std::int32_t(t / 4096);
-  const moe::TokenInputs<float> tokens{.segment = segment};
-  for (const auto& logits : sets) router.route(logits, tokens);  // warm-up: sizes and touches every buffer
-  int i = 0;
-  for (auto _ : state) benchmark::DoNotOptimize(router.route(sets[i++ % rotating_sets], tokens).num_slots());
-  set_rates(state, T, double(T * E) * sizeof(float));
+  time_route(state, router, T, E, {.segment = segment});
 }
 
 // DeepSpeed's stochastic gating of given logits, with generated draws: k = 1 top1gating (random
-// token selection: a U(0, 1) draw per choice and a sort), k = 2 top2gating (a Gumbel draw per
-// logit for the sampled second expert). Compare BM_TokenChoiceRoute at the same T, E, k.
+// token selection: a U(0, 1) draw per choice of an overflowing expert, and a partial sort), k = 2
+// top2gating (the second expert sampled by one U(0, 1) draw per token through the cumulative
+// softmax). Compare BM_TokenChoiceRoute at the same T, E, k.
 static void BM_NoisyRoute(benchmark::State& state) {
   const Index T = state.range(0), E = state.range(1), k = state.range(2);
-  const auto sets = logit_sets(T, E);
   auto router = moe::make_deepspeed_topk_router<float>(8, E, k, 1.25, 8);
-  for (const auto& logits : sets) router.route(logits);  // warm-up: sizes and touches every buffer
-  int i = 0;
-  for (auto _ : state) benchmark::DoNotOptimize(router.route(sets[i++ % rotating_sets]).num_slots());
-  set_rates(state, T, double(T * E) * sizeof(float));
+  time_route(state, router, T, E);
 }
 
 static void BM_Gating(benchmark::State& state) {

@@ -55,11 +55,14 @@ public:
   Router(Scorer scorer, Gate gate, Selector selector, Losses... losses)
       : scorer_(std::move(scorer)), gate_(std::move(gate)), selector_(std::move(selector)),
         losses_(std::move(losses)...) {
-    // A selector that depends on the number of experts (k <= E) is checked now, not at the
-    // first batch.
-    if constexpr (requires { selector_.check_experts(Index{}); }) selector_.check_experts(num_experts());
-    if constexpr (requires { gate_.check_experts(Index{}); }) gate_.check_experts(num_experts());
-    std::apply([&](const auto&... l) { (check_loss_experts(l), ...); }, losses_);
+    // A policy whose rule depends on the number of experts (k <= E, one bias per expert,
+    // Shazeer's k < E) is checked now, not at the first batch.
+    const auto check = [&](const auto& policy) {
+      if constexpr (requires { policy.check_experts(Index{}); }) policy.check_experts(num_experts());
+    };
+    check(gate_);
+    check(selector_);
+    std::apply([&](const auto&... l) { (check(l), ...); }, losses_);
   }
 
   Index input_dim() const { return scorer_.input_dim(); }
@@ -213,12 +216,6 @@ private:
     share(gate_);
     share(selector_);
     std::apply([&](auto&... l) { (share(l), ...); }, losses_);
-  }
-
-  // A loss whose rule depends on the number of experts (Shazeer's load needs k < E).
-  template <class L>
-  void check_loss_experts(const L& loss) const {
-    if constexpr (requires { loss.check_experts(Index{}); }) loss.check_experts(num_experts());
   }
 
   template <class L>

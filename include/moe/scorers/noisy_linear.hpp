@@ -151,12 +151,12 @@ public:
     if (pending) dgate_ += dclean_;
     gate_.backward(x, tokens, dgate_, dx);
     if (!learned()) return;
-    fit(draw_, T, E);
+    fit(d_raw_, T, E);  // d L / d (x W_noise^T), the deviation's pre-activation
     for (Index t = 0; t < T; ++t)
       for (Index e = 0; e < E; ++e)
-        draw_(t, e) = (dlogits(t, e) * s.normal(t, e) + (pending ? dstddev_(t, e) : S(0))) * detail::sigmoid(s.raw(t, e));
+        d_raw_(t, e) = (dlogits(t, e) * s.normal(t, e) + (pending ? dstddev_(t, e) : S(0))) * detail::sigmoid(s.raw(t, e));
     fit(dx_noise_, x.rows(), x.cols());
-    noise_.backward(x, tokens, draw_, dx_noise_);
+    noise_.backward(x, tokens, d_raw_, dx_noise_);
     dx += dx_noise_;
   }
 
@@ -207,7 +207,7 @@ private:
   int current_ = 0;
   bool noisy_ = false, pending_ = false;
   mutable std::optional<LogitNoise<S>> view_;
-  Matrix<S> dclean_, dstddev_, dgate_, draw_, dx_noise_;  // backward scratch
+  Matrix<S> dclean_, dstddev_, dgate_, d_raw_, dx_noise_;  // backward scratch
 };
 
 }  // namespace moe
