@@ -292,26 +292,51 @@ TEST_CASE("slot assignment matches its twin for every order and capacity", "[ker
           }
 }
 
-TEMPLATE_TEST_CASE("Sinkhorn kernel matches its twin and balances the plan", "[kernel]", float, double) {
+TEMPLATE_TEST_CASE("Sinkhorn kernels match their twins and balance the plan", "[kernel]", float, double) {
   using S = TestType;
-  for (Index E : {1, 3, 8, 17}) {
-    const Index T = 4 * E + 3;
-    const Matrix<S> l = random_matrix<S>(T, E, 12, 1.5);
-    Matrix<S> simd(T, E), twin(T, E);
-    std::vector<S> u, v;
-    k::sinkhorn<S>(l, 20, simd, u, v);
-    k::scalar::sinkhorn<S>(l, 20, twin);
-    INFO("E " << E);
-    // 20 rounds of products and sums of T or E terms: a loose multiple of the forward tolerance
-    REQUIRE(max_rel(simd, twin) <= 20 * forward_tol<S>(T));
-    for (Index t = 0; t < T; ++t) REQUIRE(double(simd.row(t).sum()) == Approx(1.0).epsilon(forward_tol<S>(E)));  // rows exact after the last u update
-  }
-  // balance: columns approach T/E on separable logits after enough iterations
+  for (Index E : {1, 3, 8, 17})
+    for (bool masked : {false, true}) {
+      const Index T = 4 * E + 3;
+      const Matrix<S> l = random_matrix<S>(T, E, 12, 1.5);
+      std::vector<std::uint8_t> valid;
+      if (masked) {
+        valid.assign(std::size_t(T), 1);
+        valid[1] = valid[std::size_t(T - 1)] = 0;
+      }
+      Matrix<S> simd(T, E), twin(T, E);
+      k::SinkhornScratch<S> scratch;
+      k::sinkhorn<S>(l, valid, 20, simd, scratch);
+      k::scalar::sinkhorn<S>(l, valid, 20, twin);
+      INFO("E " << E << " masked " << masked);
+      // 20 rounds of products and sums of T or E terms: a loose multiple of the forward tolerance
+      REQUIRE(max_rel(simd, twin) <= 20 * forward_tol<S>(T));
+      for (Index t = 0; t < T; ++t) {
+        const double want = masked && !valid[std::size_t(t)] ? 0.0 : 1.0;  // rows exact after the last u update
+        REQUIRE(double(simd.row(t).sum()) == Approx(want).epsilon(forward_tol<S>(E)).margin(0));
+      }
+      // Megatron's form: the same rounds, so the same plan and the same count
+      Matrix<S> msimd(T, E), mtwin(T, E);
+      const int rounds = k::sinkhorn_until<S>(l, valid, 1e-4, 1000, msimd, scratch);
+      REQUIRE(rounds == k::scalar::sinkhorn_until<S>(l, valid, 1e-4, 1000, mtwin));
+      REQUIRE(max_rel(msimd, mtwin) <= 20 * forward_tol<S>(T));
+    }
+  // balance: columns approach n/E on separable logits after enough iterations
   const Matrix<S> l = random_matrix<S>(64, 4, 13, 0.5);
   Matrix<S> plan(64, 4);
-  std::vector<S> u, v;
-  k::sinkhorn<S>(l, 200, plan, u, v);
+  k::SinkhornScratch<S> scratch;
+  k::sinkhorn<S>(l, {}, 200, plan, scratch);
   for (Index e = 0; e < 4; ++e) REQUIRE(double(plan.col(e).sum()) == Approx(16.0).epsilon(1e-3));
+  // Megatron's marginals: rows 1/n, columns 1/E, once converged
+  const int rounds = k::sinkhorn_until<S>(l, {}, 1e-7, 10000, plan, scratch);
+  REQUIRE(rounds > 1);
+  for (Index e = 0; e < 4; ++e) REQUIRE(double(plan.col(e).sum()) == Approx(0.25).epsilon(1e-4));
+  for (Index t = 0; t < 64; ++t) REQUIRE(double(plan.row(t).sum()) == Approx(1.0 / 64).epsilon(1e-3));
+  // logits of +-1e3: finite plans (the reference's exp overflows to NaN there)
+  Matrix<S> huge = (random_matrix<S>(32, 4, 14).array() * S(1000)).matrix();
+  k::sinkhorn<S>(huge, {}, 20, plan.topRows(32), scratch);
+  REQUIRE(plan.topRows(32).allFinite());
+  k::sinkhorn_until<S>(huge, {}, 1e-4, 1000, plan.topRows(32), scratch);
+  REQUIRE(plan.topRows(32).allFinite());
 }
 
 TEMPLATE_TEST_CASE("codebook distances match their twin", "[kernel]", float, double) {
@@ -335,17 +360,32 @@ TEMPLATE_TEST_CASE("codebook distances match their twin", "[kernel]", float, dou
 
 TEMPLATE_TEST_CASE("per-column top-C matches its twin, ties to the lowest token", "[kernel]", float, double) {
   using S = TestType;
-  for (Index T : {1, 7, 40})
-    for (Index C : {Index(1), T / 2 + 1, T})
-      for (int flavour : {0, 1}) {
-        const Matrix<S> v = logits_of<S>(T, 5, flavour, 21);
-        std::vector<std::int32_t> simd(std::size_t(5 * C)), twin(simd.size());
-        moe::PerThread<std::vector<k::ColumnEntry<S>>> scratch;
-        k::top_c_per_column<S>(v, C, simd, scratch);
-        k::scalar::top_c_per_column<S>(v, C, twin);
-        INFO("T " << T << " C " << C << " flavour " << flavour);
-        REQUIRE(simd == twin);
-      }
+  // Small batches and large C take the exact path, T = 9000 with a small C the sampled candidates
+  // (with an E that is not a whole number of registers); flavours 1 and 3 tie, so the candidate
+  // path has to break ties among more than C equal entries exactly as the twin does. Every other
+  // row of the mask is padding.
+  for (Index T : {1, 7, 40, 9000})
+    for (Index C : {Index(1), T / 64 + 1, T / 2 + 1, T})
+      for (int flavour : {0, 1, 3})
+        for (bool masked : {false, true})
+          for (bool token_order : {false, true}) {
+            const Index E = T > 1000 ? 67 : 5;
+            std::vector<std::uint8_t> valid;
+            Index n = T;
+            if (masked) {
+              valid.resize(std::size_t(T));
+              for (Index t = 0; t < T; ++t) valid[std::size_t(t)] = std::uint8_t(t % 2 == 0);
+              n = (T + 1) / 2;
+            }
+            const Index c = std::min(C, n);
+            const Matrix<S> v = logits_of<S>(T, E, flavour, 21);
+            std::vector<std::int32_t> simd(std::size_t(E * c)), twin(simd.size());
+            k::TopCScratch<S> scratch;
+            k::top_c_per_column<S>(v, c, valid, n, simd, scratch, token_order);
+            k::scalar::top_c_per_column<S>(v, c, valid, twin, token_order);
+            INFO("T " << T << " C " << c << " flavour " << flavour << " masked " << masked << " token order " << token_order);
+            REQUIRE(simd == twin);
+          }
 }
 
 TEMPLATE_TEST_CASE("small-E logits kernel matches its twin", "[kernel]", float, double) {

@@ -124,3 +124,17 @@ TEST_CASE("1 and 2 threads give bit-identical inference forwards with packed exp
   REQUIRE(forward(1, true) == plain);
   REQUIRE(forward(2, true) == plain);
 }
+
+TEST_CASE("1 and 2 threads give bit-identical expert-choice and transport-plan layers", "[threads][expert_choice]") {
+  // T past the per-column top-C's sampled path (4096 real tokens), E many columns per thread
+  const Index T = 5000, D = 32, E = 16, H = 16;
+  require_thread_independent([&] { return moe::MoELayer(moe::make_expert_choice_router<float>(D, E, 2.0), moe::FFNExperts<float>(E, D, H)); }, T, D);
+  require_thread_independent([&] { return moe::MoELayer(moe::make_sinkhorn_router<float>(D, E, 2, 1.0), moe::FFNExperts<float>(E, D, H)); }, T, D);
+  require_thread_independent([&] {
+    return moe::MoELayer(moe::make_sinkhorn_router<float, moe::Choice::expert>(D, E, 2, 1.0), moe::FFNExperts<float>(E, D, H));
+  }, T, D);
+  require_thread_independent([&] { return moe::MoELayer(moe::make_sbase_router<float>(D, E, 2), moe::FFNExperts<float>(E, D, H)); }, T, D);
+  require_thread_independent([&] {
+    return moe::MoELayer(moe::make_sparsity_constrained_ec_router<float>(D, E, 1.0), moe::FFNExperts<float>(E, D, H));
+  }, 1000, D);
+}

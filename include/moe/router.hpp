@@ -226,11 +226,16 @@ private:
 
   static constexpr bool gate_ranks = requires(Gate& g, MatrixIn<S> in, const TokenInputs<S>& tok,
                                               MatrixOut<S> out) { g.rank(in, in, tok, out); };
+  // A gate whose ranking couples the rows (a transport plan over the batch) says
+  // `static constexpr bool ranks_whole_batch = true;`: it ranks once, after the gating loop, and
+  // the selector then runs on the whole batch.
+  static constexpr bool gate_ranks_batch = gate_ranks && requires { requires Gate::ranks_whole_batch; };
+  static constexpr bool staged = staged_selector<Selector> && !gate_ranks_batch;
   // Forward writes the [T, E] scores (and rank) only when something reads them after the gating
   // loop: a selector that is not staged, or a loss that reads the score matrix. Otherwise each
   // block's scores live in a per-thread scratch that stays in cache, which saves writing (and
   // first reading for ownership) a T x E matrix; backward recomputes them from the logits.
-  static constexpr bool keeps_scores = !staged_selector<Selector> || (reads_score_matrix<Losses> || ...);
+  static constexpr bool keeps_scores = !staged || (reads_score_matrix<Losses> || ...);
 
   // The per-call matrices, double-buffered: a call works in the spare set and makes it current
   // only once it has succeeded, without copying or allocating.
@@ -274,7 +279,7 @@ private:
         fit(s->scores, T, E);
         if constexpr (gate_ranks) fit(s->rank, T, E);
       }
-    if constexpr (staged_selector<Selector>) selector_.prepare(logits, tokens);
+    if constexpr (staged) selector_.prepare(logits, tokens);
     // Validation, gating and the selector's per-token work run block by block, so each block of
     // logits is read from memory once and its scores are still in cache for the selector. A bad
     // block throws before the routing is touched: only the spare state and scratch are written.
@@ -304,14 +309,15 @@ private:
       // block's scores are only ever written to the spare state or scratch
       gate_.forward(rows, scores);
       detail::check_finite<S>("Router", "logits", rows, t);
-      if constexpr (gate_ranks) gate_.rank(rows, scores, tok, rank);
-      if constexpr (staged_selector<Selector>) selector_.select_rows(SelectorInput<S>{rows, scores, rank, tok}, t);
+      if constexpr (gate_ranks && !gate_ranks_batch) gate_.rank(rows, scores, tok, rank);
+      if constexpr (staged) selector_.select_rows(SelectorInput<S>{rows, scores, rank, tok}, t);
       if constexpr (num_losses > 0) {  // per block, summed below in block order: any thread count
         kernels::column_sums<S>(scores, block_sums_.row(t / block).data(), tok.valid);
         if (sum_all_rows) kernels::column_sums<S>(scores, block_sums_all_.row(t / block).data());
       }
     });
-    if constexpr (staged_selector<Selector>) selector_.finish(logits, tokens, routing_);
+    if constexpr (gate_ranks_batch) gate_.rank(logits, st.scores, tokens, st.rank);
+    if constexpr (staged) selector_.finish(logits, tokens, routing_);
     else selector_.forward({logits, st.scores, rank_view(st), tokens}, routing_);  // validates before it writes
     current_ = next;
     scores_stale_ = true;

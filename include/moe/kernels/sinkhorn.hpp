@@ -1,58 +1,134 @@
 #pragma once
-// Sinkhorn iterations for the balanced routing plan of "Routers in Vision MoE"
-// (docs/routers.md, Planned routers):
-// K = exp(logits / eps), u = 1_T, v = 1_E; repeat: v = b / (K^T u), u = a / (K v);
-// plan = diag(u) K diag(v). Row marginals a = 1 per token, column marginals b = T/E per expert
-// (ott-jax defaults, fixed iteration count, column update first). Each row of K is taken
-// relative to its maximum: the factor is absorbed by u, so the plan is unchanged and exp never
-// overflows. scalar::sinkhorn is the twin.
+// Sinkhorn scaling of exp(logits) into a balanced routing plan (docs/gates.md, SinkhornGate), in
+// the two forms the references use. Padding rows (valid[t] = 0) take no part: their plan row is
+// 0 and the marginals count the real tokens n only.
+//
+// - sinkhorn (ott-jax, as "Routers in Vision MoE" calls it): K = exp(logits / eps), u = 1, then a
+//   fixed number of rounds of v = (n/E) / (K^T u), u = 1 / (K v) (columns first); plan =
+//   diag(u) K diag(v): rows sum to 1, columns to about n/E. A row of K may be taken relative to
+//   its maximum: u absorbs the factor, so the plan is the same and exp never overflows.
+// - sinkhorn_until (Megatron-Core's S-BASE): K = exp(logits), d1 = 1, then rounds of
+//   d0 = (1/n) / (K d1 + 1e-8), d1 = (1/E) / (K^T d0 + 1e-8) until mean |d1 - previous d1| <=
+//   tol; plan = diag(d0) K diag(d1). The 1e-8 guards make the plan depend on the scale of K, so
+//   K is not shifted per row; it is shifted by the largest logit only when exp would overflow
+//   (where the reference's plan is NaN).
+//
+// Each round is one pass over K: the row scalings of a row are computed and the row is added into
+// the column sums for the next round while it is in cache. scalar:: holds the twins, written as
+// the reference loops are.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <span>
 #include <vector>
 
 #include "moe/core/tensor.hpp"
 #include "moe/core/workspace.hpp"
-#include "moe/kernels/simd.hpp"
 #include "moe/kernels/softmax.hpp"
 
 namespace moe::kernels {
 
+namespace detail {
+inline bool row_valid(std::span<const std::uint8_t> valid, Index t) { return valid.empty() || valid[std::size_t(t)] != 0; }
+inline Index count_valid(std::span<const std::uint8_t> valid, Index rows) {
+  return valid.empty() ? rows : Index(std::count_if(valid.begin(), valid.end(), [](auto v) { return v != 0; }));
+}
+// The largest logit below which exp(logit) is finite in S, with room for a sum of many.
+template <class S>
+constexpr double exp_safe_limit() { return std::is_same_v<S, float> ? 80.0 : 700.0; }
+// mass / sum for a row or column scaling, kept finite: a column no row reaches (its entries all
+// underflowed, at logits ~1e3 apart) gets 0, not inf, so the plan never holds 0 * inf.
+template <class S>
+S column_scaling(S mass, S sum) {
+  return sum > S(0) ? std::min(mass / sum, std::numeric_limits<S>::max()) : S(0);
+}
+}  // namespace detail
+
 namespace scalar {
 template <class S>
-void sinkhorn(MatrixIn<S> logits, int iterations, MatrixOut<S> plan, S epsilon = S(1)) {
+void sinkhorn(MatrixIn<S> logits, std::span<const std::uint8_t> valid, int iterations, MatrixOut<S> plan,
+              S epsilon = S(1)) {
   const Index T = logits.rows(), E = logits.cols();
-  const S a = S(1), b = S(T) / S(E);
-  Matrix<S> K(T, E);
+  const Index n = kernels::detail::count_valid(valid, T);
+  const S b = S(n) / S(E);
+  Matrix<S> K = Matrix<S>::Zero(T, E);
+  std::vector<S> u(std::size_t(T), S(0)), v(std::size_t(E), S(1));
   for (Index t = 0; t < T; ++t) {
+    if (!kernels::detail::row_valid(valid, t)) continue;
     const S top = logits.row(t).maxCoeff();
     for (Index e = 0; e < E; ++e) K(t, e) = std::exp((logits(t, e) - top) / epsilon);
+    u[std::size_t(t)] = S(1);
   }
-  std::vector<S> u(std::size_t(T), S(1)), v(std::size_t(E), S(1));
   for (int it = 0; it < iterations; ++it) {
     for (Index e = 0; e < E; ++e) {
       S ktu = 0;
       for (Index t = 0; t < T; ++t) ktu += K(t, e) * u[t];
-      v[e] = b / ktu;
+      v[e] = kernels::detail::column_scaling(b, ktu);
     }
     for (Index t = 0; t < T; ++t) {
+      if (!kernels::detail::row_valid(valid, t)) continue;
       S kv = 0;
       for (Index e = 0; e < E; ++e) kv += K(t, e) * v[e];
-      u[t] = a / kv;
+      u[t] = kernels::detail::column_scaling(S(1), kv);
     }
   }
   for (Index t = 0; t < T; ++t)
     for (Index e = 0; e < E; ++e) plan(t, e) = u[t] * K(t, e) * v[e];
 }
+
+// Returns the number of rounds run.
+template <class S>
+int sinkhorn_until(MatrixIn<S> logits, std::span<const std::uint8_t> valid, double tolerance, int max_iterations,
+                   MatrixOut<S> plan) {
+  const Index T = logits.rows(), E = logits.cols();
+  const Index n = kernels::detail::count_valid(valid, T);
+  const S guard = S(1e-8);
+  S shift = 0;
+  for (Index t = 0; t < T; ++t)
+    if (kernels::detail::row_valid(valid, t)) shift = std::max(shift, logits.row(t).maxCoeff());
+  if (shift <= S(kernels::detail::exp_safe_limit<S>())) shift = 0;
+  Matrix<S> K = Matrix<S>::Zero(T, E);
+  for (Index t = 0; t < T; ++t)
+    if (kernels::detail::row_valid(valid, t))
+      for (Index e = 0; e < E; ++e) K(t, e) = std::exp(logits(t, e) - shift);
+  std::vector<S> d0(std::size_t(T), S(0)), d1(std::size_t(E), S(1));
+  int rounds = 0;
+  for (double error = 1e9; error > tolerance && rounds < max_iterations; ++rounds) {
+    for (Index t = 0; t < T; ++t) {
+      if (!kernels::detail::row_valid(valid, t)) continue;
+      S kd = 0;
+      for (Index e = 0; e < E; ++e) kd += d1[e] * K(t, e);
+      d0[t] = (S(1) / S(n)) / (kd + guard);
+    }
+    error = 0;
+    for (Index e = 0; e < E; ++e) {
+      S kd = 0;
+      for (Index t = 0; t < T; ++t) kd += d0[t] * K(t, e);
+      const S next = (S(1) / S(E)) / (kd + guard);
+      error += std::abs(double(d1[e]) - double(next));
+      d1[e] = next;
+    }
+    error /= double(E);
+  }
+  for (Index t = 0; t < T; ++t)
+    for (Index e = 0; e < E; ++e) plan(t, e) = d1[e] * K(t, e) * d0[t];
+  return rounds;
+}
 }  // namespace scalar
 
-// The SIMD kernel: K lives in `plan` during the iterations; K^T u accumulates whole rows (one
-// pass over K, vectorised over experts), K v is a row dot product. Scratch u, v, K^T u are
-// caller-owned so a router can reuse them.
+// Scratch of both forms: the row and column scalings and the column sums.
 template <class S>
-void sinkhorn(MatrixIn<S> logits, int iterations, MatrixOut<S> plan, std::vector<S>& u,
-              std::vector<S>& v, S epsilon = S(1)) {
+struct SinkhornScratch {
+  std::vector<S> rows, cols, sums;
+};
+
+template <class S>
+void sinkhorn(MatrixIn<S> logits, std::span<const std::uint8_t> valid, int iterations, MatrixOut<S> plan,
+              SinkhornScratch<S>& scratch, S epsilon = S(1)) {
   const Index T = logits.rows(), E = logits.cols();
-  const S a = S(1), b = S(T) / S(E);
+  const Index n = detail::count_valid(valid, T);
+  const S b = S(n) / S(E);
   if (epsilon == S(1)) {
     softmax_rows<S>(logits, plan);  // rows of K up to a per-row factor, which u absorbs
   } else {
@@ -61,17 +137,77 @@ void sinkhorn(MatrixIn<S> logits, int iterations, MatrixOut<S> plan, std::vector
       plan.row(t) = ((logits.row(t).array() - top) / epsilon).exp().matrix();
     }
   }
-  fit(u, T);
-  fit(v, 2 * E);  // v, then K^T u
-  std::fill(u.begin(), u.end(), S(1));
-  Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> vv(v.data(), E), ktu(v.data() + E, E);
-  for (int it = 0; it < iterations; ++it) {
-    ktu.setZero();
-    for (Index t = 0; t < T; ++t) ktu += u[t] * plan.row(t);
-    vv = (b / ktu.array()).matrix();
-    for (Index t = 0; t < T; ++t) u[t] = a / plan.row(t).dot(vv);
+  fit(scratch.rows, T);
+  fit(scratch.cols, E);
+  fit(scratch.sums, E);
+  S* const u = scratch.rows.data();
+  using Row = Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>;
+  Row v(scratch.cols.data(), E), ktu(scratch.sums.data(), E);
+  // K^T u for u = 1 (padding rows: u = 0, and their plan rows are zeroed)
+  ktu.setZero();
+  for (Index t = 0; t < T; ++t) {
+    if (detail::row_valid(valid, t)) {
+      u[t] = S(1);
+      ktu += plan.row(t);
+    } else {
+      u[t] = S(0);
+      plan.row(t).setZero();
+    }
   }
-  for (Index t = 0; t < T; ++t) plan.row(t) = u[t] * plan.row(t).cwiseProduct(vv);
+  for (int it = 0; it < iterations; ++it) {
+    for (Index e = 0; e < E; ++e) v[e] = detail::column_scaling(b, ktu[e]);
+    const bool last = it + 1 == iterations;
+    if (!last) ktu.setZero();
+    for (Index t = 0; t < T; ++t) {
+      if (!detail::row_valid(valid, t)) continue;
+      u[t] = detail::column_scaling(S(1), plan.row(t).dot(v));
+      if (!last) ktu += u[t] * plan.row(t);
+    }
+  }
+  if (iterations == 0) v.setOnes();
+  for (Index t = 0; t < T; ++t) plan.row(t) = u[t] * plan.row(t).cwiseProduct(v);
+}
+
+template <class S>
+int sinkhorn_until(MatrixIn<S> logits, std::span<const std::uint8_t> valid, double tolerance, int max_iterations,
+                   MatrixOut<S> plan, SinkhornScratch<S>& scratch) {
+  const Index T = logits.rows(), E = logits.cols();
+  const Index n = detail::count_valid(valid, T);
+  const S guard = S(1e-8), row_mass = S(1) / S(n), col_mass = S(1) / S(E);
+  S shift = 0;
+  for (Index t = 0; t < T; ++t)
+    if (detail::row_valid(valid, t)) shift = std::max(shift, logits.row(t).maxCoeff());
+  if (shift <= S(detail::exp_safe_limit<S>())) shift = 0;
+  for (Index t = 0; t < T; ++t) {
+    if (detail::row_valid(valid, t)) plan.row(t) = (logits.row(t).array() - shift).exp().matrix();
+    else plan.row(t).setZero();
+  }
+  fit(scratch.rows, T);
+  fit(scratch.cols, E);
+  fit(scratch.sums, E);
+  S* const d0 = scratch.rows.data();
+  using Row = Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>;
+  Row d1(scratch.cols.data(), E), kd0(scratch.sums.data(), E);
+  d1.setOnes();
+  std::fill_n(d0, T, S(0));
+  int rounds = 0;
+  for (double error = 1e9; error > tolerance && rounds < max_iterations; ++rounds) {
+    kd0.setZero();
+    for (Index t = 0; t < T; ++t) {
+      if (!detail::row_valid(valid, t)) continue;
+      d0[t] = row_mass / (plan.row(t).dot(d1) + guard);
+      kd0 += d0[t] * plan.row(t);
+    }
+    error = 0;
+    for (Index e = 0; e < E; ++e) {
+      const S next = col_mass / (kd0[e] + guard);
+      error += std::abs(double(d1[e]) - double(next));
+      d1[e] = next;
+    }
+    error /= double(E);
+  }
+  for (Index t = 0; t < T; ++t) plan.row(t) = d0[t] * plan.row(t).cwiseProduct(d1);
+  return rounds;
 }
 
 }  // namespace moe::kernels

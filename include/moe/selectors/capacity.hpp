@@ -76,16 +76,54 @@ struct Capacity {
     const double choices = double(tokens) * double(k);
     const double base = std::min(choices, double(tokens) * double(times_k ? k : 1) * *factor / double(experts));
     // round = half to even (nearbyint), as Python's round() in flaxformer/vmoe
+    return round_slots(base, rounding, minimum, multiple_of, *factor, tokens, experts, where);
+  }
+
+  // base slots -> rounded, at least `minimum`, up to a multiple; 0 slots is a config_error.
+  static Index round_slots(double base, Rounding rounding, Index minimum, Index multiple_of, double factor,
+                           Index tokens, Index experts, std::string_view where) {
     double c = rounding == Rounding::ceil    ? std::ceil(base)
                : rounding == Rounding::round ? std::nearbyint(base)
                                              : std::floor(base);
     Index cap = std::max(Index(c), minimum);
     cap = (cap + multiple_of - 1) / multiple_of * multiple_of;
     if (cap < 1)
-      detail::fail<config_error>(where, "capacity.factor", *factor,
+      detail::fail<config_error>(where, "capacity.factor", factor,
                                  "capacity >= 1 slot per expert; " + std::to_string(tokens) + " tokens over " +
                                      std::to_string(experts) + " experts round to 0 (raise the factor or set a minimum)");
     return cap;
+  }
+};
+
+// Slots per expert of expert-choice routing (docs/selectors.md, ExpertChoiceSelector): C given,
+// or from a factor over the real tokens, C = T cf / E rounded, then up to a multiple (vmoe's
+// compute_capacity: ceil, multiple of 4). The factor is the average number of experts per token.
+struct ExpertCapacity {
+  double factor = 1.0;
+  Index slots = 0;  // C itself when > 0 (the factor is then unused)
+  Rounding rounding = Rounding::ceil;
+  Index multiple_of = 4;
+  Index minimum = 0;
+
+  void validate(std::string_view where) const {
+    detail::require<config_error>(slots >= 0, where, "capacity.slots", slots, "slots >= 0 (0: from the factor)");
+    as_capacity().validate(where);
+  }
+
+  // C for `tokens` real tokens over `experts` experts (0 for no tokens). It may pass the number
+  // of tokens (an expert then takes them all), as the reference computes it; the bound only keeps
+  // the conversion defined.
+  Index slots_for(Index tokens, Index experts, std::string_view where) const {
+    if (tokens == 0) return 0;
+    if (slots > 0) return slots;
+    const double base = std::min(double(tokens) * factor / double(experts), 1e15);
+    return Capacity::round_slots(base, rounding, minimum, multiple_of, factor, tokens, experts, where);
+  }
+
+private:
+  // The token-choice rule with one choice per token computes the same number.
+  Capacity as_capacity() const {
+    return {.factor = factor, .times_k = false, .rounding = rounding, .minimum = minimum, .multiple_of = multiple_of};
   }
 };
 
