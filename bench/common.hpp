@@ -63,4 +63,15 @@ inline auto benchmark_router(Index dim, Index experts, Index k) {
                      moe::LoadBalanceLoss<float>(moe::BalanceNorm::switch_top1));
 }
 
+// Times router.route over the rotating logit sets of [T, E] (every buffer warmed by one pass over
+// them first), with the logits' bytes as the rate.
+template <class Router>
+void time_route(benchmark::State& state, Router& router, Index T, Index E, const moe::TokenInputs<float>& tokens = {}) {
+  const auto sets = logit_sets(T, E);
+  for (const auto& logits : sets) router.route(logits, tokens);
+  int i = 0;
+  for (auto _ : state) benchmark::DoNotOptimize(router.route(sets[i++ % rotating_sets], tokens).num_slots());
+  set_rates(state, T, double(T * E) * sizeof(float));
+}
+
 }  // namespace moe_bench
