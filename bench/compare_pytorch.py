@@ -79,12 +79,66 @@ def noisy_top_k_gating(x, w_gate, w_noise, k, noise_epsilon=1e-2):
     return gates, loss
 
 
+def vmoe_capacity(tokens, experts, capacity_factor):
+    """vmoe compute_capacity: ceil(T cf / E), then up to a multiple of 4."""
+    capacity = math.ceil(tokens * capacity_factor / experts)
+    return capacity + (-capacity) % 4
+
+
 def route_expert_choice(logits, capacity_factor):
+    """vmoe's expert choice in index form: softmax, each expert's top C tokens (slots by
+    descending score), the scores as combine weights."""
     tokens, experts = logits.shape
     gates = F.softmax(logits, dim=1)
-    capacity = math.ceil(capacity_factor * tokens / experts)
-    weight, token = torch.topk(gates.t(), capacity, dim=1)
+    weight, token = torch.topk(gates.t(), vmoe_capacity(tokens, experts, capacity_factor), dim=1)
     return weight, token
+
+
+def sinkhorn_megatron(cost, tol=0.0001):
+    """Megatron-Core's moe_utils.sinkhorn."""
+    cost = torch.exp(cost)
+    d0 = torch.ones(cost.size(0), dtype=cost.dtype)
+    d1 = torch.ones(cost.size(1), dtype=cost.dtype)
+    eps = 0.00000001
+    error = 1e9
+    d1_old = d1
+    while error > tol:
+        d0 = (1 / d0.size(0)) * 1 / (torch.sum(d1 * cost, 1) + eps)
+        d1 = (1 / d1.size(0)) * 1 / (torch.sum(d0.unsqueeze(1) * cost, 0) + eps)
+        error = torch.mean(torch.abs(d1_old - d1))
+        d1_old = d1
+    return d1 * cost * d0.unsqueeze(1)
+
+
+def route_sbase(logits, k):
+    """Megatron-Core's sinkhorn_load_balancing in training: top-k of the plan, the softmax (k > 1)
+    of the chosen experts as weights."""
+    with torch.no_grad():
+        _, indices = torch.topk(sinkhorn_megatron(logits), k=k, dim=1)
+    probs = torch.softmax(logits, dim=-1)
+    routing_map = torch.zeros_like(logits).int().scatter(1, indices, 1).bool()
+    return probs * routing_map, routing_map
+
+
+def sinkhorn_ott(logits, rounds=20):
+    """ott-jax's Sinkhorn in scaling mode as vmoe calls it: K = exp(logits), u = 1, rounds of
+    v = (T/E) / K^T u, u = 1 / K v (K row-shifted: the plan is the same)."""
+    tokens, experts = logits.shape
+    K = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+    u = torch.ones(tokens)
+    b = tokens / experts
+    for _ in range(rounds):
+        v = b / (K.t() @ u)
+        u = 1 / (K @ v)
+    return u.unsqueeze(1) * K * v
+
+
+def route_sinkhorn_expert_choice(logits, capacity_factor):
+    """vmoe's Sinkhorn expert choice: each expert's top C tokens of the plan, softmax weights."""
+    tokens, experts = logits.shape
+    plan = sinkhorn_ott(logits)
+    _, token = torch.topk(plan.t(), vmoe_capacity(tokens, experts, capacity_factor), dim=1)
+    return F.softmax(logits, dim=1).t().gather(1, token), token
 
 
 def soft_moe_weights(x, phi):
@@ -160,6 +214,14 @@ def router_cases(reps):
         logits = torch.randn(T, E) * 2
         cases.append((f"DeepSpeed top2gating + Gumbel T:{T}/E:{E}", f"BM_NoisyRoute/T:{T}/E:{E}/k:2",
                       timed(lambda: route_deepspeed_top2(logits, 1.25), reps)))
+    T, E = 16384, 64
+    logits = torch.randn(T, E) * 2
+    cases.append((f"expert choice (vmoe) T:{T}/E:{E}/cf:2.5", f"BM_ExpertChoiceRoute/T:{T}/E:{E}/k:2",
+                  timed(lambda: route_expert_choice(logits, 2.5), reps)))
+    cases.append((f"S-BASE (Megatron sinkhorn) T:{T}/E:{E}/k:2", f"BM_SinkhornRoute/T:{T}/E:{E}/mode:2",
+                  timed(lambda: route_sbase(logits, 2), reps)))
+    cases.append((f"Sinkhorn expert choice T:{T}/E:{E}/cf:2.5", f"BM_SinkhornRoute/T:{T}/E:{E}/mode:1",
+                  timed(lambda: route_sinkhorn_expert_choice(logits, 2.5), reps)))
     T, E, k, G = 16384, 256, 8, 8
     logits = torch.randn(T, E) * 2
     bias = torch.randn(E) * 1e-3
@@ -216,7 +278,6 @@ def pytorch_cases(T, D, E, k, cf, reps):
         "combine": timed(combine_reused, reps),
         "combine (usual)": timed(combine_usual, reps),
         "data path": timed(data_path, max(1, reps // 2)),
-        "expert choice route": timed(lambda: route_expert_choice(logits, 2.0), reps),
         "soft moe weights": timed(lambda: soft_moe_weights(x, phi), reps),
         "noisy top-k route": timed(lambda: noisy_top_k_gating(x8, w_gate, w_noise, k), reps),
     }

@@ -58,7 +58,7 @@ void run(const char* name, Router router, const Settings& s, const moe::Matrix<f
     aux += buf;
   }
   const double ms = 1e3 / double(s.reps);
-  std::printf("| %-23s | %9.0f | %8.2f | %8.2f | %8s | %7.2f | %7.3f | %8.3f | %-16s |\n", name,
+  std::printf("| %-27s | %9.0f | %8.2f | %8.2f | %8s | %7.2f | %7.3f | %8.3f | %-16s |\n", name,
               double(s.tokens) * double(s.reps) / forward_s, forward_s * ms, backward_s * ms,
               capacity.c_str(), 100.0 * moe::drop_fraction(r), moe::load_cv(r),
               moe::experts_per_token(r), aux.c_str());
@@ -80,9 +80,9 @@ int main(int argc, char** argv) {
     for (moe::Index j = 0; j < s.dim; ++j)
       x(t, j) = float(rng.normal(t, j) + 2.0 * rng.normal(t % 5, s.dim + j));
 
-  std::printf("| %-23s | %9s | %8s | %8s | %8s | %7s | %7s | %8s | %-16s |\n", "preset", "fwd tok/s",
+  std::printf("| %-27s | %9s | %8s | %8s | %8s | %7s | %7s | %8s | %-16s |\n", "preset", "fwd tok/s",
               "fwd ms", "bwd ms", "capacity", "drop %", "load CV", "exp/tok", "aux losses");
-  std::printf("|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s|\n", std::string(25, '-').c_str(),
+  std::printf("|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s|\n", std::string(29, '-').c_str(),
               std::string(10, '-').c_str(), std::string(9, '-').c_str(), std::string(9, '-').c_str(),
               std::string(9, '-').c_str(), std::string(8, '-').c_str(), std::string(8, '-').c_str(),
               std::string(9, '-').c_str(), std::string(18, '-').c_str());
@@ -102,6 +102,11 @@ int main(int argc, char** argv) {
     run("DeepSeekV3Router", moe::make_deepseek_v3_router<float>(s.dim, s.experts), s, x);
   else if (s.experts % 4 == 0 && s.experts >= 8)
     run("DeepSeekV3Router", moe::make_deepseek_v3_router<float>(s.dim, s.experts, 4, 4, 2), s, x);
+  run("ExpertChoiceRouter", moe::make_expert_choice_router<float>(s.dim, s.experts, 2.0), s, x);
+  run("SinkhornRouter token", moe::make_sinkhorn_router<float>(s.dim, s.experts, 2, 1.25), s, x);
+  run("SinkhornRouter expert", moe::make_sinkhorn_router<float, moe::Choice::expert>(s.dim, s.experts, 2, 1.25), s, x);
+  run("SinkhornRouter S-BASE", moe::make_sbase_router<float>(s.dim, s.experts, 2), s, x);
+  run("SparsityConstrainedECRouter", moe::make_sparsity_constrained_ec_router<float>(s.dim, s.experts, 2.0), s, x);
   std::printf("\ncapacity: slots per expert (none: dropless); drop %%: (token, choice) pairs dropped; "
               "load CV: std/mean of tokens per expert;\nexp/tok: experts per real token; aux losses: "
               "each loss's raw value, in the preset's order (balance, then z-loss;\n"
@@ -111,6 +116,10 @@ int main(int argc, char** argv) {
               "DeepSpeedTopKRouter: top2gating (second expert Gumbel-sampled); k=1: top1gating with random token "
               "selection and input jitter.\n"
               "DeepSeekV3Router: DeepSeek-V3's 8 groups, 4 kept, k = 8 at --experts 256 only; at other E "
-              "(divisible by 4) scaled to 4 groups, 2 kept, k = 4.\n");
+              "(divisible by 4) scaled to 4 groups, 2 kept, k = 4.\n"
+              "ExpertChoiceRouter, SparsityConstrainedECRouter: experts take their top C tokens (cf 2: as many slots as "
+              "top-2); a token may get 0..E experts.\n"
+              "SinkhornRouter token / expert: top-2 per token or top-C per expert of the Sinkhorn plan (same slots); "
+              "S-BASE: Megatron's form, dropless.\n");
   return 0;
 }

@@ -59,35 +59,35 @@ struct ColumnEntry {
 
 namespace detail {
 // A column's candidates. float: one 64-bit key, ascending in (value desc, token asc): the value's
-// bits made order-preserving and inverted, above the token's bits, so a radix sort orders them
-// without a comparison branch. double (the accuracy path): a ColumnEntry.
+// bits made order-preserving and inverted, above the token, so a radix sort orders them without a
+// comparison branch. double (the accuracy path): a ColumnEntry.
 template <class S>
 struct Candidates;
 
 template <>
 struct Candidates<float> {
   using type = std::uint64_t;
-  int shift = 0;  // bits of the token
   type make(float v, std::int32_t t) const {
     const auto bits = std::bit_cast<std::uint32_t>(v + 0.0f);  // -0 as +0: they compare equal
     const std::uint32_t ordered = bits & 0x80000000u ? ~bits : bits | 0x80000000u;  // ascending with v
-    return (std::uint64_t(~ordered) << shift) | std::uint64_t(t);
+    return (std::uint64_t(~ordered) << 32) | std::uint32_t(t);
   }
-  std::int32_t token(type c) const { return std::int32_t(c & ((std::uint64_t(1) << shift) - 1)); }
-  // LSD radix sort by bytes, skipping the bytes every key shares (most of a column's value bits).
+  std::int32_t token(type c) const { return std::int32_t(std::uint32_t(c)); }
+  // LSD radix sort by the value's four bytes only, skipping the bytes every key shares (the
+  // exponent, mostly): the sort is stable and the candidates arrive in token order, so equal
+  // values stay in token order.
   void sort(type* keys, Index n, std::vector<type>& tmp) const {
     if (n < 64) return std::sort(keys, keys + n);
     fit(tmp, n);
-    const int bytes = (32 + shift + 7) / 8;
-    std::array<std::array<Index, 257>, 8> count{};
+    std::array<std::array<Index, 257>, 4> count{};
     for (Index i = 0; i < n; ++i)
-      for (int d = 0; d < bytes; ++d) ++count[std::size_t(d)][((keys[i] >> (8 * d)) & 0xff) + 1];
+      for (int d = 0; d < 4; ++d) ++count[std::size_t(d)][((keys[i] >> (32 + 8 * d)) & 0xff) + 1];
     type *from = keys, *to = tmp.data();
-    for (int d = 0; d < bytes; ++d) {
+    for (int d = 0; d < 4; ++d) {
       auto& c = count[std::size_t(d)];
       if (std::any_of(c.begin() + 1, c.end(), [n](Index k) { return k == n; })) continue;  // one byte value
       for (std::size_t b = 1; b < c.size(); ++b) c[b] += c[b - 1];
-      for (Index i = 0; i < n; ++i) to[c[(from[i] >> (8 * d)) & 0xff]++] = from[i];
+      for (Index i = 0; i < n; ++i) to[c[(from[i] >> (32 + 8 * d)) & 0xff]++] = from[i];
       std::swap(from, to);
     }
     if (from != keys) std::copy_n(from, n, keys);
@@ -97,7 +97,6 @@ struct Candidates<float> {
 template <>
 struct Candidates<double> {
   using type = ColumnEntry<double>;
-  int shift = 0;
   type make(double v, std::int32_t t) const { return {v, t}; }
   std::int32_t token(const type& c) const { return c.token; }
   void sort(type* c, Index n, std::vector<type>&) const { std::sort(c, c + n); }
@@ -128,7 +127,8 @@ void finish_column(const Candidates<S>& cand, typename Candidates<S>::type* c, I
 template <class S>
 struct TopCScratch {
   using Candidate = typename detail::Candidates<S>::type;
-  std::vector<S> threshold, sample;
+  std::vector<S> threshold, sample;  // per column; bisection scratch
+  std::vector<Index> sample_rows;
   std::vector<Candidate> candidates;  // `room` entries per column
   std::vector<Index> count;           // candidates seen per column (may pass room)
   struct Column {
@@ -136,6 +136,57 @@ struct TopCScratch {
   };
   PerThread<Column> column;
 };
+
+namespace detail {
+// The columns' thresholds from the sampled rows: for each column a value x with at least `rank`
+// sampled entries >= x, close to the rank-th largest, found by bisection between the column's
+// sample minimum and maximum for all columns at once, a row's registers at a time (no sort, no
+// transposition: the sampled rows stay in cache across the rounds).
+template <class S>
+void sample_thresholds_into(MatrixIn<S> values, std::span<const Index> rows, Index rank, S* lo, S* hi, S* mid, S* count) {
+  const Index E = values.cols();
+  std::fill_n(lo, E, std::numeric_limits<S>::max());
+  std::fill_n(hi, E, std::numeric_limits<S>::lowest());
+  for (const Index t : rows)
+    for (Index e = 0; e < E; ++e) lo[e] = std::min(lo[e], values(t, e)), hi[e] = std::max(hi[e], values(t, e));
+  // invariant: at least `rank` sampled entries >= lo, fewer than `rank` >= hi
+  for (Index e = 0; e < E; ++e) hi[e] = std::nextafter(hi[e], std::numeric_limits<S>::infinity());
+  constexpr Index W = Index(width<S>);
+  using B = Batch<S>;
+  for (int round = 0; round < 24; ++round) {
+    Index e = 0;
+    for (; e + W <= E; e += W) (B::load_unaligned(lo + e) + (B::load_unaligned(hi + e) - B::load_unaligned(lo + e)) * B(S(0.5))).store_unaligned(mid + e);
+    for (; e < E; ++e) mid[e] = lo[e] + (hi[e] - lo[e]) * S(0.5);
+    std::fill_n(count, E, S(0));
+    for (const Index t : rows) {
+      const S* row = values.row(t).data();
+      Index j = 0;
+      for (; j + W <= E; j += W) {
+        const B c = B::load_unaligned(count + j) + xsimd::select(B::load_unaligned(row + j) >= B::load_unaligned(mid + j), B(S(1)), B(S(0)));
+        c.store_unaligned(count + j);
+      }
+      for (; j < E; ++j) count[j] += row[j] >= mid[j] ? S(1) : S(0);
+    }
+    for (Index c = 0; c < E; ++c) {
+      if (mid[c] <= lo[c] || mid[c] >= hi[c]) continue;  // the interval is one float wide
+      (count[c] >= S(rank) ? lo[c] : hi[c]) = mid[c];
+    }
+  }
+}
+}  // namespace detail
+
+template <class S>
+void sample_thresholds(MatrixIn<S> values, std::span<const Index> rows, Index rank, TopCScratch<S>& scratch) {
+  const Index E = values.cols();
+  fit(scratch.threshold, E);
+  fit(scratch.sample, 3 * E);
+  if (rank >= Index(rows.size())) {  // every sampled value: take every entry
+    std::fill(scratch.threshold.begin(), scratch.threshold.end(), std::numeric_limits<S>::lowest());
+    return;
+  }
+  S* work = scratch.sample.data();
+  detail::sample_thresholds_into<S>(values, rows, rank, scratch.threshold.data(), work, work + E, work + 2 * E);
+}
 
 // out[e * C + c] as in the twin; `valid_rows` = the number of valid rows (>= C).
 template <class S>
@@ -145,7 +196,7 @@ void top_c_per_column(MatrixIn<S> values, Index capacity, std::span<const std::u
   MOE_ASSERT(capacity <= valid_rows && Index(out.size()) >= capacity * E);
   if (capacity == 0 || E == 0) return;
   const auto is_valid = [&](Index t) { return valid.empty() || valid[std::size_t(t)] != 0; };
-  const detail::Candidates<S> cand{.shift = std::max(1, int(std::bit_width(std::uint64_t(T - 1))))};
+  const detail::Candidates<S> cand{};
   scratch.column.reserve();
   const auto finish = [&](Index e, typename TopCScratch<S>::Candidate* c, Index n) {
     detail::finish_column<S>(cand, c, n, capacity, token_order, scratch.column.local().tmp, out.data() + e * capacity);
@@ -161,34 +212,20 @@ void top_c_per_column(MatrixIn<S> values, Index capacity, std::span<const std::u
   // The sample: about 512 valid rows spread over the batch. Small batches, or a C that takes most
   // of a column, gain nothing from candidates: every column is done exactly.
   constexpr Index sample_rows = 512;
-  if (valid_rows < 8 * sample_rows || 4 * capacity > valid_rows) {
+  if (valid_rows < 8 * sample_rows || 2 * capacity > valid_rows) {
     parallel_for(E, 1, [&](Index e, Index) { exact(e); });
     return;
   }
   const Index stride = T / sample_rows;
-  fit(scratch.sample, sample_rows * E);
-  Index m = 0;  // sampled valid rows, stored column by column
-  S* const sample = scratch.sample.data();
-  for (Index t = stride / 2; t < T && m < sample_rows; t += stride) {
-    if (!is_valid(t)) continue;
-    const S* row = values.row(t).data();
-    for (Index e = 0; e < E; ++e) sample[e * sample_rows + m] = row[e];
-    ++m;
-  }
+  fit(scratch.sample_rows, sample_rows);
+  Index m = 0;  // the sampled valid rows
+  for (Index t = stride / 2; t < T && m < sample_rows; t += stride)
+    if (is_valid(t)) scratch.sample_rows[std::size_t(m++)] = t;
   // The sample rank of the threshold: the expected share C / n of the m sampled values, plus
   // three standard deviations of that count, so a column falls short only rarely.
   const double share = double(capacity) / double(valid_rows);
   const Index rank = std::min<Index>(m, Index(std::ceil(double(m) * share + 3.0 * std::sqrt(double(m) * share))) + 2);
-  fit(scratch.threshold, E);
-  for (Index e = 0; e < E; ++e) {
-    S* col = scratch.sample.data() + e * sample_rows;
-    if (rank >= m) {
-      scratch.threshold[std::size_t(e)] = std::numeric_limits<S>::lowest();
-      continue;
-    }
-    std::nth_element(col, col + (rank - 1), col + m, std::greater<S>());
-    scratch.threshold[std::size_t(e)] = col[rank - 1];
-  }
+  sample_thresholds<S>(values, std::span<const Index>(scratch.sample_rows.data(), std::size_t(m)), rank, scratch);
   // Room for three times the expected candidates: an overfull column is redone exactly.
   const Index room = std::min(valid_rows, 3 * Index(std::ceil(double(valid_rows) * double(rank) / double(m))) + 256);
   fit(scratch.candidates, room * E);
