@@ -25,6 +25,7 @@
 
 #include "moe/core/tensor.hpp"
 #include "moe/core/workspace.hpp"
+#include "moe/kernels/simd.hpp"
 #include "moe/kernels/softmax.hpp"
 
 namespace moe::kernels {
@@ -42,6 +43,32 @@ constexpr double exp_safe_limit() { return std::is_same_v<S, float> ? 80.0 : 700
 template <class S>
 S column_scaling(S mass, S sum) {
   return sum > S(0) ? std::min(mass / sum, std::numeric_limits<S>::max()) : S(0);
+}
+// One round over the rows of K: each real row's scaling, mass / (<K_t, cols> + guard) kept
+// finite, into scale[t]; with `sums`, the scaled rows are added into sums (K^T scale) while the
+// row is in cache. Padding rows keep scale 0.
+template <class S>
+void sinkhorn_round(MatrixIn<S> K, std::span<const std::uint8_t> valid, const S* cols, S mass, S guard, S* scale,
+                    S* sums) {
+  const Index T = K.rows(), E = K.cols();
+  using B = Batch<S>;
+  constexpr Index W = Index(B::size);
+  if (sums) std::fill_n(sums, E, S(0));
+  for (Index t = 0; t < T; ++t) {
+    if (!row_valid(valid, t)) continue;
+    const S* row = K.row(t).data();
+    B acc(S(0));
+    Index e = 0;
+    for (; e + W <= E; e += W) acc = xsimd::fma(B::load_unaligned(row + e), B::load_unaligned(cols + e), acc);
+    S dot = xsimd::hadd(acc);
+    for (; e < E; ++e) dot += row[e] * cols[e];
+    const S st = column_scaling(mass, dot + guard);
+    scale[t] = st;
+    if (!sums) continue;
+    const B sb(st);
+    for (e = 0; e + W <= E; e += W) xsimd::fma(sb, B::load_unaligned(row + e), B::load_unaligned(sums + e)).store_unaligned(sums + e);
+    for (; e < E; ++e) sums[e] += st * row[e];
+  }
 }
 }  // namespace detail
 
@@ -156,13 +183,7 @@ void sinkhorn(MatrixIn<S> logits, std::span<const std::uint8_t> valid, int itera
   }
   for (int it = 0; it < iterations; ++it) {
     for (Index e = 0; e < E; ++e) v[e] = detail::column_scaling(b, ktu[e]);
-    const bool last = it + 1 == iterations;
-    if (!last) ktu.setZero();
-    for (Index t = 0; t < T; ++t) {
-      if (!detail::row_valid(valid, t)) continue;
-      u[t] = detail::column_scaling(S(1), plan.row(t).dot(v));
-      if (!last) ktu += u[t] * plan.row(t);
-    }
+    detail::sinkhorn_round<S>(plan, valid, v.data(), S(1), S(0), u, it + 1 == iterations ? nullptr : ktu.data());
   }
   if (iterations == 0) v.setOnes();
   for (Index t = 0; t < T; ++t) plan.row(t) = u[t] * plan.row(t).cwiseProduct(v);
@@ -192,12 +213,7 @@ int sinkhorn_until(MatrixIn<S> logits, std::span<const std::uint8_t> valid, doub
   std::fill_n(d0, T, S(0));
   int rounds = 0;
   for (double error = 1e9; error > tolerance && rounds < max_iterations; ++rounds) {
-    kd0.setZero();
-    for (Index t = 0; t < T; ++t) {
-      if (!detail::row_valid(valid, t)) continue;
-      d0[t] = row_mass / (plan.row(t).dot(d1) + guard);
-      kd0 += d0[t] * plan.row(t);
-    }
+    detail::sinkhorn_round<S>(plan, valid, d1.data(), row_mass, guard, d0, kd0.data());
     error = 0;
     for (Index e = 0; e < E; ++e) {
       const S next = col_mass / (kd0[e] + guard);
