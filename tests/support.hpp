@@ -61,6 +61,19 @@ inline void require_gradient_close(const Matrix<double>& analytic, const Matrix<
   REQUIRE(err <= rel_tol * scale);
 }
 
+// Softmax of each row, written out: the oracle of the softmax gate.
+template <class S>
+Matrix<S> softmax_of(const Matrix<S>& logits) {
+  Matrix<S> p(logits.rows(), logits.cols());
+  for (Index t = 0; t < logits.rows(); ++t) {
+    const S m = logits.row(t).maxCoeff();
+    S z = 0;
+    for (Index e = 0; e < logits.cols(); ++e) z += std::exp(logits(t, e) - m);
+    for (Index e = 0; e < logits.cols(); ++e) p(t, e) = std::exp(logits(t, e) - m) / z;
+  }
+  return p;
+}
+
 // L = sum over the kept slots of w * R[t, e] + aux_loss, so d L / d w[slot] = R[t, e]; every
 // evaluation draws at `step`, so a stochastic router's draws stay fixed under finite differences.
 template <class Router>

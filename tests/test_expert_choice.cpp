@@ -20,17 +20,6 @@ namespace {
 using Mask = std::vector<std::uint8_t>;
 using Picks = std::vector<std::vector<int>>;  // per expert, its tokens in slot order
 
-Matrix<double> softmax_rows(const Matrix<double>& l) {
-  Matrix<double> p(l.rows(), l.cols());
-  for (Index t = 0; t < l.rows(); ++t) {
-    const double top = l.row(t).maxCoeff();
-    double z = 0;
-    for (Index e = 0; e < l.cols(); ++e) z += std::exp(l(t, e) - top);
-    for (Index e = 0; e < l.cols(); ++e) p(t, e) = std::exp(l(t, e) - top) / z;
-  }
-  return p;
-}
-
 bool is_valid(const Mask& valid, Index t) { return valid.empty() || valid[std::size_t(t)]; }
 Index count_valid(const Mask& valid, Index T) {
   return valid.empty() ? T : Index(std::count(valid.begin(), valid.end(), std::uint8_t(1)));
@@ -228,7 +217,7 @@ TEST_CASE("expert choice: each expert its top C real tokens, ties to the lower t
           REQUIRE(r.capacity == C);
           // ties between tokens with equal logits are exact only within one softmax: the oracle
           // ranks the router's scores, which are checked against the softmax
-          const Matrix<double> p = softmax_rows(l);
+          const Matrix<double> p = softmax_of(l);
           REQUIRE((router.scores() - p).cwiseAbs().maxCoeff() <= forward_tol<double>(E));
           const Picks want = top_c_oracle(router.scores(), C, valid);
           REQUIRE(picks_of(r) == want);
@@ -331,7 +320,7 @@ TEST_CASE("Sinkhorn token choice: top k of the plan, softmax weights, V-MoE capa
   auto router = moe::make_sinkhorn_router<double>(4, E, k, 4.0);  // cf large: no choice dropped
   const Matrix<double> l = random_matrix<double>(T, E, 10, 2.0);
   const auto& r = router.route(l);
-  const Matrix<double> plan = ott_plan(l, {}, 20), p = softmax_rows(l);
+  const Matrix<double> plan = ott_plan(l, {}, 20), p = softmax_of(l);
   const auto want = top_k_rows(plan, k);
   REQUIRE(want != top_k_rows(p, k));  // the plan re-ranks some token: the test can tell them apart
   REQUIRE(r.num_dropped() == 0);
@@ -354,7 +343,7 @@ TEST_CASE("Sinkhorn expert choice: each expert the top C tokens of the plan", "[
     const auto& r = router.route(l, {.valid = valid});
     const Index n = count_valid(valid, T), C = vmoe_capacity(n, E, double(k));
     REQUIRE(r.capacity == C);
-    const Matrix<double> plan = ott_plan(l, valid, 20), p = softmax_rows(l);
+    const Matrix<double> plan = ott_plan(l, valid, 20), p = softmax_of(l);
     REQUIRE(picks_of(r) == top_c_oracle(plan, C, valid));
     REQUIRE(picks_of(r) != top_c_oracle(p, C, valid));
     for (Index e = 0; e < E; ++e)
@@ -372,7 +361,7 @@ TEST_CASE("S-BASE: Megatron's Sinkhorn in training, the scores in evaluation", "
     int rounds = 0;
     const Matrix<double> plan = megatron_plan(l, 1e-4, &rounds);
     const Matrix<double> scores = k == 1 ? Matrix<double>(l.unaryExpr([](double v) { return 1 / (1 + std::exp(-v)); }))
-                                         : softmax_rows(l);
+                                         : softmax_of(l);
     for (const bool training : {true, false}) {
       router.set_training(training);
       const auto& r = router.route(l);
@@ -435,7 +424,7 @@ TEST_CASE("sparsity-constrained expert choice: the C-sparse plan and its top C",
       INFO("T " << T << " cf " << cf << " C " << C);
       REQUIRE(r.capacity == vmoe_capacity(T, E, cf));
       int steps = 0;
-      const Matrix<double> p = softmax_rows(l), want = ksparse_plan(p, C, &steps);
+      const Matrix<double> p = softmax_of(l), want = ksparse_plan(p, C, &steps);
       const Matrix<double>& plan = router.selector().plan();
       REQUIRE(router.selector().steps() == steps);
       REQUIRE((plan - want).cwiseAbs().maxCoeff() <= 1e-9);

@@ -1471,18 +1471,6 @@ std::span<const S> span_of(const Matrix<S>& m) {
   return {m.data(), std::size_t(m.size())};
 }
 
-// Softmax of each row, written out.
-template <class S>
-Matrix<S> softmax_of(const Matrix<S>& logits) {
-  Matrix<S> p(logits.rows(), logits.cols());
-  for (Index t = 0; t < logits.rows(); ++t) {
-    const S m = logits.row(t).maxCoeff();
-    S z = 0;
-    for (Index e = 0; e < logits.cols(); ++e) z += std::exp(logits(t, e) - m);
-    for (Index e = 0; e < logits.cols(); ++e) p(t, e) = std::exp(logits(t, e) - m) / z;
-  }
-  return p;
-}
 }  // namespace
 
 TEMPLATE_TEST_CASE("input jitter: x times lo + u (hi - lo), in training only", "[scorer][noise]", float, double) {

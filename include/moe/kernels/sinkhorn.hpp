@@ -148,6 +148,11 @@ int sinkhorn_until(MatrixIn<S> logits, std::span<const std::uint8_t> valid, doub
 template <class S>
 struct SinkhornScratch {
   std::vector<S> rows, cols, sums;
+  void size(Index tokens, Index experts) {
+    fit(rows, tokens);
+    fit(cols, experts);
+    fit(sums, experts);
+  }
 };
 
 template <class S>
@@ -164,9 +169,7 @@ void sinkhorn(MatrixIn<S> logits, std::span<const std::uint8_t> valid, int itera
       plan.row(t) = ((logits.row(t).array() - top) / epsilon).exp().matrix();
     }
   }
-  fit(scratch.rows, T);
-  fit(scratch.cols, E);
-  fit(scratch.sums, E);
+  scratch.size(T, E);
   S* const u = scratch.rows.data();
   using Row = Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>;
   Row v(scratch.cols.data(), E), ktu(scratch.sums.data(), E);
@@ -203,9 +206,7 @@ int sinkhorn_until(MatrixIn<S> logits, std::span<const std::uint8_t> valid, doub
     if (detail::row_valid(valid, t)) plan.row(t) = (logits.row(t).array() - shift).exp().matrix();
     else plan.row(t).setZero();
   }
-  fit(scratch.rows, T);
-  fit(scratch.cols, E);
-  fit(scratch.sums, E);
+  scratch.size(T, E);
   S* const d0 = scratch.rows.data();
   using Row = Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>;
   Row d1(scratch.cols.data(), E), kd0(scratch.sums.data(), E);
