@@ -380,6 +380,40 @@ TEST_CASE("S-BASE: Megatron's Sinkhorn in training, the scores in evaluation", "
   }
 }
 
+TEST_CASE("S-BASE with padding: planned and routed as Megatron does, or left out", "[sinkhorn][sbase]") {
+  const Index T = 30, E = 5, k = 2;
+  const Matrix<double> l = random_matrix<double>(T, E, 24, 2.0);
+  Mask valid(std::size_t(T), 1);
+  valid[4] = valid[11] = 0;
+  int rounds = 0;
+  // Padding::megatron: every row in the plan (Megatron takes no mask), padding routed
+  auto megatron = moe::make_sbase_router<double>(4, E, k);
+  const auto& rm = megatron.route(l, {.valid = valid});
+  const auto all = top_k_rows(megatron_plan(l, 1e-4, &rounds), k);
+  for (Index t = 0; t < T; ++t)
+    for (Index j = 0; j < k; ++j) REQUIRE(rm.choice_expert[rm.token_offsets[t] + j] == all[std::size_t(t)][std::size_t(j)]);
+  // Padding::excluded: the plan of the real rows only, padding unrouted
+  auto excluded = moe::make_sbase_router<double>(4, E, k, 0, moe::Padding::excluded);
+  const auto& re = excluded.route(l, {.valid = valid});
+  Matrix<double> real(T - 2, E);
+  for (Index t = 0, i = 0; t < T; ++t)
+    if (valid[std::size_t(t)]) real.row(i++) = l.row(t);
+  const auto some = top_k_rows(megatron_plan(real, 1e-4, &rounds), k);
+  Index moved = 0;  // real tokens whose experts change when padding leaves the plan
+  for (Index t = 0, i = 0; t < T; ++t) {
+    if (!valid[std::size_t(t)]) {
+      REQUIRE(re.token_offsets[t + 1] == re.token_offsets[t]);
+      continue;
+    }
+    for (Index j = 0; j < k; ++j) {
+      REQUIRE(re.choice_expert[re.token_offsets[t] + j] == some[std::size_t(i)][std::size_t(j)]);
+      moved += re.choice_expert[re.token_offsets[t] + j] != rm.choice_expert[rm.token_offsets[t] + j];
+    }
+    ++i;
+  }
+  REQUIRE(moved > 0);  // the two conventions are told apart on this batch
+}
+
 TEST_CASE("Sinkhorn routers: logits of +-1e3 stay finite, T = 0 and E = 1", "[sinkhorn]") {
   const Matrix<float> huge = (random_matrix<float>(50, 4, 13).array() * 1000.0f).matrix();
   auto tc = moe::make_sinkhorn_router<float>(4, 4, 2, 1.0);

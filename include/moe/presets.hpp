@@ -304,13 +304,14 @@ SinkhornRouter<S, mode> make_sinkhorn_router(Index dim, Index experts = 32, Inde
 // in training the top k experts of its Sinkhorn plan (run until the column scaling changes by at
 // most 1e-4 on average), in evaluation of the scores; weights the sigmoid (k = 1) or the softmax
 // of the logits, not renormalised; dropless; no auxiliary loss (Megatron requires its
-// coefficient to be 0); padding routed as Megatron routes it.
+// coefficient to be 0); padding routed, and planned, as Megatron does it.
 template <scalar S>
 SinkhornRouter<S, Choice::token> make_sbase_router(Index dim, Index experts, Index k = 2, std::uint64_t seed = 0,
                                                   Padding padding = Padding::megatron) {
   return {NoisyLinearScorer<S>(dim, experts, {.scale = NoiseScale::fixed, .noise_std = 0.0, .seed = seed}),
           SinkhornGate<S>({.form = SinkhornForm::megatron,
-                           .scores = k == 1 ? SinkhornScores::sigmoid : SinkhornScores::softmax}),
+                           .scores = k == 1 ? SinkhornScores::sigmoid : SinkhornScores::softmax,
+                           .plan_padding = padding == Padding::megatron}),
           TopKSelector<S>(k, {.weighting = Weighting::raw, .padding = padding})};
 }
 

@@ -6,6 +6,8 @@
 // 2024, "Routers in Vision MoE"), and in Megatron's form S-BASE (Clark et al. 2022). Selection is
 // discrete, so gradients reach the logits through the scores only, as in the references.
 #include <cmath>
+#include <cstdint>
+#include <span>
 #include <string>
 
 #include "moe/core/rng.hpp"
@@ -43,6 +45,9 @@ public:
     double tolerance = 1e-4;      // megatron: stop when mean |change of d1| <= tolerance
     int max_iterations = 10000;   // megatron: a cap the reference does not have
     SinkhornScores scores = SinkhornScores::softmax;
+    // padding rows take part in the plan like real tokens (Megatron's sinkhorn takes no mask, and
+    // Padding::megatron routes padding); by default they are left out
+    bool plan_padding = false;
   };
 
   explicit SinkhornGate(Options opt = {}) : opt_(opt) {
@@ -70,13 +75,14 @@ public:
     else softmax_.backward(logits, scores, dscores, dlogits);
   }
 
-  // The plan of the batch's real tokens (padding rows: 0).
+  // The plan of the batch's real tokens (padding rows: 0), or of every row with plan_padding.
   void rank(MatrixIn<S> logits, MatrixIn<S> scores, const TokenInputs<S>& tokens, MatrixOut<S> plan) {
     rounds_ = 0;
+    const std::span<const std::uint8_t> valid = opt_.plan_padding ? std::span<const std::uint8_t>() : tokens.valid;
     if (opt_.form == SinkhornForm::ott) {
-      kernels::sinkhorn<S>(logits, tokens.valid, opt_.iterations, plan, scratch_, S(opt_.epsilon));
+      kernels::sinkhorn<S>(logits, valid, opt_.iterations, plan, scratch_, S(opt_.epsilon));
     } else if (training_) {
-      rounds_ = kernels::sinkhorn_until<S>(logits, tokens.valid, opt_.tolerance, opt_.max_iterations, plan, scratch_);
+      rounds_ = kernels::sinkhorn_until<S>(logits, valid, opt_.tolerance, opt_.max_iterations, plan, scratch_);
     } else {
       plan = scores;
     }
