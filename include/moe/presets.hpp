@@ -8,6 +8,7 @@
 #include "moe/gates/gumbel.hpp"
 #include "moe/gates/sigmoid.hpp"
 #include "moe/gates/softmax.hpp"
+#include "moe/losses/entropy.hpp"
 #include "moe/losses/importance.hpp"
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/normalized_balance.hpp"
@@ -17,8 +18,10 @@
 #include "moe/scorers/cosine.hpp"
 #include "moe/scorers/linear.hpp"
 #include "moe/scorers/noisy_linear.hpp"
+#include "moe/selectors/dynamic_k.hpp"
 #include "moe/selectors/group_limited.hpp"
 #include "moe/selectors/top_k.hpp"
+#include "moe/selectors/top_p.hpp"
 
 namespace moe {
 
@@ -240,6 +243,69 @@ BPRRouter<S> make_bpr_router(Index dim, Index experts = 32, Index k = 2, double 
   return {LinearScorer<S>(dim, experts, {.seed = seed}), SoftmaxGate<S>{},
           TopKSelector<S>(k, {.weighting = Weighting::raw, .capacity = detail::vmoe_capacity(capacity_factor, true)}),
           ImportanceLoss<S>(S(0.005), {.source = ImportanceSource::clean_softmax, .cv = CVSquared::vmoe})};
+}
+
+// ---- dynamic k (docs/routers.md, TopPRouter, XMoEThresholdRouter, DynamicKRouter) -------------
+
+// Top-p routing (Huang et al., "Harder Tasks Need More Experts", ACL 2024) as ZhenweiAn/Dynamic_MoE
+// routes: softmax, experts by descending probability until the cumulative probability exceeds
+// p = 0.4 (the crossing expert included), weight = the raw probability, dropless; the paper's
+// training losses: a Switch-style balance loss over the dynamic assignments (1e-2) and the
+// entropy ("dynamic") loss (1e-4).
+template <scalar S>
+using TopPRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopPSelector<S>, LoadBalanceLoss<S>, EntropyLoss<S>>;
+
+// XMoE's threshold gating (Yang et al., "XMoE: Sparse Models with Fine-grained and Adaptive
+// Expert Selection", 2024) as ysngki/XMoE's main_thresholdGating: an expert is taken while the
+// mass before it is below the threshold 0.9, capacity max(ceil(cf T / E), min_capacity) (cf 8,
+// minimum 4 in its run script), first choices before second ones and, within a rank, higher
+// probability first; raw weights; balance loss from first choices (0.01).
+template <scalar S>
+using XMoEThresholdRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopPSelector<S>, LoadBalanceLoss<S>>;
+
+// Per-token k (DA-MoE, Aghdam, Jin, Wu 2024): token t takes its top k_t experts, k_t =
+// clamp(ceil(k_max I_t / max I), 1, k_max) from the importance in TokenInputs::importance; Switch
+// conventions otherwise: raw weights, capacity ceil(cf sum_t k_t / E), first choices first,
+// balance loss normalised by the mean k.
+template <scalar S>
+using DynamicKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, DynamicKSelector<S>, LoadBalanceLoss<S>>;
+
+template <scalar S>
+TopPRouter<S> make_top_p_router(Index dim, Index experts, double p = 0.4, std::uint64_t seed = 0,
+                                Padding padding = Padding::excluded) {
+  return {LinearScorer<S>(dim, experts, {.bias = false, .seed = seed}), SoftmaxGate<S>{},
+          TopPSelector<S>({.p = p, .boundary = TopPBoundary::exceeds, .weighting = Weighting::raw, .padding = padding}),
+          LoadBalanceLoss<S>(BalanceNorm::flaxformer, S(1e-2), padding), EntropyLoss<S>(S(1e-4))};
+}
+
+template <scalar S>
+XMoEThresholdRouter<S> make_xmoe_threshold_router(Index dim, Index experts, double threshold = 0.9,
+                                                  double capacity_factor = 8.0, Index min_capacity = 4,
+                                                  std::uint64_t seed = 0) {
+  return {LinearScorer<S>(dim, experts, {.bias = false, .seed = seed}), SoftmaxGate<S>{},
+          TopPSelector<S>({.p = threshold,
+                           .boundary = TopPBoundary::reaches,
+                           .weighting = Weighting::raw,
+                           .capacity = {.factor = capacity_factor,
+                                        .times_k = false,
+                                        .minimum = min_capacity,
+                                        .overflow = OverflowOrder::rank_major_by_score,
+                                        .slot_order = SlotOrder::priority}}),
+          LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2))};
+}
+
+// capacity_factor = std::nullopt: dropless.
+template <scalar S>
+DynamicKRouter<S> make_dynamic_k_router(Index dim, Index experts, Index k_max = 4,
+                                        std::optional<double> capacity_factor = 1.25, std::uint64_t seed = 0,
+                                        Padding padding = Padding::excluded) {
+  return {LinearScorer<S>(dim, experts, {.bias = false, .seed = seed}), SoftmaxGate<S>{},
+          DynamicKSelector<S>(k_max, {.weighting = Weighting::raw,
+                                      .capacity = {.factor = capacity_factor,
+                                                   .overflow = OverflowOrder::rank_major,
+                                                   .slot_order = SlotOrder::priority},
+                                      .padding = padding}),
+          LoadBalanceLoss<S>(BalanceNorm::megatron, S(1e-2), padding)};
 }
 
 }  // namespace moe
