@@ -4,17 +4,6 @@
 
 namespace moe_bench {
 
-// Times router.route over the rotating logit sets of [T, E] (every buffer warmed by one pass over
-// them first), with the logits' bytes as the rate.
-template <class Router>
-void time_route(benchmark::State& state, Router& router, Index T, Index E, const moe::TokenInputs<float>& tokens = {}) {
-  const auto sets = logit_sets(T, E);
-  for (const auto& logits : sets) router.route(logits, tokens);
-  int i = 0;
-  for (auto _ : state) benchmark::DoNotOptimize(router.route(sets[i++ % rotating_sets], tokens).num_slots());
-  set_rates(state, T, double(T * E) * sizeof(float));
-}
-
 static void BM_TokenChoiceRoute(benchmark::State& state) {
   const Index T = state.range(0), E = state.range(1), k = state.range(2);
   auto router = benchmark_router(8, E, k);
