@@ -53,16 +53,6 @@ inline void set_rates(benchmark::State& state, Index tokens, double bytes) {
   state.SetBytesProcessed(std::int64_t(double(state.iterations()) * bytes));
 }
 
-// The token-choice router every routing benchmark uses: softmax, top-k, capacity factor 1.25
-// counted per choice (ceil(k cf T / E)), all first choices before second ones, weights
-// renormalised over the survivors (GShard/DeepSpeed top-2), Switch balance loss.
-inline auto benchmark_router(Index dim, Index experts, Index k) {
-  return moe::Router(moe::LinearScorer<float>(dim, experts), moe::SoftmaxGate<float>{},
-                     moe::TopKSelector<float>(k, {.weighting = moe::Weighting::renormalize_after_drop,
-                                                  .capacity = {.factor = 1.25}}),
-                     moe::LoadBalanceLoss<float>(moe::BalanceNorm::switch_top1));
-}
-
 // Times router.route over the rotating logit sets of [T, E] (every buffer warmed by one pass over
 // them first), with the logits' bytes as the rate.
 template <class Router>
@@ -72,6 +62,16 @@ void time_route(benchmark::State& state, Router& router, Index T, Index E, const
   int i = 0;
   for (auto _ : state) benchmark::DoNotOptimize(router.route(sets[i++ % rotating_sets], tokens).num_slots());
   set_rates(state, T, double(T * E) * sizeof(float));
+}
+
+// The token-choice router every routing benchmark uses: softmax, top-k, capacity factor 1.25
+// counted per choice (ceil(k cf T / E)), all first choices before second ones, weights
+// renormalised over the survivors (GShard/DeepSpeed top-2), Switch balance loss.
+inline auto benchmark_router(Index dim, Index experts, Index k) {
+  return moe::Router(moe::LinearScorer<float>(dim, experts), moe::SoftmaxGate<float>{},
+                     moe::TopKSelector<float>(k, {.weighting = moe::Weighting::renormalize_after_drop,
+                                                  .capacity = {.factor = 1.25}}),
+                     moe::LoadBalanceLoss<float>(moe::BalanceNorm::switch_top1));
 }
 
 }  // namespace moe_bench

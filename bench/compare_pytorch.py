@@ -5,13 +5,14 @@ PyTorch is written the usual index-based way (softmax, topk, one-hot cumsum posi
 index_select / index_add_), as DeepSpeed and GShard implementations do. Our figures come from the
 benchmark binary, run here in the same session.
 
-    /usr/bin/python3 bench/compare_pytorch.py [--bench build/bench/bench/moe_bench] [--quick]
+    /usr/bin/python3 bench/compare_pytorch.py [--bench build/bench/bench/moe_bench] [--quick] [--filter REGEX]
 
 Needs Debian's python3-torch (installed for /usr/bin/python3).
 """
 import argparse
 import json
 import math
+import re
 import subprocess
 import time
 
@@ -201,6 +202,19 @@ def route_deepspeed_top2(logits, capacity_factor, min_capacity=8):
     return gates1_s / denom, gates2_s / denom, (locations1 * mask1).sum(dim=1), (locations2 * mask2).sum(dim=1), l_aux
 
 
+def route_top_p(logits, top_p=0.4):
+    """Top-p routing as Dynamic_MoE's SwitchMLP routes (top_p_sampling_batched_all_sequence):
+    softmax, sort descending, cumulative sum, keep the prefix up to and including the first
+    expert whose cumulative probability exceeds p; weights = the raw probabilities."""
+    probs = F.softmax(logits, dim=-1)
+    sorted_probs, sorted_indices = torch.sort(probs, descending=True)
+    cumulative = torch.cumsum(sorted_probs, dim=-1)
+    mask = cumulative > top_p
+    threshold = F.one_hot(mask.long().argmax(dim=-1), num_classes=sorted_indices.size(-1)).bool()
+    mask = mask & ~threshold
+    return torch.where(mask, 0.0, sorted_probs), torch.where(mask, -1, sorted_indices)
+
+
 def router_cases(reps):
     """Routing of given logits by the stochastic and group-limited references: (case, our
     benchmark, PyTorch seconds)."""
@@ -227,6 +241,10 @@ def router_cases(reps):
     bias = torch.randn(E) * 1e-3
     cases.append((f"DeepSeek-V3 grouped top-k T:{T}/E:{E}/k:{k}", f"BM_GroupLimitedRoute/T:{T}/E:{E}/k:{k}/G:{G}",
                   timed(lambda: route_deepseek_v3(logits, bias, k, G, G // 2), reps)))
+    for T, E in [(16384, 8), (16384, 64), (16384, 256)]:
+        logits = torch.randn(T, E) * 2
+        cases.append((f"Dynamic_MoE top-p 0.4 T:{T}/E:{E}", f"BM_TopPRoute/T:{T}/E:{E}",
+                      timed(lambda: route_top_p(logits, 0.4), reps)))
     return cases
 
 
@@ -300,11 +318,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", default="build/bench/bench/moe_bench")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--filter", help="only the router rows whose case or benchmark name matches this "
+                        "regular expression (e.g. 'top-p'); skips the data-path table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     reps = 3 if args.quick else 7
     rows = []
-    for T, D, E, k in [(16384, 1024, 64, 2), (16384, 1024, 8, 1)]:
+    for T, D, E, k in [] if args.filter else [(16384, 1024, 64, 2), (16384, 1024, 8, 1)]:
         shape = f"T:{T}/D:{D}/E:{E}/k:{k}"
         ours_names = {
             "route": f"BM_TokenChoiceRoute/T:{T}/E:{E}/k:{k}",
@@ -320,6 +340,8 @@ def main():
             our = mine.get(name) if name else None
             rows.append((f"{case} {shape}", our, seconds))
     cases = router_cases(reps)
+    if args.filter:
+        cases = [c for c in cases if re.search(args.filter, c[0]) or re.search(args.filter, c[1])]
     mine = ours(args.bench, [name for _, name, _ in cases], args.quick)
     rows += [(case, mine.get(name), seconds) for case, name, seconds in cases]
     print(f"{'case':48} {'ours (ms)':>10} {'PyTorch (ms)':>13} {'ratio':>7}")

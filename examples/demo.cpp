@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include <moe/moe.hpp>
 
@@ -33,17 +34,18 @@ Settings parse(int argc, char** argv) {
 // Runs forward + backward `reps` times after one warm-up call, timing each pass on its own, and
 // prints the preset's row.
 template <class Router>
-void run(const char* name, Router router, const Settings& s, const moe::Matrix<float>& x) {
+void run(const char* name, Router router, const Settings& s, const moe::Matrix<float>& x,
+         const moe::TokenInputs<float>& tokens = {}) {
   using clock = std::chrono::steady_clock;
   moe::MoELayer layer(std::move(router), moe::FFNExperts<float>(s.experts, s.dim, s.hidden));
   moe::Matrix<float> y(s.tokens, s.dim), dx(s.tokens, s.dim);
   const moe::Matrix<float> dy = moe::Matrix<float>::Ones(s.tokens, s.dim) / float(s.tokens);
-  layer.forward(x, y);  // warm-up: sizes every workspace once
+  layer.forward(x, y, tokens);  // warm-up: sizes every workspace once
   layer.backward(dy, dx);
   double forward_s = 0, backward_s = 0;
   for (moe::Index i = 0; i < s.reps; ++i) {
     const auto t0 = clock::now();
-    layer.forward(x, y);
+    layer.forward(x, y, tokens);
     const auto t1 = clock::now();
     layer.backward(dy, dx);
     forward_s += std::chrono::duration<double>(t1 - t0).count();
@@ -96,6 +98,14 @@ int main(int argc, char** argv) {
   run("NoisyTopKRouter", moe::make_noisy_topk_router<float>(s.dim, s.experts, 2), s, x);
   run("VMoERouter", moe::make_vmoe_router<float>(s.dim, s.experts, 2), s, x);
   run("BPRRouter", moe::make_bpr_router<float>(s.dim, s.experts, 2), s, x);
+  run("TopPRouter", moe::make_top_p_router<float>(s.dim, s.experts), s, x);
+  run("XMoEThresholdRouter", moe::make_xmoe_threshold_router<float>(s.dim, s.experts), s, x);
+  // DA-MoE's importance comes from attention; here a deterministic stand-in: the token's
+  // distance from the batch mean, so tokens far from the bulk get more experts
+  std::vector<float> importance(static_cast<std::size_t>(s.tokens));
+  const moe::Matrix<float> mean = x.colwise().mean();
+  for (moe::Index t = 0; t < s.tokens; ++t) importance[std::size_t(t)] = (x.row(t) - mean).norm();
+  run("DynamicKRouter", moe::make_dynamic_k_router<float>(s.dim, s.experts), s, x, {.importance = importance});
   // DeepSeek-V3's 8 groups of 32, 4 kept, k = 8 need E = 256 (--experts 256); below that the row
   // is scaled to 4 groups, 2 kept, k = 4 (E divisible by 4), still scoring a group by its top 2
   if (s.experts == 256)
@@ -110,7 +120,10 @@ int main(int argc, char** argv) {
   std::printf("\ncapacity: slots per expert (none: dropless); drop %%: (token, choice) pairs dropped; "
               "load CV: std/mean of tokens per expert;\nexp/tok: experts per real token; aux losses: "
               "each loss's raw value, in the preset's order (balance, then z-loss;\n"
-              "importance, then load for NoisyTopKRouter and VMoERouter; importance for BPRRouter).\n"
+              "importance, then load for NoisyTopKRouter and VMoERouter; importance for BPRRouter;\n"
+              "balance, then entropy for TopPRouter).\n"
+              "TopPRouter, XMoEThresholdRouter, DynamicKRouter: experts per token vary by token (exp/tok is the "
+              "mean); DynamicKRouter's importance: the token's distance from the batch mean.\n"
               "NoisyTopKRouter, VMoERouter: noise on the logits in training, drawn afresh each pass; "
               "VMoERouter and BPRRouter at the demo's E (the V-MoE paper: --experts 32).\n"
               "DeepSpeedTopKRouter: top2gating (second expert Gumbel-sampled); k=1: top1gating with random token "

@@ -94,6 +94,7 @@ RefRouting reference_route(const Matrix<S>& logits, const Matrix<S>& scores, Ind
       case OverflowOrder::by_weight: return std::make_tuple(-pre(c), double(c.token), double(c.rank), 0.0);
       case OverflowOrder::batch_priority: return std::make_tuple(double(c.rank), -top1, double(c.token), 0.0);
       case OverflowOrder::by_score: return std::make_tuple(-double(scores(c.token, c.expert)), double(c.token), double(c.rank), 0.0);
+      case OverflowOrder::rank_major_by_score: return std::make_tuple(double(c.rank), -double(scores(c.token, c.expert)), double(c.token), 0.0);
       case OverflowOrder::by_masked_logit: return std::make_tuple(double(c.token), double(c.rank), 0.0, 0.0);
       case OverflowOrder::random:  // the highest draw first; rank-major when there are none
         if (uniform.size() == 0) return std::make_tuple(double(c.rank), 0.0, double(c.token), 0.0);
@@ -208,7 +209,8 @@ const std::vector<Weighting> all_weightings = {Weighting::raw, Weighting::renorm
                                                Weighting::softmax_of_kept_logits};
 const std::vector<OverflowOrder> all_overflows = {OverflowOrder::rank_major, OverflowOrder::token_major,
                                                   OverflowOrder::by_weight, OverflowOrder::batch_priority,
-                                                  OverflowOrder::by_score, OverflowOrder::by_masked_logit};
+                                                  OverflowOrder::by_score, OverflowOrder::by_masked_logit,
+                                                  OverflowOrder::rank_major_by_score};
 
 }  // namespace
 

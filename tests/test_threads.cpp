@@ -16,11 +16,11 @@ struct Outputs {
 };
 
 template <class Layer>
-Outputs run(Layer layer, int threads, Index T, Index D) {
+Outputs run(Layer layer, int threads, Index T, Index D, const moe::TokenInputs<float>& tokens = {}) {
   omp_set_num_threads(threads);
   const Matrix<float> x = random_matrix<float>(T, D, 1), dy = random_matrix<float>(T, D, 2);
   Outputs o{Matrix<float>(T, D), Matrix<float>(T, D), {}, {}, {}, {}};
-  layer.forward(x, o.y);
+  layer.forward(x, o.y, tokens);
   moe::zero_grad(layer);
   layer.backward(dy, o.dx);
   layer.for_each_parameter([&](std::string_view, auto, auto grad) { o.grads.emplace_back(grad); });
@@ -32,8 +32,8 @@ Outputs run(Layer layer, int threads, Index T, Index D) {
 }
 
 template <class Make>
-void require_thread_independent(Make make, Index T, Index D) {
-  const Outputs one = run(make(), 1, T, D), two = run(make(), 2, T, D);
+void require_thread_independent(Make make, Index T, Index D, const moe::TokenInputs<float>& tokens = {}) {
+  const Outputs one = run(make(), 1, T, D, tokens), two = run(make(), 2, T, D, tokens);
   REQUIRE(one.slot_token == two.slot_token);
   REQUIRE(one.slot_weight == two.slot_weight);
   REQUIRE(one.losses == two.losses);  // per-block score sums, added in block order
@@ -137,4 +137,17 @@ TEST_CASE("1 and 2 threads give bit-identical expert-choice and transport-plan l
   require_thread_independent([&] {
     return moe::MoELayer(moe::make_sparsity_constrained_ec_router<float>(D, E, 1.0), moe::FFNExperts<float>(E, D, H));
   }, 1000, D);
+}
+
+TEST_CASE("1 and 2 threads give bit-identical dynamic-k layers (top-p, XMoE threshold, per-token k)", "[threads][dynamic_k]") {
+  // many gating blocks: each block packs its tokens' picks at its own place, finish compacts them
+  const Index T = 5000, D = 32, E = 16, H = 24;
+  std::vector<float> importance(static_cast<std::size_t>(T));
+  std::vector<std::uint8_t> valid(static_cast<std::size_t>(T), 1);
+  for (Index t = 0; t < T; ++t) importance[std::size_t(t)] = float((t * 7) % 11);
+  for (Index t = 0; t < T; t += 13) valid[std::size_t(t)] = 0;
+  const moe::TokenInputs<float> tokens{.valid = valid, .importance = importance};
+  require_thread_independent([&] { return moe::MoELayer(moe::make_top_p_router<float>(D, E, 0.4f), moe::FFNExperts<float>(E, D, H)); }, T, D, tokens);
+  require_thread_independent([&] { return moe::MoELayer(moe::make_xmoe_threshold_router<float>(D, E, 0.9, 0.5), moe::FFNExperts<float>(E, D, H)); }, T, D, tokens);
+  require_thread_independent([&] { return moe::MoELayer(moe::make_dynamic_k_router<float>(D, E, 4, 0.8), moe::FFNExperts<float>(E, D, H)); }, T, D, tokens);
 }

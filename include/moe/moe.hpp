@@ -22,6 +22,7 @@
 #include "moe/kernels/small_logits.hpp"
 #include "moe/kernels/softmax.hpp"
 #include "moe/kernels/top_k.hpp"
+#include "moe/kernels/top_p.hpp"
 #include "moe/kernels/transcendental.hpp"
 
 #include "moe/scorers/linear.hpp"
@@ -38,12 +39,15 @@
 #include "moe/selectors/group_limited.hpp"
 #include "moe/selectors/expert_choice.hpp"
 #include "moe/selectors/sparsity_constrained.hpp"
+#include "moe/selectors/top_p.hpp"
+#include "moe/selectors/dynamic_k.hpp"
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/z_loss.hpp"
 #include "moe/losses/normalized_balance.hpp"
 #include "moe/losses/cv_squared.hpp"
 #include "moe/losses/importance.hpp"
 #include "moe/losses/noisy_load.hpp"
+#include "moe/losses/entropy.hpp"
 
 #include "moe/router.hpp"
 #include "moe/presets.hpp"

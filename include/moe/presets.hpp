@@ -9,6 +9,7 @@
 #include "moe/gates/sinkhorn.hpp"
 #include "moe/gates/sigmoid.hpp"
 #include "moe/gates/softmax.hpp"
+#include "moe/losses/entropy.hpp"
 #include "moe/losses/importance.hpp"
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/normalized_balance.hpp"
@@ -18,10 +19,12 @@
 #include "moe/scorers/cosine.hpp"
 #include "moe/scorers/linear.hpp"
 #include "moe/scorers/noisy_linear.hpp"
+#include "moe/selectors/dynamic_k.hpp"
 #include "moe/selectors/expert_choice.hpp"
 #include "moe/selectors/group_limited.hpp"
 #include "moe/selectors/sparsity_constrained.hpp"
 #include "moe/selectors/top_k.hpp"
+#include "moe/selectors/top_p.hpp"
 
 namespace moe {
 
@@ -245,83 +248,8 @@ BPRRouter<S> make_bpr_router(Index dim, Index experts = 32, Index k = 2, double 
           ImportanceLoss<S>(S(0.005), {.source = ImportanceSource::clean_softmax, .cv = CVSquared::vmoe})};
 }
 
-
-// Expert choice (Zhou et al. 2022, arXiv 2202.09368) as vmoe's NoisyTopItemsPerExpertRouter:
-// noise N(0, (1/E)^2) on the logits in training, softmax of the noisy logits, each expert takes
-// its top C = ceil(cf T / E) tokens, rounded up to a multiple of 4, ties to the lower token, slots
-// by descending score, the score as the combine weight, no auxiliary loss.
-template <scalar S>
-using ExpertChoiceRouter = Router<NoisyLinearScorer<S>, SoftmaxGate<S>, ExpertChoiceSelector<S>>;
-
-// Which side chooses: tokens their top k experts, or experts their top C tokens.
-enum class Choice { token, expert };
-
-// Sinkhorn routing ("Routers in Vision MoE", Liu et al. 2024, arXiv 2401.15969), as vmoe's
-// KLProjectionNoisyTopExpertsPerItemRouter (Choice::token) and
-// KLProjectionNoisyTopItemsPerExpertRouter (Choice::expert): the noisy logits of V-MoE, a
-// balanced plan by 20 Sinkhorn rounds (ott-jax, epsilon 1), the top k experts per token
-// (capacity as V-MoE's, first choices first) or the top C tokens per expert of the plan, the
-// softmax as combine weights, no auxiliary loss. make_sbase_router gives Megatron's S-BASE.
-template <scalar S, Choice mode = Choice::token>
-using SinkhornRouter = Router<NoisyLinearScorer<S>, SinkhornGate<S>,
-                              std::conditional_t<mode == Choice::token, TopKSelector<S>, ExpertChoiceSelector<S>>>;
-
-// Sparsity-constrained expert choice ("Routers in Vision MoE") as vmoe's
-// KSparseProjectionTransportTopItemsPerExpertRouter: softmax scores (no noise), each expert takes
-// its top C tokens of the C-sparse transport plan of the scores (C = ceil(cf T / E) up to a
-// multiple of 4), the softmax as combine weights, no auxiliary loss.
-template <scalar S>
-using SparsityConstrainedECRouter = Router<LinearScorer<S>, SoftmaxGate<S>, SparsityConstrainedECSelector<S>>;
-
-// cf is vmoe's capacity_factor of expert choice, the paper's c (EC-CF2: 2).
-template <scalar S>
-ExpertChoiceRouter<S> make_expert_choice_router(Index dim, Index experts, double capacity_factor = 2.0,
-                                                double noise_std = 1.0, std::uint64_t seed = 0) {
-  return {NoisyLinearScorer<S>(dim, experts, {.scale = NoiseScale::fixed, .noise_std = noise_std, .seed = seed,
-                                              .draws = {.seed = seed}}),
-          SoftmaxGate<S>{}, ExpertChoiceSelector<S>({.capacity = {.factor = capacity_factor}})};
-}
-
-// Both modes take the same k and cf: token choice has C = ceil(k cf T / E) slots per expert as
-// V-MoE, and expert choice the same C (vmoe's expert-choice capacity_factor k cf), so the two
-// compare at equal compute as in the paper.
-template <scalar S, Choice mode = Choice::token>
-SinkhornRouter<S, mode> make_sinkhorn_router(Index dim, Index experts = 32, Index k = 2, double capacity_factor = 1.05,
-                                             double noise_std = 1.0, std::uint64_t seed = 0) {
-  NoisyLinearScorer<S> scorer(dim, experts, {.scale = NoiseScale::fixed, .noise_std = noise_std, .seed = seed,
-                                             .draws = {.seed = seed}});
-  if constexpr (mode == Choice::token) {
-    return {std::move(scorer), SinkhornGate<S>{},
-            TopKSelector<S>(k, {.weighting = Weighting::raw, .capacity = detail::vmoe_capacity(capacity_factor, false)})};
-  } else {
-    detail::require<config_error>(k >= 1, "make_sinkhorn_router", "k", k, "k >= 1");
-    return {std::move(scorer), SinkhornGate<S>{},
-            ExpertChoiceSelector<S>({.capacity = {.factor = double(k) * capacity_factor}})};
-  }
-}
-
-// S-BASE (Clark et al. 2022, arXiv 2202.01169) as Megatron-Core's load_balancing_type "sinkhorn":
-// in training the top k experts of its Sinkhorn plan (run until the column scaling changes by at
-// most 1e-4 on average), in evaluation of the scores; weights the sigmoid (k = 1) or the softmax
-// of the logits, not renormalised; dropless; no auxiliary loss (Megatron requires its
-// coefficient to be 0); padding routed, and planned, as Megatron does it.
-template <scalar S>
-SinkhornRouter<S, Choice::token> make_sbase_router(Index dim, Index experts, Index k = 2, std::uint64_t seed = 0,
-                                                  Padding padding = Padding::megatron) {
-  return {NoisyLinearScorer<S>(dim, experts, {.scale = NoiseScale::fixed, .noise_std = 0.0, .seed = seed}),
-          SinkhornGate<S>({.form = SinkhornForm::megatron,
-                           .scores = k == 1 ? SinkhornScores::sigmoid : SinkhornScores::softmax,
-                           .plan_padding = padding == Padding::megatron}),
-          TopKSelector<S>(k, {.weighting = Weighting::raw, .padding = padding})};
-}
-
-// cf is vmoe's capacity_factor: C = ceil(cf T / E) up to a multiple of 4, also the plan's
-// non-zeros per expert.
-template <scalar S>
-SparsityConstrainedECRouter<S> make_sparsity_constrained_ec_router(Index dim, Index experts, double capacity_factor = 2.0,
-                                                                   std::uint64_t seed = 0) {
-  return {LinearScorer<S>(dim, experts, {.bias = false, .init_scale = 1.0, .seed = seed}), SoftmaxGate<S>{},
-          SparsityConstrainedECSelector<S>({.capacity = {.factor = capacity_factor}})};
+#include "moe/selectors/dynamic_k.hpp"
+#include "moe/selectors/expert_choice.hpp"
 }
 
 }  // namespace moe

@@ -168,6 +168,24 @@ double experts_per_token(const SparseRouting<S>& r) {
   return double(r.num_choices() - r.num_dropped()) / double(r.num_valid_tokens);
 }
 
+// How many experts process each token, as a histogram of E + 1 bins: bin n counts the tokens
+// with n kept choices (bin 0: no expert processed the token: masked, or every choice dropped).
+// Over the tokens `valid` marks real (all tokens when it is empty); dynamic-k routers fill
+// several bins, top-k routers without drops only bin k.
+template <class S>
+std::vector<Index> experts_per_token_histogram(const SparseRouting<S>& r, std::span<const std::uint8_t> valid = {}) {
+  detail::require<shape_error>(valid.empty() || Index(valid.size()) == r.num_tokens, "experts_per_token_histogram",
+                               "valid", valid.size(), "length 0 (absent) or the number of tokens");
+  std::vector<Index> bins(static_cast<std::size_t>(r.num_experts + 1), 0);
+  for (Index t = 0; t < r.num_tokens; ++t) {
+    if (!valid.empty() && !valid[static_cast<std::size_t>(t)]) continue;
+    Index kept = 0;
+    for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c) kept += r.choice_slot[c] >= 0;
+    ++bins[static_cast<std::size_t>(std::min(kept, r.num_experts))];
+  }
+  return bins;
+}
+
 // Mean entropy (nats) of the router's per-token distributions over the valid tokens.
 template <class S>
 double router_entropy(MatrixIn<S> probs, std::span<const std::uint8_t> valid = {}) {

@@ -53,6 +53,9 @@ struct TokenInputs {
   std::span<const S> uniform{};         // [T, E] uniform (0, 1): random token selection
   std::span<const S> second_uniform{};  // [T] uniform (0, 1): fairseq's random second expert
   std::span<const S> jitter{};          // [T, D] uniform (0, 1): multiplicative input jitter
+  // [T] how important each token is, finite and >= 0: DynamicKSelector gives the more important
+  // tokens more experts (DA-MoE takes it from the attention a token receives).
+  std::span<const S> importance{};
   // The batch row of this view's first token: rows() sets it, so a policy that sees a block
   // keys its generated draws by the token's place in the batch.
   Index first = 0;
@@ -70,6 +73,7 @@ struct TokenInputs {
             .uniform = part(uniform, from * experts, count * experts),
             .second_uniform = part(second_uniform, from, count),
             .jitter = {},
+            .importance = part(importance, from, count),
             .first = first + from};
   }
 };

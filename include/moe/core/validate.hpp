@@ -37,6 +37,13 @@ void check_tokens(std::string_view where, const TokenInputs<S>& in, Index tokens
   check("tokens.uniform", in.uniform.size(), tokens * experts);
   check("tokens.second_uniform", in.second_uniform.size(), tokens);
   if (dim >= 0) check("tokens.jitter", in.jitter.size(), tokens * dim);
+  check("tokens.importance", in.importance.size(), tokens);
+  for (std::size_t t = 0; t < in.importance.size(); ++t)
+    if (!(std::isfinite(in.importance[t]) && in.importance[t] >= 0)) {  // the message only on failure
+      std::ostringstream value;
+      value << in.importance[t] << " at token " << t;
+      fail<value_error>(where, "tokens.importance", value.str(), "every entry finite and >= 0");
+    }
 }
 
 // NaN or Inf in a matrix the routing depends on; m may be the block of rows starting at first_row.

@@ -35,6 +35,9 @@ enum class OverflowOrder {
   random,          // highest U(0, 1) draw first, per (token, expert): random token selection
                    // (DeepSpeed top1gating's use_rts); first come (rank_major) when the
                    // selector's draws are off
+  rank_major_by_score,  // all first choices, then all second choices, ..., each rank by
+                        // decreasing gate score, ties to the lower token (XMoE threshold gating's
+                        // per-expert importance K - rank + score)
 };
 
 // Position of a kept token inside its expert's buffer (the output y does not depend on it).
@@ -69,12 +72,19 @@ struct Capacity {
 
   // C for `tokens` real tokens, `experts` experts and k choices per token; -1 when dropless.
   Index slots(Index tokens, Index experts, Index k, std::string_view where) const {
-    MOE_ASSERT(experts >= 1 && k >= 1);
+    MOE_ASSERT(k >= 1);
+    return slots_for_choices(tokens, tokens * k, experts, where);
+  }
+
+  // The same when the tokens hold `choices` choices in all, however many each (dynamic k):
+  // times_k then counts the choices, sum_t k_t, in place of T k.
+  Index slots_for_choices(Index tokens, Index choices, Index experts, std::string_view where) const {
+    MOE_ASSERT(experts >= 1 && choices >= 0);
     if (!factor) return -1;
     if (tokens == 0) return 0;
     // More slots than choices can never fill; the clamp also keeps the conversion defined.
-    const double choices = double(tokens) * double(k);
-    const double base = std::min(choices, double(tokens) * double(times_k ? k : 1) * *factor / double(experts));
+    const double all = double(choices);
+    const double base = std::min(all, (times_k ? all : double(tokens)) * *factor / double(experts));
     // round = half to even (nearbyint), as Python's round() in flaxformer/vmoe
     return round_slots(base, rounding, minimum, multiple_of, *factor, tokens, experts, where);
   }

@@ -20,18 +20,12 @@
 #include "moe/kernels/slot_assignment.hpp"
 #include "moe/kernels/top_k.hpp"
 #include "moe/selectors/capacity.hpp"
+#include "moe/selectors/weighting.hpp"
 
 namespace moe {
 
 // k chosen at run time (TopKSelector<S>) instead of compile time (TopKSelector<S, 2>).
 inline constexpr int dynamic_k = 0;
-
-enum class Weighting {
-  raw,                      // the gate score itself (Switch, DeepSpeed top-1, flaxformer, vmoe)
-  renormalize_before_drop,  // over the k choices, then zeroed if dropped (GShard paper, Megatron)
-  renormalize_after_drop,   // over the surviving choices (fairseq/DeepSpeed top-2, DeepSpeed top-k)
-  softmax_of_kept_logits,   // softmax over the k chosen logits (Shazeer KeepTopK, Mixtral)
-};
 
 // What happens to a token's second choice before capacity (k = 2).
 enum class SecondExpert {
@@ -217,60 +211,28 @@ public:
     // The slots hold the pre-drop weights. Renormalised after the drop, they differ only for a
     // token that lost some but not all of its choices: its survivors share the weight again.
     if (opt_.weighting != Weighting::renormalize_after_drop || k_ == 1) return;
-    for (Index c = 0; c < r.num_choices(); ++c) {
-      if (r.choice_slot[c] >= 0) continue;
-      const Index t = choice_token_[c], lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
-      S kept = 0;
-      for (Index i = lo; i < hi; ++i)
-        if (r.choice_slot[i] >= 0) kept += choice_score_[i];
-      const S z = std::max(kept, floor());
-      for (Index i = lo; i < hi; ++i)
-        if (const auto s = r.choice_slot[i]; s >= 0) r.slot_weight[s] = S(opt_.scale) * (choice_score_[i] / z);
-    }
+    detail::renormalize_survivors<S>(r, choice_token_, choice_score_, S(opt_.scale));
   }
 
   // d(slot weights) -> d(scores) and, for softmax_of_kept_logits, d(logits); both accumulated.
   void backward(const SelectorInput<S>& in, const routing_type& r, std::span<const S> dslot_weight,
                 MatrixOut<S> dscores, MatrixOut<S> dlogits) {
     const S scale = S(opt_.scale);
+    if (opt_.weighting != Weighting::softmax_of_kept_logits)
+      return detail::add_weighting_gradient<S>(opt_.weighting, scale, in.scores, r, dslot_weight, dscores);
     for (Index t = 0; t < r.num_tokens; ++t) {
       const Index lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
       const auto dw = [&](Index c) { return r.choice_slot[c] >= 0 ? dslot_weight[r.choice_slot[c]] : S(0); };
-      const auto p = [&](Index c) { return in.scores(t, r.choice_expert[c]); };
-      switch (opt_.weighting) {
-        case Weighting::raw:
-          for (Index c = lo; c < hi; ++c) dscores(t, r.choice_expert[c]) += scale * dw(c);
-          break;
-        case Weighting::renormalize_before_drop:
-        case Weighting::renormalize_after_drop: {
-          const bool after = opt_.weighting == Weighting::renormalize_after_drop;
-          S z = 0, inner = 0;  // w_c = scale p_c / max(z, floor) for the kept c
-          for (Index c = lo; c < hi; ++c) {
-            if (!after || r.choice_slot[c] >= 0) z += p(c);
-            inner += dw(c) * p(c);
-          }
-          const bool clamped = z < floor();
-          const S zc = clamped ? floor() : z;
-          for (Index c = lo; c < hi; ++c) {
-            S g = dw(c) / zc;
-            if (!clamped && (!after || r.choice_slot[c] >= 0)) g -= inner / (zc * zc);
-            dscores(t, r.choice_expert[c]) += scale * g;
-          }
-          break;
-        }
-        case Weighting::softmax_of_kept_logits: {
-          S inner = 0;  // q_c = pre_weight / scale, recomputed from the logits
-          const S top = max_logit(in, r, t);
-          S sum = 0;
-          for (Index c = lo; c < hi; ++c) sum += std::exp(in.logits(t, r.choice_expert[c]) - top);
-          for (Index c = lo; c < hi; ++c)
-            inner += dw(c) * std::exp(in.logits(t, r.choice_expert[c]) - top) / sum;
-          for (Index c = lo; c < hi; ++c) {
-            const S q = std::exp(in.logits(t, r.choice_expert[c]) - top) / sum;
-            dlogits(t, r.choice_expert[c]) += scale * q * (dw(c) - inner);
-          }
-          break;
-        }
+      // softmax_of_kept_logits: q_c = pre_weight / scale, recomputed from the logits
+      S inner = 0;
+      const S top = max_logit(in, r, t);
+      S sum = 0;
+      for (Index c = lo; c < hi; ++c) sum += std::exp(in.logits(t, r.choice_expert[c]) - top);
+      for (Index c = lo; c < hi; ++c)
+        inner += dw(c) * std::exp(in.logits(t, r.choice_expert[c]) - top) / sum;
+      for (Index c = lo; c < hi; ++c) {
+        const S q = std::exp(in.logits(t, r.choice_expert[c]) - top) / sum;
+        dlogits(t, r.choice_expert[c]) += scale * q * (dw(c) - inner);
       }
     }
   }
@@ -311,7 +273,7 @@ private:
   }
 
   // fairseq/DeepSpeed clamp the renormalisation denominator at float epsilon.
-  static constexpr S floor() { return S(std::numeric_limits<float>::epsilon()); }
+  static constexpr S floor() { return detail::weight_floor<S>(); }
 
   void validate(const TokenInputs<S>& in, Index tokens, Index experts) const {
     check_k(experts);
@@ -386,6 +348,14 @@ private:
         }
         break;
       }
+      case OverflowOrder::rank_major_by_score:  // choice c = token's first + rank
+        std::iota(order_.begin(), order_.end(), 0);
+        std::sort(order_.begin(), order_.end(), [&](auto a, auto b) {
+          const auto ra = a % k_, rb = b % k_;
+          if (ra != rb) return ra < rb;
+          return choice_score_[a] != choice_score_[b] ? choice_score_[a] > choice_score_[b] : a < b;
+        });
+        break;
       case OverflowOrder::by_score:
         std::iota(order_.begin(), order_.end(), 0);
         std::sort(order_.begin(), order_.end(), [&](auto a, auto b) {

@@ -1,0 +1,80 @@
+#pragma once
+// Combine weights of the token-choice selectors (docs/selectors.md, Weighting): the rules, and
+// the parts every token-choice selector shares whatever the number of choices of a token (fixed
+// k, top-p, per-token k): the renormalisation of a token's survivors after capacity dropped some
+// of its choices, and the gradient of the score-based rules.
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <span>
+
+#include "moe/core/tensor.hpp"
+#include "moe/routing.hpp"
+
+namespace moe {
+
+enum class Weighting {
+  raw,                      // the gate score itself (Switch, DeepSpeed top-1, flaxformer, vmoe)
+  renormalize_before_drop,  // over the k choices, then zeroed if dropped (GShard paper, Megatron)
+  renormalize_after_drop,   // over the surviving choices (fairseq/DeepSpeed top-2, DeepSpeed top-k)
+  softmax_of_kept_logits,   // softmax over the k chosen logits (Shazeer KeepTopK, Mixtral)
+};
+
+namespace detail {
+
+// fairseq/DeepSpeed clamp the renormalisation denominator at float epsilon (for double too).
+template <class S>
+constexpr S weight_floor() {
+  return S(std::numeric_limits<float>::epsilon());
+}
+
+// Weighting::renormalize_after_drop once the slots are known: a token that lost some but not all
+// of its choices gives its survivors scale * p / (sum of the survivors' p) again. choice_score
+// holds each choice's gate score, in the routing's choice order.
+template <class S>
+void renormalize_survivors(SparseRouting<S>& r, std::span<const std::int32_t> choice_token,
+                           std::span<const S> choice_score, S scale) {
+  for (Index c = 0; c < r.num_choices(); ++c) {
+    if (r.choice_slot[c] >= 0) continue;
+    const Index t = choice_token[c], lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
+    S kept = 0;
+    for (Index i = lo; i < hi; ++i)
+      if (r.choice_slot[i] >= 0) kept += choice_score[i];
+    const S z = std::max(kept, weight_floor<S>());
+    for (Index i = lo; i < hi; ++i)
+      if (const auto s = r.choice_slot[i]; s >= 0) r.slot_weight[s] = scale * (choice_score[i] / z);
+  }
+}
+
+// d(slot weights) -> d(scores) for the weightings that are functions of the scores (raw and the
+// two renormalisations), any number of choices per token; accumulated into dscores.
+template <class S>
+void add_weighting_gradient(Weighting weighting, S scale, MatrixIn<S> scores, const SparseRouting<S>& r,
+                            std::span<const S> dslot_weight, MatrixOut<S> dscores) {
+  MOE_ASSERT(weighting != Weighting::softmax_of_kept_logits);
+  const bool after = weighting == Weighting::renormalize_after_drop;
+  for (Index t = 0; t < r.num_tokens; ++t) {
+    const Index lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
+    const auto dw = [&](Index c) { return r.choice_slot[c] >= 0 ? dslot_weight[r.choice_slot[c]] : S(0); };
+    if (weighting == Weighting::raw) {
+      for (Index c = lo; c < hi; ++c) dscores(t, r.choice_expert[c]) += scale * dw(c);
+      continue;
+    }
+    S z = 0, inner = 0;  // w_c = scale p_c / max(z, floor) for the kept c
+    for (Index c = lo; c < hi; ++c) {
+      const S p = scores(t, r.choice_expert[c]);
+      if (!after || r.choice_slot[c] >= 0) z += p;
+      inner += dw(c) * p;
+    }
+    const bool clamped = z < weight_floor<S>();
+    const S zc = clamped ? weight_floor<S>() : z;
+    for (Index c = lo; c < hi; ++c) {
+      S g = dw(c) / zc;
+      if (!clamped && (!after || r.choice_slot[c] >= 0)) g -= inner / (zc * zc);
+      dscores(t, r.choice_expert[c]) += scale * g;
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace moe
