@@ -248,8 +248,146 @@ BPRRouter<S> make_bpr_router(Index dim, Index experts = 32, Index k = 2, double 
           ImportanceLoss<S>(S(0.005), {.source = ImportanceSource::clean_softmax, .cv = CVSquared::vmoe})};
 }
 
-#include "moe/selectors/dynamic_k.hpp"
-#include "moe/selectors/expert_choice.hpp"
+
+// Expert choice (Zhou et al. 2022, arXiv 2202.09368) as vmoe's NoisyTopItemsPerExpertRouter:
+// noise N(0, (1/E)^2) on the logits in training, softmax of the noisy logits, each expert takes
+// its top C = ceil(cf T / E) tokens, rounded up to a multiple of 4, ties to the lower token, slots
+// by descending score, the score as the combine weight, no auxiliary loss.
+template <scalar S>
+using ExpertChoiceRouter = Router<NoisyLinearScorer<S>, SoftmaxGate<S>, ExpertChoiceSelector<S>>;
+
+// Which side chooses: tokens their top k experts, or experts their top C tokens.
+enum class Choice { token, expert };
+
+// Sinkhorn routing ("Routers in Vision MoE", Liu et al. 2024, arXiv 2401.15969), as vmoe's
+// KLProjectionNoisyTopExpertsPerItemRouter (Choice::token) and
+// KLProjectionNoisyTopItemsPerExpertRouter (Choice::expert): the noisy logits of V-MoE, a
+// balanced plan by 20 Sinkhorn rounds (ott-jax, epsilon 1), the top k experts per token
+// (capacity as V-MoE's, first choices first) or the top C tokens per expert of the plan, the
+// softmax as combine weights, no auxiliary loss. make_sbase_router gives Megatron's S-BASE.
+template <scalar S, Choice mode = Choice::token>
+using SinkhornRouter = Router<NoisyLinearScorer<S>, SinkhornGate<S>,
+                              std::conditional_t<mode == Choice::token, TopKSelector<S>, ExpertChoiceSelector<S>>>;
+
+// Sparsity-constrained expert choice ("Routers in Vision MoE") as vmoe's
+// KSparseProjectionTransportTopItemsPerExpertRouter: softmax scores (no noise), each expert takes
+// its top C tokens of the C-sparse transport plan of the scores (C = ceil(cf T / E) up to a
+// multiple of 4), the softmax as combine weights, no auxiliary loss.
+template <scalar S>
+using SparsityConstrainedECRouter = Router<LinearScorer<S>, SoftmaxGate<S>, SparsityConstrainedECSelector<S>>;
+
+// cf is vmoe's capacity_factor of expert choice, the paper's c (EC-CF2: 2).
+template <scalar S>
+ExpertChoiceRouter<S> make_expert_choice_router(Index dim, Index experts, double capacity_factor = 2.0,
+                                                double noise_std = 1.0, std::uint64_t seed = 0) {
+  return {NoisyLinearScorer<S>(dim, experts, {.scale = NoiseScale::fixed, .noise_std = noise_std, .seed = seed,
+                                              .draws = {.seed = seed}}),
+          SoftmaxGate<S>{}, ExpertChoiceSelector<S>({.capacity = {.factor = capacity_factor}})};
+}
+
+// Both modes take the same k and cf: token choice has C = ceil(k cf T / E) slots per expert as
+// V-MoE, and expert choice the same C (vmoe's expert-choice capacity_factor k cf), so the two
+// compare at equal compute as in the paper.
+template <scalar S, Choice mode = Choice::token>
+SinkhornRouter<S, mode> make_sinkhorn_router(Index dim, Index experts = 32, Index k = 2, double capacity_factor = 1.05,
+                                             double noise_std = 1.0, std::uint64_t seed = 0) {
+  NoisyLinearScorer<S> scorer(dim, experts, {.scale = NoiseScale::fixed, .noise_std = noise_std, .seed = seed,
+                                             .draws = {.seed = seed}});
+  if constexpr (mode == Choice::token) {
+    return {std::move(scorer), SinkhornGate<S>{},
+            TopKSelector<S>(k, {.weighting = Weighting::raw, .capacity = detail::vmoe_capacity(capacity_factor, false)})};
+  } else {
+    detail::require<config_error>(k >= 1, "make_sinkhorn_router", "k", k, "k >= 1");
+    return {std::move(scorer), SinkhornGate<S>{},
+            ExpertChoiceSelector<S>({.capacity = {.factor = double(k) * capacity_factor}})};
+  }
+}
+
+// S-BASE (Clark et al. 2022, arXiv 2202.01169) as Megatron-Core's load_balancing_type "sinkhorn":
+// in training the top k experts of its Sinkhorn plan (run until the column scaling changes by at
+// most 1e-4 on average), in evaluation of the scores; weights the sigmoid (k = 1) or the softmax
+// of the logits, not renormalised; dropless; no auxiliary loss (Megatron requires its
+// coefficient to be 0); padding routed, and planned, as Megatron does it.
+template <scalar S>
+SinkhornRouter<S, Choice::token> make_sbase_router(Index dim, Index experts, Index k = 2, std::uint64_t seed = 0,
+                                                  Padding padding = Padding::megatron) {
+  return {NoisyLinearScorer<S>(dim, experts, {.scale = NoiseScale::fixed, .noise_std = 0.0, .seed = seed}),
+          SinkhornGate<S>({.form = SinkhornForm::megatron,
+                           .scores = k == 1 ? SinkhornScores::sigmoid : SinkhornScores::softmax,
+                           .plan_padding = padding == Padding::megatron}),
+          TopKSelector<S>(k, {.weighting = Weighting::raw, .padding = padding})};
+}
+
+// cf is vmoe's capacity_factor: C = ceil(cf T / E) up to a multiple of 4, also the plan's
+// non-zeros per expert.
+template <scalar S>
+SparsityConstrainedECRouter<S> make_sparsity_constrained_ec_router(Index dim, Index experts, double capacity_factor = 2.0,
+                                                                   std::uint64_t seed = 0) {
+  return {LinearScorer<S>(dim, experts, {.bias = false, .init_scale = 1.0, .seed = seed}), SoftmaxGate<S>{},
+          SparsityConstrainedECSelector<S>({.capacity = {.factor = capacity_factor}})};
+}
+
+// ---- dynamic k (docs/routers.md, TopPRouter, XMoEThresholdRouter, DynamicKRouter) -------------
+
+// Top-p routing (Huang et al., "Harder Tasks Need More Experts", ACL 2024) as ZhenweiAn/Dynamic_MoE
+// routes: softmax, experts by descending probability until the cumulative probability exceeds
+// p = 0.4 (the crossing expert included), weight = the raw probability, dropless; the paper's
+// training losses: a Switch-style balance loss over the dynamic assignments (1e-2) and the
+// entropy ("dynamic") loss (1e-4).
+template <scalar S>
+using TopPRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopPSelector<S>, LoadBalanceLoss<S>, EntropyLoss<S>>;
+
+// XMoE's threshold gating (Yang et al., "XMoE: Sparse Models with Fine-grained and Adaptive
+// Expert Selection", 2024) as ysngki/XMoE's main_thresholdGating: an expert is taken while the
+// mass before it is below the threshold 0.9, capacity max(ceil(cf T / E), min_capacity) (cf 8,
+// minimum 4 in its run script), first choices before second ones and, within a rank, higher
+// probability first; raw weights; balance loss from first choices (0.01).
+template <scalar S>
+using XMoEThresholdRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopPSelector<S>, LoadBalanceLoss<S>>;
+
+// Per-token k (DA-MoE, Aghdam, Jin, Wu 2024): token t takes its top k_t experts, k_t =
+// clamp(ceil(k_max I_t / max I), 1, k_max) from the importance in TokenInputs::importance; Switch
+// conventions otherwise: raw weights, capacity ceil(cf sum_t k_t / E), first choices first,
+// balance loss normalised by the mean k.
+template <scalar S>
+using DynamicKRouter = Router<LinearScorer<S>, SoftmaxGate<S>, DynamicKSelector<S>, LoadBalanceLoss<S>>;
+
+template <scalar S>
+TopPRouter<S> make_top_p_router(Index dim, Index experts, double p = 0.4, std::uint64_t seed = 0,
+                                Padding padding = Padding::excluded) {
+  return {LinearScorer<S>(dim, experts, {.bias = false, .seed = seed}), SoftmaxGate<S>{},
+          TopPSelector<S>({.p = p, .boundary = TopPBoundary::exceeds, .weighting = Weighting::raw, .padding = padding}),
+          LoadBalanceLoss<S>(BalanceNorm::flaxformer, S(1e-2), padding), EntropyLoss<S>(S(1e-4))};
+}
+
+template <scalar S>
+XMoEThresholdRouter<S> make_xmoe_threshold_router(Index dim, Index experts, double threshold = 0.9,
+                                                  double capacity_factor = 8.0, Index min_capacity = 4,
+                                                  std::uint64_t seed = 0) {
+  return {LinearScorer<S>(dim, experts, {.bias = false, .seed = seed}), SoftmaxGate<S>{},
+          TopPSelector<S>({.p = threshold,
+                           .boundary = TopPBoundary::reaches,
+                           .weighting = Weighting::raw,
+                           .capacity = {.factor = capacity_factor,
+                                        .times_k = false,
+                                        .minimum = min_capacity,
+                                        .overflow = OverflowOrder::rank_major_by_score,
+                                        .slot_order = SlotOrder::priority}}),
+          LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2))};
+}
+
+// capacity_factor = std::nullopt: dropless.
+template <scalar S>
+DynamicKRouter<S> make_dynamic_k_router(Index dim, Index experts, Index k_max = 4,
+                                        std::optional<double> capacity_factor = 1.25, std::uint64_t seed = 0,
+                                        Padding padding = Padding::excluded) {
+  return {LinearScorer<S>(dim, experts, {.bias = false, .seed = seed}), SoftmaxGate<S>{},
+          DynamicKSelector<S>(k_max, {.weighting = Weighting::raw,
+                                      .capacity = {.factor = capacity_factor,
+                                                   .overflow = OverflowOrder::rank_major,
+                                                   .slot_order = SlotOrder::priority},
+                                      .padding = padding}),
+          LoadBalanceLoss<S>(BalanceNorm::megatron, S(1e-2), padding)};
 }
 
 }  // namespace moe
