@@ -252,6 +252,10 @@ TEST_CASE("expert choice: slots in token order, a given C, and the tokens no exp
     none += taken[std::size_t(t)] == 0;
   }
   REQUIRE(none > 0);  // 20 slots over 30 tokens: some token is left out
+  // the statistics count them too: bin j of the histogram holds the tokens taken by j experts
+  const auto bins = moe::experts_per_token_histogram(r);
+  REQUIRE(bins[0] == none);
+  for (Index j = 1; j <= E; ++j) REQUIRE(bins[std::size_t(j)] == Index(std::count(taken.begin(), taken.end(), int(j))));
 }
 
 TEST_CASE("expert choice: T < C, T = 0, all padding, E = 1 and logits of +-1e3", "[expert_choice]") {
