@@ -47,12 +47,81 @@ S column_scaling(S mass, S sum) {
 // One round over the rows of K: each real row's scaling, mass / (<K_t, cols> + guard) kept
 // finite, into scale[t]; with `sums`, the scaled rows are added into sums (K^T scale) while the
 // row is in cache. Padding rows keep scale 0.
+// K = exp(logits - shift) on the real rows (padding rows 0); returns the largest real logit, so a
+// caller that finds it past exp's range redoes the pass with a shift.
+template <class S>
+S exp_rows(MatrixIn<S> logits, std::span<const std::uint8_t> valid, MatrixOut<S> K, S shift) {
+  const Index T = logits.rows(), E = logits.cols();
+  using B = Batch<S>;
+  constexpr Index W = Index(B::size);
+  B top(std::numeric_limits<S>::lowest());
+  S top_tail = std::numeric_limits<S>::lowest();
+  for (Index t = 0; t < T; ++t) {
+    S* out = K.row(t).data();
+    if (!row_valid(valid, t)) {
+      std::fill_n(out, E, S(0));
+      continue;
+    }
+    const S* in = logits.row(t).data();
+    Index e = 0;
+    for (; e + W <= E; e += W) {
+      const B x = B::load_unaligned(in + e);
+      top = xsimd::max(top, x);
+      exp_approx(x - B(shift)).store_unaligned(out + e);
+    }
+    for (; e < E; ++e) top_tail = std::max(top_tail, in[e]), out[e] = std::exp(in[e] - shift);
+  }
+  return std::max(reduce_max(top), top_tail);
+}
+
+// A row of exactly Chunks full registers: the column scalings and the sums stay in registers, and
+// a row's dot product is a tree over its chunks (short dependency chains).
+template <class S, int Chunks>
+void sinkhorn_round_registers(MatrixIn<S> K, std::span<const std::uint8_t> valid, const S* cols, S mass, S guard,
+                              S* scale, S* sums) {
+  using B = Batch<S>;
+  constexpr Index W = Index(B::size);
+  B c[Chunks], acc[Chunks];
+  MOE_UNROLL
+  for (int j = 0; j < Chunks; ++j) c[j] = B::load_unaligned(cols + j * W), acc[j] = B(S(0));
+  for (Index t = 0; t < K.rows(); ++t) {
+    if (!row_valid(valid, t)) continue;
+    const S* row = K.row(t).data();
+    B r[Chunks];
+    MOE_UNROLL
+    for (int j = 0; j < Chunks; ++j) r[j] = B::load_unaligned(row + j * W);
+    B p[Chunks];
+    MOE_UNROLL
+    for (int j = 0; j < Chunks; ++j) p[j] = r[j] * c[j];
+    MOE_UNROLL
+    for (int step = 1; step < Chunks; step *= 2)
+      MOE_UNROLL
+      for (int j = 0; j + step < Chunks; j += 2 * step) p[j] = p[j] + p[j + step];
+    const S st = column_scaling(mass, xsimd::hadd(p[0]) + guard);
+    scale[t] = st;
+    if (!sums) continue;
+    const B sb(st);
+    MOE_UNROLL
+    for (int j = 0; j < Chunks; ++j) acc[j] = xsimd::fma(sb, r[j], acc[j]);
+  }
+  if (sums)
+    MOE_UNROLL
+    for (int j = 0; j < Chunks; ++j) acc[j].store_unaligned(sums + j * W);
+}
+
 template <class S>
 void sinkhorn_round(MatrixIn<S> K, std::span<const std::uint8_t> valid, const S* cols, S mass, S guard, S* scale,
                     S* sums) {
   const Index T = K.rows(), E = K.cols();
   using B = Batch<S>;
   constexpr Index W = Index(B::size);
+  switch (E % W == 0 ? E / W : 0) {
+    case 1: return sinkhorn_round_registers<S, 1>(K, valid, cols, mass, guard, scale, sums);
+    case 2: return sinkhorn_round_registers<S, 2>(K, valid, cols, mass, guard, scale, sums);
+    case 4: return sinkhorn_round_registers<S, 4>(K, valid, cols, mass, guard, scale, sums);
+    case 8: return sinkhorn_round_registers<S, 8>(K, valid, cols, mass, guard, scale, sums);
+    default: break;
+  }
   if (sums) std::fill_n(sums, E, S(0));
   for (Index t = 0; t < T; ++t) {
     if (!row_valid(valid, t)) continue;
@@ -198,14 +267,8 @@ int sinkhorn_until(MatrixIn<S> logits, std::span<const std::uint8_t> valid, doub
   const Index T = logits.rows(), E = logits.cols();
   const Index n = detail::count_valid(valid, T);
   const S guard = S(1e-8), row_mass = S(1) / S(n), col_mass = S(1) / S(E);
-  S shift = 0;
-  for (Index t = 0; t < T; ++t)
-    if (detail::row_valid(valid, t)) shift = std::max(shift, logits.row(t).maxCoeff());
-  if (shift <= S(detail::exp_safe_limit<S>())) shift = 0;
-  for (Index t = 0; t < T; ++t) {
-    if (detail::row_valid(valid, t)) plan.row(t) = (logits.row(t).array() - shift).exp().matrix();
-    else plan.row(t).setZero();
-  }
+  if (const S top = detail::exp_rows<S>(logits, valid, plan, S(0)); top > S(detail::exp_safe_limit<S>()))
+    detail::exp_rows<S>(logits, valid, plan, top);
   scratch.size(T, E);
   S* const d0 = scratch.rows.data();
   using Row = Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>>;
