@@ -150,18 +150,24 @@ TEST_CASE("top-p boundary: a cumulative sum equal to p, exactly (powers of two)"
 }
 
 TEST_CASE("top-p kernel: SIMD rows equal the scalar twin", "[top_p][kernel]") {
-  for (const Index E : {Index(4), Index(8), Index(16), Index(24), Index(32), Index(64), Index(80)}) {
-    const Matrix<float> p = softmax_rows<float>(random_matrix<float>(64, E, 11, 3.0));
-    std::vector<std::int32_t> a(static_cast<std::size_t>(E)), b(static_cast<std::size_t>(E));
-    std::vector<float> va(static_cast<std::size_t>(E)), vb(static_cast<std::size_t>(E));
-    for (Index t = 0; t < p.rows(); ++t)
-      for (const bool reaches : {false, true})
-        for (const float mass : {0.2f, 0.4f, 0.9f, 1.0f}) {
-          const Index n = moe::kernels::top_p_row<float>(p.row(t).data(), E, mass, reaches, a.data(), va.data());
-          const Index m = moe::kernels::scalar::top_p_row<float>(p.row(t).data(), E, mass, reaches, b.data(), vb.data());
-          REQUIRE(n == m);
-          for (Index j = 0; j < n; ++j) REQUIRE((a[std::size_t(j)] == b[std::size_t(j)] && va[std::size_t(j)] == vb[std::size_t(j)]));
-        }
+  // E = 128 and 256 fill 8 and 16 registers (the wide path under AVX-512); the rounded logits
+  // tie, so equal maxima in different registers must go to the lower expert
+  for (const Index E : {Index(4), Index(8), Index(16), Index(24), Index(32), Index(64), Index(80), Index(128), Index(256)}) {
+    for (const bool tied : {false, true}) {
+      Matrix<float> l = random_matrix<float>(64, E, 11, 3.0);
+      if (tied) l = l.array().round().matrix();
+      const Matrix<float> p = softmax_rows<float>(l);
+      std::vector<std::int32_t> a(static_cast<std::size_t>(E)), b(static_cast<std::size_t>(E));
+      std::vector<float> va(static_cast<std::size_t>(E)), vb(static_cast<std::size_t>(E));
+      for (Index t = 0; t < p.rows(); ++t)
+        for (const bool reaches : {false, true})
+          for (const float mass : {0.2f, 0.4f, 0.9f, 1.0f}) {
+            const Index n = moe::kernels::top_p_row<float>(p.row(t).data(), E, mass, reaches, a.data(), va.data());
+            const Index m = moe::kernels::scalar::top_p_row<float>(p.row(t).data(), E, mass, reaches, b.data(), vb.data());
+            REQUIRE(n == m);
+            for (Index j = 0; j < n; ++j) REQUIRE((a[std::size_t(j)] == b[std::size_t(j)] && va[std::size_t(j)] == vb[std::size_t(j)]));
+          }
+    }
   }
 }
 

@@ -76,22 +76,60 @@ Index top_p_row_registers(const float* v, float mass, bool reaches, std::int32_t
   return n;
 }
 
+// Rows of 8 or 16 registers (E = 128 or 256 under AVX-512): the same picks, each found as the
+// first register holding the row maximum, then its first lane.
+template <class B, int Chunks>
+Index top_p_row_wide(const float* v, float mass, bool reaches, std::int32_t* out, float* picked) {
+  constexpr Index w = Index(B::size), n = Chunks * w;
+  constexpr float lowest = -std::numeric_limits<float>::infinity();
+  const B knocked(lowest);
+  B chunk[Chunks];
+  MOE_UNROLL
+  for (int c = 0; c < Chunks; ++c) chunk[c] = B::load_unaligned(v + c * w);
+  float sum = 0;
+  for (Index count = 0; count < n;) {
+    B best = chunk[0];
+    MOE_UNROLL
+    for (int c = 1; c < Chunks; ++c) best = xsimd::max(best, chunk[c]);
+    const B top = broadcast_max(best);
+    const float value = top.get(0);
+    if (value == lowest) return -1;
+    int at = 0;
+    std::uint64_t bits = 0;
+    for (; at < Chunks; ++at)
+      if ((bits = mask_bits(chunk[at] == top)) != 0) break;
+    out[count] = std::int32_t(Index(at) * w + std::countr_zero(bits));
+    picked[count++] = value;
+    sum += value;
+    if (reaches ? sum >= mass : sum > mass) return count;
+    const std::uint64_t pick = bits & (~bits + 1);
+    MOE_UNROLL
+    for (int c = 0; c < Chunks; ++c) chunk[c] = xsimd::select(lane_mask<B>(c == at ? pick : 0), knocked, chunk[c]);
+  }
+  return n;
+}
+
 template <class B>
 Index top_p_row(const float* v, Index n, float mass, bool reaches, std::int32_t* out, float* picked) {
   constexpr Index w = Index(B::size);
   Index count = -1;
-  switch (n % w == 0 && n <= 64 ? n / w : 0) {
+  switch (n % w == 0 && n <= 16 * w ? n / w : 0) {
     case 1: count = top_p_row_registers<B, 1>(v, mass, reaches, out, picked); break;
     case 2: count = top_p_row_registers<B, 2>(v, mass, reaches, out, picked); break;
     case 4: count = top_p_row_registers<B, 4>(v, mass, reaches, out, picked); break;
+    case 8:
+      if constexpr (w * 8 <= 64) count = top_p_row_registers<B, 8>(v, mass, reaches, out, picked);
+      else count = top_p_row_wide<B, 8>(v, mass, reaches, out, picked);
+      break;
+    case 16: count = top_p_row_wide<B, 16>(v, mass, reaches, out, picked); break;
     default: break;
   }
   return count >= 0 ? count : scalar::top_p_row(v, n, mass, reaches, out, picked);
 }
 }  // namespace detail
 
-// SIMD for float rows that fill whole registers (E = 4, 8, 16, 32, 64 with AVX-512); the twin
-// serves every other row and double.
+// SIMD for float rows that fill 1, 2, 4, 8 or 16 whole registers (E = 16 to 256 with AVX-512,
+// narrower batches below 16); the twin serves every other row and double.
 template <class S>
 Index top_p_row(const S* v, Index n, S mass, bool reaches, std::int32_t* out, S* picked) {
   if constexpr (std::is_same_v<S, float>) {
