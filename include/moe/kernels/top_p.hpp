@@ -2,8 +2,8 @@
 // Top-p of one row (docs/selectors.md, TopPSelector): the entries in descending order, ties to
 // the lowest index, until their running sum passes the mass p: after each pick the row stops if
 // the sum is > p (or >= p with `reaches`), or when every entry is taken. A partial selection, not
-// a sort: each pick is one pass of (row maximum, first index holding it, knock it out), which for
-// a row of at most 64 floats stays in registers. The running sum is taken in the row's type, in
+// a sort: each pick is one pass of (row maximum, first index holding it, knock it out), the row
+// held in registers (up to 16 of them). The running sum is taken in the row's type, in
 // pick order. scalar::top_p_row is the twin.
 #include <bit>
 #include <cstdint>
