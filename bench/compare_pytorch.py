@@ -184,8 +184,15 @@ def soft_moe_cases(reps):
     def ffn(slot_in):  # [E, p, D] -> [E, p, D], GELU, one batched matmul per layer
         return torch.bmm(F.gelu(torch.bmm(slot_in, w1)), w2)
 
+    logits = torch.randn(T, S) * 2
+
+    def weights():  # given logits, as BM_SoftSlotsRoute: both softmaxes
+        return F.softmax(logits, dim=0), F.softmax(logits, dim=1)
+
     with torch.no_grad():
         return [
+            (f"Soft MoE dispatch + combine weights T:{T}/S:{S}", f"BM_SoftSlotsRoute/T:{T}/D:{D}/S:{S}",
+             timed(weights, reps)),
             (f"Soft MoE layer, identity T:{T}/D:{D}/S:{S}", f"BM_SoftMoELayer/T:{T}/D:{D}/S:{S}",
              timed(lambda: soft_moe_layer(x, phi, scale, E, p), reps)),
             (f"Soft MoE layer, FFN T:{T}/D:{D}/S:{S}/H:{H}", f"BM_SoftMoELayerFFN/T:{T}/D:{D}/S:{S}/H:{H}",
@@ -395,6 +402,8 @@ def main():
         r = f"{theirs / our:6.1f}x" if our else f"{'':>7}"
         print(f"{case:48} {o} {theirs * 1e3:13.2f} {r}")
     print("\nratio = PyTorch time / our time (higher is better); n/a: router not yet in the library.")
+    print("The Soft MoE layer rows are GEMM-bound: they measure PyTorch's BLAS (Debian's python3-torch is built "
+          "with BLAS_INFO=generic) as much as the routing.")
 
 
 if __name__ == "__main__":

@@ -90,9 +90,7 @@ public:
     auto& rows = masked ? packed_ : r.dispatch;
     fit(packed_, masked ? N : 0, masked ? real : 0);
     parallel_for(N, slot_block, [&](Index s, Index end) {
-      for (Index t0 = 0; t0 < real; t0 += tile)  // tiles of the transpose: both sides in cache
-        for (Index s1 = s; s1 < end; ++s1)
-          for (Index j = t0; j < std::min(real, t0 + tile); ++j) rows(s1, j) = in.scores(real_[std::size_t(j)], s1);
+      transpose_real(in.scores, s, end - s, real, rows);
       kernels::softmax_rows<S>(rows.middleRows(s, end - s), rows.middleRows(s, end - s));
       if (masked) {
         auto out = r.dispatch.middleRows(s, end - s);
@@ -127,6 +125,29 @@ public:
 
 private:
   static constexpr Index row_block = 256, slot_block = 16, tile = 64;
+
+  // out(s + i, j) = scores(real_[j], s + i) for i < n (n <= slot_block) and every real token j:
+  // 16 tokens at a time through a small tile in registers or L1, so each token's row segment is
+  // read once, contiguously, and each slot's row is written contiguously.
+  void transpose_real(MatrixIn<S> scores, Index s, Index n, Index real, Matrix<S>& out) const {
+    constexpr Index w = slot_block;
+    S buf[w][w];
+    Index j = 0;
+    for (; j + w <= real; j += w) {
+      for (Index a = 0; a < w; ++a) {
+        const S* src = scores.row(real_[std::size_t(j + a)]).data() + s;
+        for (Index i = 0; i < n; ++i) buf[i][a] = src[i];
+      }
+      for (Index i = 0; i < n; ++i) {
+        S* dst = out.row(s + i).data() + j;
+        for (Index a = 0; a < w; ++a) dst[a] = buf[i][a];
+      }
+    }
+    for (; j < real; ++j) {
+      const S* src = scores.row(real_[std::size_t(j)]).data() + s;
+      for (Index i = 0; i < n; ++i) out(s + i, j) = src[i];
+    }
+  }
   Index slots_per_expert_;
   std::vector<Index> real_;
   Matrix<S> packed_;  // [E p, real tokens] when some tokens are padding
