@@ -60,8 +60,9 @@ public:
   void forward(const SelectorInput<S>& in, routing_type& r) {
     constexpr std::string_view where = "SoftSlotsSelector";
     const Index T = in.scores.rows(), N = in.scores.cols();
-    detail::require<shape_error>(N % slots_per_expert_ == 0 && N >= slots_per_expert_, where, "scores.cols", N,
-                                 "a positive multiple of slots_per_expert (" + std::to_string(slots_per_expert_) + ")");
+    if (N % slots_per_expert_ != 0 || N < slots_per_expert_)  // the message only on failure: no allocation
+      detail::fail<shape_error>(where, "scores.cols", N,
+                                "a positive multiple of slots_per_expert (" + std::to_string(slots_per_expert_) + ")");
     detail::check_shape(where, "logits", in.logits, T, N);
     detail::check_tokens(where, in.tokens, T, N);
     detail::check_finite<S>(where, "scores", in.scores);
@@ -87,8 +88,11 @@ public:
       r.dispatch.setZero();
       return;
     }
-    auto& rows = masked ? packed_ : r.dispatch;
-    fit(packed_, masked ? N : 0, masked ? real : 0);
+    // with padding: packed over the real tokens first, in a buffer sized [S, T] so that batches
+    // with other padding reuse it
+    if (masked) fit(packed_, N, T);
+    auto& full = masked ? packed_ : r.dispatch;
+    MatrixOut<S> rows = full.leftCols(real);
     parallel_for(N, slot_block, [&](Index s, Index end) {
       transpose_real(in.scores, s, end - s, real, rows);
       kernels::softmax_rows<S>(rows.middleRows(s, end - s), rows.middleRows(s, end - s));
@@ -129,7 +133,7 @@ private:
   // out(s + i, j) = scores(real_[j], s + i) for i < n (n <= slot_block) and every real token j:
   // 16 tokens at a time through a small tile in registers or L1, so each token's row segment is
   // read once, contiguously, and each slot's row is written contiguously.
-  void transpose_real(MatrixIn<S> scores, Index s, Index n, Index real, Matrix<S>& out) const {
+  void transpose_real(MatrixIn<S> scores, Index s, Index n, Index real, MatrixOut<S> out) const {
     constexpr Index w = slot_block;
     S buf[w][w];
     Index j = 0;
@@ -150,7 +154,7 @@ private:
   }
   Index slots_per_expert_;
   std::vector<Index> real_;
-  Matrix<S> packed_;  // [E p, real tokens] when some tokens are padding
+  Matrix<S> packed_;  // [E p, T] when some tokens are padding: the real tokens' columns first
   Matrix<S> grad_t_;
 };
 
