@@ -16,8 +16,9 @@ Index experts_for(Index S) { return S / slots_per_expert(S); }
 double mix_flops(Index T, Index D, Index S) { return 4.0 * double(T) * double(S) * double(D); }
 }  // namespace
 
+// extra_flops: the experts' GEMMs, counted with the logits and mixing GEMMs in "GEMM FLOP/s"
 template <class Experts>
-void soft_layer_forward(benchmark::State& state, Experts experts) {
+void soft_layer_forward(benchmark::State& state, Experts experts, double extra_flops = 0) {
   const Index T = state.range(0), D = state.range(1), S = state.range(2);
   const Index E = experts_for(S);
   moe::MoELayer layer(moe::make_soft_moe_router<float>(D, E, slots_per_expert(S)), std::move(experts));
@@ -32,6 +33,9 @@ void soft_layer_forward(benchmark::State& state, Experts experts) {
   }
   // the dispatch and combine GEMMs' FLOPs over the whole layer's time (a lower bound of their rate)
   state.counters["mix FLOP/s"] = benchmark::Counter(mix_flops(T, D, S), benchmark::Counter::kIsIterationInvariantRate);
+  // every GEMM of the forward (logits 2 T D S, the two mixes, the experts') over the layer's time
+  const double gemm_flops = 2.0 * double(T) * double(D) * double(S) + mix_flops(T, D, S) + extra_flops;
+  state.counters["GEMM FLOP/s"] = benchmark::Counter(gemm_flops, benchmark::Counter::kIsIterationInvariantRate);
   set_rates(state, T, 2.0 * double(T * D) * sizeof(float));
 }
 
@@ -43,7 +47,7 @@ static void BM_SoftMoELayer(benchmark::State& state) {
 // FFN experts (GELU, hidden H) on their p slots each: 2 GEMMs of 2 S D H more.
 static void BM_SoftMoELayerFFN(benchmark::State& state) {
   const Index D = state.range(1), S = state.range(2), H = state.range(3);
-  soft_layer_forward(state, moe::FFNExperts<float>(experts_for(S), D, H));
+  soft_layer_forward(state, moe::FFNExperts<float>(experts_for(S), D, H), 4.0 * double(S) * double(D) * double(H));
 }
 
 // The two mixing GEMMs alone, as the layer runs them (moe::Gemm, row blocks of the output).
