@@ -148,6 +148,58 @@ def soft_moe_weights(x, phi):
     return F.softmax(logits, dim=0), F.softmax(logits, dim=1)
 
 
+def soft_moe_layer(x, phi, scale, experts, slots, expert_fn=None):
+    """Soft MoE as vmoe's SoftRouter + EinsumDispatcher compute it, for one group: tokens and slot
+    vectors normalised by rsqrt(sum of squares + 1e-6), scale on the smaller operand, einsum logits,
+    dispatch = softmax over the tokens, combine = softmax over all slots, slot inputs from the
+    un-normalised x, identity experts unless expert_fn is given."""
+    def normalize(t, dim):
+        return t * torch.rsqrt(t.square().sum(dim=dim, keepdim=True) + 1e-6)
+    xn = normalize(x, 1)
+    mu = normalize(phi.view(x.shape[1], experts, slots), 0)
+    if xn.numel() < mu.numel():
+        xn = xn * scale
+    else:
+        mu = mu * scale
+    logits = torch.einsum("md,dnp->mnp", xn, mu)
+    dispatch = F.softmax(logits, dim=0)
+    combine = F.softmax(logits.reshape(x.shape[0], -1), dim=1).view_as(logits)
+    slot_in = torch.einsum("mnp,md->npd", dispatch, x)
+    slot_out = expert_fn(slot_in) if expert_fn else slot_in
+    return torch.einsum("mnp,npd->md", combine, slot_out)
+
+
+def soft_moe_cases(reps):
+    """Soft MoE forward at the benchmark's shape: (case, our benchmark, PyTorch seconds)."""
+    torch.manual_seed(0)
+    T, D, S, H = 16384, 1024, 512, 256
+    E = 64
+    p = S // E
+    x = torch.randn(T, D)
+    phi = torch.randn(D, S) / math.sqrt(D * E)
+    scale = torch.ones(())
+    w1 = torch.randn(E, D, H) / math.sqrt(D)
+    w2 = torch.randn(E, H, D) / math.sqrt(H)
+
+    def ffn(slot_in):  # [E, p, D] -> [E, p, D], GELU, one batched matmul per layer
+        return torch.bmm(F.gelu(torch.bmm(slot_in, w1)), w2)
+
+    logits = torch.randn(T, S) * 2
+
+    def weights():  # given logits, as BM_SoftSlotsRoute: both softmaxes
+        return F.softmax(logits, dim=0), F.softmax(logits, dim=1)
+
+    with torch.no_grad():
+        return [
+            (f"Soft MoE dispatch + combine weights T:{T}/S:{S}", f"BM_SoftSlotsRoute/T:{T}/D:{D}/S:{S}",
+             timed(weights, reps)),
+            (f"Soft MoE layer, identity T:{T}/D:{D}/S:{S}", f"BM_SoftMoELayer/T:{T}/D:{D}/S:{S}",
+             timed(lambda: soft_moe_layer(x, phi, scale, E, p), reps)),
+            (f"Soft MoE layer, FFN T:{T}/D:{D}/S:{S}/H:{H}", f"BM_SoftMoELayerFFN/T:{T}/D:{D}/S:{S}/H:{H}",
+             timed(lambda: soft_moe_layer(x, phi, scale, E, p, ffn), reps)),
+        ]
+
+
 def route_deepseek_v3(logits, bias, k, groups, groups_kept, route_scale=2.5):
     """DeepSeek-V3's gate as its inference code writes it: sigmoid scores, the bias added for
     selection only, a group scored by the sum of its top 2, the best groups kept, top-k among
@@ -339,7 +391,7 @@ def main():
             name = ours_names.get(case.split(" (")[0]) if "usual" not in case else ours_names.get(case.split(" (")[0])
             our = mine.get(name) if name else None
             rows.append((f"{case} {shape}", our, seconds))
-    cases = router_cases(reps)
+    cases = router_cases(reps) + soft_moe_cases(reps)
     if args.filter:
         cases = [c for c in cases if re.search(args.filter, c[0]) or re.search(args.filter, c[1])]
     mine = ours(args.bench, [name for _, name, _ in cases], args.quick)
@@ -350,6 +402,8 @@ def main():
         r = f"{theirs / our:6.1f}x" if our else f"{'':>7}"
         print(f"{case:48} {o} {theirs * 1e3:13.2f} {r}")
     print("\nratio = PyTorch time / our time (higher is better); n/a: router not yet in the library.")
+    print("The Soft MoE layer rows are GEMM-bound: they measure PyTorch's BLAS (Debian's python3-torch is built "
+          "with BLAS_INFO=generic) as much as the routing.")
 
 
 if __name__ == "__main__":

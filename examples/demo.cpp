@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <moe/moe.hpp>
@@ -52,7 +53,6 @@ void run(const char* name, Router router, const Settings& s, const moe::Matrix<f
     backward_s += std::chrono::duration<double>(clock::now() - t1).count();
   }
   const auto& r = layer.routing();
-  const std::string capacity = r.capacity < 0 ? "none" : std::to_string(r.capacity);
   std::string aux;  // each aux loss's raw value, in the order the router lists them
   for (const float v : layer.router().loss_values()) {
     char buf[32];
@@ -60,10 +60,24 @@ void run(const char* name, Router router, const Settings& s, const moe::Matrix<f
     aux += buf;
   }
   const double ms = 1e3 / double(s.reps);
-  std::printf("| %-27s | %9.0f | %8.2f | %8.2f | %8s | %7.2f | %7.3f | %8.3f | %-16s |\n", name,
+  char capacity[16], drop[16], cv[16];
+  double experts_per_token = 0;
+  if constexpr (moe::is_soft_routing<std::remove_cvref_t<decltype(r)>>) {
+    // soft: p slots per expert, every slot mixes every token and back; nothing dropped
+    std::snprintf(capacity, sizeof capacity, "soft p=%ld", long(r.slots_per_expert));
+    std::snprintf(drop, sizeof drop, "n/a");
+    std::snprintf(cv, sizeof cv, "n/a");
+    experts_per_token = double(r.num_experts);
+  } else {
+    if (r.capacity < 0) std::snprintf(capacity, sizeof capacity, "none");
+    else std::snprintf(capacity, sizeof capacity, "%ld", long(r.capacity));
+    std::snprintf(drop, sizeof drop, "%.2f", 100.0 * moe::drop_fraction(r));
+    std::snprintf(cv, sizeof cv, "%.3f", moe::load_cv(r));
+    experts_per_token = moe::experts_per_token(r);
+  }
+  std::printf("| %-27s | %9.0f | %8.2f | %8.2f | %8s | %7s | %7s | %8.3f | %-16s |\n", name,
               double(s.tokens) * double(s.reps) / forward_s, forward_s * ms, backward_s * ms,
-              capacity.c_str(), 100.0 * moe::drop_fraction(r), moe::load_cv(r),
-              moe::experts_per_token(r), aux.c_str());
+              capacity, drop, cv, experts_per_token, aux.c_str());
 }
 
 }  // namespace
@@ -117,6 +131,7 @@ int main(int argc, char** argv) {
   run("SinkhornRouter expert", moe::make_sinkhorn_router<float, moe::Choice::expert>(s.dim, s.experts, 2, 1.25), s, x);
   run("SinkhornRouter S-BASE", moe::make_sbase_router<float>(s.dim, s.experts, 2), s, x);
   run("SparsityConstrainedECRouter", moe::make_sparsity_constrained_ec_router<float>(s.dim, s.experts, 2.0), s, x);
+  run("SoftMoERouter", moe::make_soft_moe_router<float>(s.dim, s.experts, 1), s, x);
   std::printf("\ncapacity: slots per expert (none: dropless); drop %%: (token, choice) pairs dropped; "
               "load CV: std/mean of tokens per expert;\nexp/tok: experts per real token; aux losses: "
               "each loss's raw value, in the preset's order (balance, then z-loss;\n"
@@ -133,6 +148,8 @@ int main(int argc, char** argv) {
               "ExpertChoiceRouter, SparsityConstrainedECRouter: experts take their top C tokens (cf 2: as many slots as "
               "top-2); a token may get 0..E experts.\n"
               "SinkhornRouter token / expert: top-2 per token or top-C per expert of the Sinkhorn plan (same slots); "
-              "S-BASE: Megatron's form, dropless.\n");
+              "S-BASE: Megatron's form, dropless.\n"
+              "SoftMoERouter: p = 1 slot per expert, each slot a softmax mix of every token, each token a softmax "
+              "mix of every slot's output (exp/tok = E); nothing dropped, no loss.\n");
   return 0;
 }

@@ -813,6 +813,12 @@ TEST_CASE("no allocation: a second forward + backward on the same shapes allocat
     REQUIRE(slot_counts(layer, batches).size() == 2);  // the case this section is about
     require_no_allocation(steady_state_allocations(layer, batches));
   }
+  SECTION("Soft MoE (two dense GEMMs), batches with different padding") {
+    auto layer = moe::MoELayer(moe::make_soft_moe_router<double>(s.dim, s.experts, 2, 55),
+                               moe::FFNExperts<double>(s.experts, s.dim, s.hidden, Activation::gelu, 56));
+    const std::vector<Batch> batches{{x1, mask_every(s.tokens, 7)}, {x2, mask_every(s.tokens, 3)}, {x1}};
+    require_no_allocation(steady_state_allocations(layer, batches));
+  }
   SECTION("dropless (top-k), batches with different padding") {
     auto layer = moe::MoELayer(moe::make_topk_router<double>(s.dim, s.experts, 2, 53, moe::Padding::excluded),
                                moe::FFNExperts<double>(s.experts, s.dim, s.hidden, Activation::gelu, 54));

@@ -151,3 +151,29 @@ TEST_CASE("1 and 2 threads give bit-identical dynamic-k layers (top-p, XMoE thre
   require_thread_independent([&] { return moe::MoELayer(moe::make_xmoe_threshold_router<float>(D, E, 0.9, 0.5), moe::FFNExperts<float>(E, D, H)); }, T, D, tokens);
   require_thread_independent([&] { return moe::MoELayer(moe::make_dynamic_k_router<float>(D, E, 4, 0.8), moe::FFNExperts<float>(E, D, H)); }, T, D, tokens);
 }
+
+TEST_CASE("1 and 2 threads give bit-identical Soft MoE layers", "[threads][soft_moe]") {
+  // T past the scorer's 4096-row blocks and many of the softmaxes' and products' blocks, S past
+  // the dispatch softmax's slot blocks; with and without padding
+  const Index T = 9000, D = 32, E = 24, p = 2, H = 16;
+  std::vector<std::uint8_t> valid(std::size_t(T), 1);
+  for (Index t = 0; t < T; t += 7) valid[std::size_t(t)] = 0;
+  for (const bool masked : {false, true}) {
+    const moe::TokenInputs<float> tokens{.valid = masked ? std::span<const std::uint8_t>(valid) : std::span<const std::uint8_t>()};
+    const auto run_soft = [&](int threads) {
+      omp_set_num_threads(threads);
+      moe::MoELayer layer(moe::make_soft_moe_router<float>(D, E, p, 3), moe::FFNExperts<float>(E, D, H));
+      const Matrix<float> x = random_matrix<float>(T, D, 1), dy = random_matrix<float>(T, D, 2);
+      Matrix<float> y(T, D), dx(T, D);
+      layer.forward(x, y, tokens);
+      moe::zero_grad(layer);
+      layer.backward(dy, dx);
+      std::vector<Matrix<float>> out{y, dx, layer.routing().dispatch, layer.routing().combine};
+      layer.for_each_parameter([&](std::string_view, auto, auto grad) { out.emplace_back(grad); });
+      return out;
+    };
+    const auto one = run_soft(1), two = run_soft(2);
+    REQUIRE(one.size() == two.size());
+    for (std::size_t i = 0; i < one.size(); ++i) REQUIRE(one[i] == two[i]);  // bitwise
+  }
+}

@@ -83,6 +83,14 @@ concept scorer = detail::has_scalar<P> && detail::has_parameters<P> &&
       p.backward(in, tok, in, out);
     };
 
+// The columns of a scorer's logits: one per expert, unless the scorer says otherwise with
+// `Index logit_columns() const` (NormalizedSlotsScorer: one per slot, E p).
+template <class P>
+Index logit_columns(const P& p) {
+  if constexpr (requires { { p.logit_columns() } -> std::convertible_to<Index>; }) return p.logit_columns();
+  else return p.num_experts();
+}
+
 template <class P>
 concept gate = detail::has_scalar<P> &&
     requires(P& p, MatrixIn<typename P::scalar_type> in, MatrixOut<typename P::scalar_type> out) {
@@ -90,14 +98,24 @@ concept gate = detail::has_scalar<P> &&
       p.backward(in, in, in, out);
     };
 
+// A selector's backward takes the gradient of what its routing carries: per slot weight for a
+// SparseRouting (dslot_weight), the two dense matrices for a SoftRouting (ddispatch [S, T] and
+// dcombine [T, S]). Either way it adds into dscores and dlogits.
 template <class P>
 concept selector = detail::has_scalar<P> &&
-    requires(P& p, const SelectorInput<typename P::scalar_type>& in,
-             typename P::routing_type& r, std::span<const typename P::scalar_type> dw,
-             MatrixOut<typename P::scalar_type> out) {
+    requires(P& p, const SelectorInput<typename P::scalar_type>& in, typename P::routing_type& r) {
       p.forward(in, r);
-      p.backward(in, std::as_const(r), dw, out, out);
-    };
+    } &&
+    (requires(P& p, const SelectorInput<typename P::scalar_type>& in, const typename P::routing_type& r,
+              std::span<const typename P::scalar_type> dw, MatrixOut<typename P::scalar_type> out) {
+      requires !is_soft_routing<typename P::routing_type>;
+      p.backward(in, r, dw, out, out);
+    } ||
+     requires(P& p, const SelectorInput<typename P::scalar_type>& in, const typename P::routing_type& r,
+              MatrixIn<typename P::scalar_type> d, MatrixOut<typename P::scalar_type> out) {
+      requires is_soft_routing<typename P::routing_type>;
+      p.backward(in, r, d, d, out, out);
+    });
 
 // Optional: a selector whose forward splits into three stages, so that the router can run the
 // per-token work inside its blocked gating loop, on a block of scores that never leaves cache:
@@ -210,11 +228,18 @@ consteval bool diagnose_selector() {
       using R = typename P::routing_type;
       static_assert(requires(P& p, const SelectorInput<S>& in, R& r) { p.forward(in, r); },
                     "moe::selector: add `void forward(const SelectorInput<S>&, routing_type&)`");
-      static_assert(requires(P& p, const SelectorInput<S>& in, const R& r, std::span<const S> dw,
-                             MatrixOut<S> d) { p.backward(in, r, dw, d, d); },
-                    "moe::selector: add `void backward(const SelectorInput<S>&, const "
-                    "routing_type&, std::span<const S> dslot_weight, MatrixOut<S> dscores, "
-                    "MatrixOut<S> dlogits)` (adds into dscores and dlogits)");
+      if constexpr (is_soft_routing<R>)
+        static_assert(requires(P& p, const SelectorInput<S>& in, const R& r, MatrixIn<S> dd,
+                               MatrixOut<S> d) { p.backward(in, r, dd, dd, d, d); },
+                      "moe::selector: add `void backward(const SelectorInput<S>&, const "
+                      "routing_type&, MatrixIn<S> ddispatch, MatrixIn<S> dcombine, MatrixOut<S> "
+                      "dscores, MatrixOut<S> dlogits)` (adds into dscores and dlogits)");
+      else
+        static_assert(requires(P& p, const SelectorInput<S>& in, const R& r, std::span<const S> dw,
+                               MatrixOut<S> d) { p.backward(in, r, dw, d, d); },
+                      "moe::selector: add `void backward(const SelectorInput<S>&, const "
+                      "routing_type&, std::span<const S> dslot_weight, MatrixOut<S> dscores, "
+                      "MatrixOut<S> dlogits)` (adds into dscores and dlogits)");
     }
   }
   return selector<P>;

@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "moe/gates/expert_bias.hpp"
+#include "moe/gates/identity.hpp"
 #include "moe/gates/gumbel.hpp"
 #include "moe/gates/sinkhorn.hpp"
 #include "moe/gates/sigmoid.hpp"
@@ -19,9 +20,11 @@
 #include "moe/scorers/cosine.hpp"
 #include "moe/scorers/linear.hpp"
 #include "moe/scorers/noisy_linear.hpp"
+#include "moe/scorers/normalized_slots.hpp"
 #include "moe/selectors/dynamic_k.hpp"
 #include "moe/selectors/expert_choice.hpp"
 #include "moe/selectors/group_limited.hpp"
+#include "moe/selectors/soft_slots.hpp"
 #include "moe/selectors/sparsity_constrained.hpp"
 #include "moe/selectors/top_k.hpp"
 #include "moe/selectors/top_p.hpp"
@@ -388,6 +391,24 @@ DynamicKRouter<S> make_dynamic_k_router(Index dim, Index experts, Index k_max = 
                                                    .slot_order = SlotOrder::priority},
                                       .padding = padding}),
           LoadBalanceLoss<S>(BalanceNorm::megatron, S(1e-2), padding)};
+}
+
+// ---- soft routing (docs/routers.md, SoftMoERouter) --------------------------------------------
+
+// Soft MoE (Puigcerver et al., "From Sparse to Soft Mixtures of Experts", ICLR 2024) as vmoe's
+// SoftRouter: logits = scale <x_hat, phi_hat_s> over E p slots (both sides L2-normalised, phi
+// LeCun-normal, scale 1), dispatch = softmax over the tokens of each slot, combine = softmax over
+// all slots of each token; p = 1 slot per expert (the paper's configs), no noise, no auxiliary
+// loss. Not causal: every slot mixes every token of the group.
+template <scalar S>
+using SoftMoERouter = Router<NormalizedSlotsScorer<S>, IdentityGate<S>, SoftSlotsSelector<S>>;
+
+// slots_per_expert is vmoe's num_slots; soft_moe_slots_per_expert(group size, experts, cf) gives
+// it from a capacity factor as vmoe does when num_slots is not set.
+template <scalar S>
+SoftMoERouter<S> make_soft_moe_router(Index dim, Index experts, Index slots_per_expert = 1, std::uint64_t seed = 0) {
+  return {NormalizedSlotsScorer<S>(dim, experts, slots_per_expert, {.scale = 1.0, .seed = seed}), IdentityGate<S>{},
+          SoftSlotsSelector<S>(slots_per_expert)};
 }
 
 }  // namespace moe

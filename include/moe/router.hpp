@@ -51,6 +51,9 @@ public:
   using S = scalar_type;
   using routing_type = typename Selector::routing_type;
   static constexpr std::size_t num_losses = sizeof...(Losses);
+  // Soft routing (SoftRouting: dense dispatch and combine) has no slot weights for a loss to read.
+  static constexpr bool soft = is_soft_routing<routing_type>;
+  static_assert(!soft || num_losses == 0, "moe::Router: a selector that returns SoftRouting takes no loss terms");
 
   Router(Scorer scorer, Gate gate, Selector selector, Losses... losses)
       : scorer_(std::move(scorer)), gate_(std::move(gate)), selector_(std::move(selector)),
@@ -62,21 +65,26 @@ public:
     };
     check(gate_);
     check(selector_);
+    // A selector that reads the logits' columns as slots checks them against the scorer's.
+    if constexpr (requires { selector_.check_slots(Index{}, Index{}); })
+      selector_.check_slots(num_experts(), logit_columns());
     std::apply([&](const auto&... l) { (check(l), ...); }, losses_);
   }
 
   Index input_dim() const { return scorer_.input_dim(); }
   Index num_experts() const { return scorer_.num_experts(); }
+  // Columns of the logits: num_experts(), or the slots of a scorer that scores slots.
+  Index logit_columns() const { return moe::logit_columns(scorer_); }
 
   // x [T, D] -> routing. On error the previous call's routing, logits, scores and loss values
   // stay as they were (a backward after a rejected batch still sees the last good one).
   const routing_type& forward(MatrixIn<S> x, const TokenInputs<S>& tokens = {}) {
     detail::check_shape("Router::forward", "x", x, x.rows(), input_dim());
-    detail::check_tokens("Router::forward", tokens, x.rows(), num_experts(), input_dim());
+    detail::check_tokens("Router::forward", tokens, x.rows(), logit_columns(), input_dim());
     share_draw_state();
     auto& logits = state_[1 - current_].logits;
-    fit(logits, x.rows(), num_experts());
-    if (state_[current_].logits.size() == 0) fit(state_[current_].logits, x.rows(), num_experts());  // first call sizes both
+    fit(logits, x.rows(), logit_columns());
+    if (state_[current_].logits.size() == 0) fit(state_[current_].logits, x.rows(), logit_columns());  // first call sizes both
     scorer_.forward(x, tokens, logits);
     try {
       return route_logits(logits, tokens, true);
@@ -102,8 +110,8 @@ public:
                   "into a moe::Matrix first");
     const MatrixIn<S> view(logits.derived());
     MOE_ASSERT(view.data() == logits.derived().data());  // read in place, never a temporary
-    detail::check_shape("Router::route", "logits", view, view.rows(), num_experts());
-    detail::check_tokens("Router::route", tokens, view.rows(), num_experts());
+    detail::check_shape("Router::route", "logits", view, view.rows(), logit_columns());
+    detail::check_tokens("Router::route", tokens, view.rows(), logit_columns());
     share_draw_state();
     return route_logits(view, tokens, false);
   }
@@ -112,24 +120,58 @@ public:
   // (combine path plus coefficient-weighted aux losses) and writes d(loss)/dx into dx [T, D].
   // Needs the x and tokens of the last forward.
   void backward(MatrixIn<S> x, const TokenInputs<S>& tokens, std::span<const S> dslot_weight,
-                MatrixOut<S> dx) {
-    detail::require<config_error>(routed_, "Router::backward", "forward", "not run",
-                                  "backward needs a forward before it");
-    detail::check_shape("Router::backward", "x", x, logits_rows_, input_dim());
-    detail::check_shape("Router::backward", "dx", dx, logits_rows_, input_dim());
-    detail::check_tokens("Router::backward", tokens, logits_rows_, num_experts(), input_dim());
+                MatrixOut<S> dx) requires(!soft) {
+    check_backward(x, tokens, dx);
     backward_logits(tokens, dslot_weight);
     scorer_.backward(x, tokens, dlogits_, dx);
   }
 
+  // Soft routing: backward from d(loss)/d(dispatch) [S, T] and d(loss)/d(combine) [T, S] (S the
+  // slots), through both softmaxes to the logits, then the scorer. Writes dx as above.
+  void backward(MatrixIn<S> x, const TokenInputs<S>& tokens, MatrixIn<S> ddispatch, MatrixIn<S> dcombine,
+                MatrixOut<S> dx) requires soft {
+    check_backward(x, tokens, dx);
+    backward_logits(tokens, ddispatch, dcombine);
+    scorer_.backward(x, tokens, dlogits_, dx);
+  }
+
   // The same without a scorer: d(loss)/d(logits) of the last forward or route.
-  const Matrix<S>& backward_logits(const TokenInputs<S>& tokens, std::span<const S> dslot_weight) {
+  const Matrix<S>& backward_logits(const TokenInputs<S>& tokens, std::span<const S> dslot_weight) requires(!soft) {
     detail::require<config_error>(routed_, "Router::backward", "forward", "not run",
                                   "backward needs a forward (or route) before it");
     detail::check_tokens("Router::backward", tokens, logits_rows_, num_experts());
     if (Index(dslot_weight.size()) != routing_.num_slots())
       detail::fail<shape_error>("Router::backward", "dslot_weight.size", dslot_weight.size(),
                                 "one entry per slot of the last routing (" + std::to_string(routing_.num_slots()) + ")");
+    return backward_from_selector(tokens, [&](const SelectorInput<S>& sel) {
+      selector_.backward(sel, routing_, dslot_weight, dscores_, dlogits_);
+    });
+  }
+
+  const Matrix<S>& backward_logits(const TokenInputs<S>& tokens, MatrixIn<S> ddispatch, MatrixIn<S> dcombine)
+    requires soft {
+    detail::require<config_error>(routed_, "Router::backward", "forward", "not run",
+                                  "backward needs a forward (or route) before it");
+    detail::check_tokens("Router::backward", tokens, logits_rows_, logit_columns());
+    detail::check_shape("Router::backward", "ddispatch", ddispatch, routing_.num_slots(), logits_rows_);
+    detail::check_shape("Router::backward", "dcombine", dcombine, logits_rows_, routing_.num_slots());
+    return backward_from_selector(tokens, [&](const SelectorInput<S>& sel) {
+      selector_.backward(sel, routing_, ddispatch, dcombine, dscores_, dlogits_);
+    });
+  }
+
+private:
+  void check_backward(MatrixIn<S> x, const TokenInputs<S>& tokens, MatrixOut<S> dx) const {
+    detail::require<config_error>(routed_, "Router::backward", "forward", "not run",
+                                  "backward needs a forward before it");
+    detail::check_shape("Router::backward", "x", x, logits_rows_, input_dim());
+    detail::check_shape("Router::backward", "dx", dx, logits_rows_, input_dim());
+    detail::check_tokens("Router::backward", tokens, logits_rows_, logit_columns(), input_dim());
+  }
+
+  // The selector's backward (given), then the losses' and the gate's: d(loss)/d(logits).
+  template <class SelectorBackward>
+  const Matrix<S>& backward_from_selector(const TokenInputs<S>& tokens, SelectorBackward&& selector_backward) {
     const MatrixIn<S> logits = this->logits();
     fit(dscores_, logits.rows(), logits.cols());
     fit(dlogits_, logits.rows(), logits.cols());
@@ -137,26 +179,29 @@ public:
     dlogits_.setZero();
     const Matrix<S>& scores = this->scores();
     const SelectorInput<S> sel{logits, scores, rank_for_backward(logits, scores, tokens), tokens};
-    selector_.backward(sel, routing_, dslot_weight, dscores_, dlogits_);
-    LossInput<S> li{logits, scores, routing_, tokens};
-    if constexpr (adds_logit_noise) li.noise = noisy_ ? scorer_.logit_noise() : nullptr;
-    if (li.noise) {  // losses that read the noise also differentiate through it
-      if constexpr (adds_logit_noise) {
-        LogitNoiseGradient<S> dnoise = scorer_.logit_noise_gradient();
-        std::apply([&](auto&... l) { (backward_loss(l, li, dnoise), ...); }, losses_);
+    selector_backward(sel);
+    if constexpr (num_losses > 0) {
+      LossInput<S> li{logits, scores, routing_, tokens};
+      if constexpr (adds_logit_noise) li.noise = noisy_ ? scorer_.logit_noise() : nullptr;
+      if (li.noise) {  // losses that read the noise also differentiate through it
+        if constexpr (adds_logit_noise) {
+          LogitNoiseGradient<S> dnoise = scorer_.logit_noise_gradient();
+          std::apply([&](auto&... l) { (backward_loss(l, li, dnoise), ...); }, losses_);
+        }
+      } else {
+        std::apply([&](auto&... l) { (l.backward(li, dlogits_, dscores_), ...); }, losses_);
       }
-    } else {
-      std::apply([&](auto&... l) { (l.backward(li, dlogits_, dscores_), ...); }, losses_);
     }
     gate_.backward(logits, scores, dscores_, dlogits_);
     return dlogits_;
   }
 
+public:
   const routing_type& routing() const { return routing_; }
   // The logits of the last forward (the router's own) or route (the caller's).
   MatrixIn<S> logits() const {
     using View = Eigen::Map<const Matrix<S>, 0, Eigen::OuterStride<>>;
-    return View(logits_data_, logits_rows_, num_experts(), Eigen::OuterStride<>(logits_stride_));
+    return View(logits_data_, logits_rows_, logit_columns(), Eigen::OuterStride<>(logits_stride_));
   }
   // The gate's scores of the last forward or route. When forward did not keep them (see
   // keeps_scores), the first call after it recomputes them from the logits.
@@ -165,7 +210,7 @@ public:
       return state_[current_].scores;
     } else {
       if (scores_stale_) {
-        fit(scores_, logits_rows_, num_experts());
+        fit(scores_, logits_rows_, logit_columns());
         gate_.forward(logits(), scores_);
         scores_stale_ = false;
       }
@@ -328,20 +373,22 @@ private:
     logits_data_ = logits.data();
     logits_rows_ = T;
     logits_stride_ = logits.outerStride();
-    const auto total = [&](const Matrix<S>& blocks, std::vector<S>& sums) {
-      fit(sums, E);
-      std::fill(sums.begin(), sums.end(), S(0));
-      for (Index b = 0; b < blocks.rows(); ++b)
-        for (Index e = 0; e < E; ++e) sums[e] += blocks(b, e);
-    };
-    total(block_sums_, score_sums_);
-    if (sum_all_rows) total(block_sums_all_, score_sums_all_);
-    LossInput<S> li{logits, keeps_scores ? MatrixIn<S>(st.scores) : MatrixIn<S>(logits.topRows(0)),
-                    routing_, tokens, score_sums_,
-                    sum_all_rows ? std::span<const S>(score_sums_all_) : std::span<const S>()};
-    if constexpr (adds_logit_noise) li.noise = noisy_ ? scorer_.logit_noise() : nullptr;
-    std::size_t i = 0;
-    std::apply([&](const auto&... l) { ((loss_values_[i++] = l.forward(li)), ...); }, losses_);
+    if constexpr (num_losses > 0) {
+      const auto total = [&](const Matrix<S>& blocks, std::vector<S>& sums) {
+        fit(sums, E);
+        std::fill(sums.begin(), sums.end(), S(0));
+        for (Index b = 0; b < blocks.rows(); ++b)
+          for (Index e = 0; e < E; ++e) sums[e] += blocks(b, e);
+      };
+      total(block_sums_, score_sums_);
+      if (sum_all_rows) total(block_sums_all_, score_sums_all_);
+      LossInput<S> li{logits, keeps_scores ? MatrixIn<S>(st.scores) : MatrixIn<S>(logits.topRows(0)),
+                      routing_, tokens, score_sums_,
+                      sum_all_rows ? std::span<const S>(score_sums_all_) : std::span<const S>()};
+      if constexpr (adds_logit_noise) li.noise = noisy_ ? scorer_.logit_noise() : nullptr;
+      std::size_t i = 0;
+      std::apply([&](const auto&... l) { ((loss_values_[i++] = l.forward(li)), ...); }, losses_);
+    }
     return routing_;
   }
 

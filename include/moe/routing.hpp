@@ -65,6 +65,49 @@ struct SparseRouting {
   }
 };
 
+// The dense routing of Soft MoE (docs/architecture.md, The routing contract): every slot takes a
+// convex combination of the real tokens, every real token a convex combination of every slot's
+// output. Slots are grouped by expert: expert e owns the p contiguous slots
+// [expert_offsets[e], expert_offsets[e+1]) = [e p, (e+1) p), so experts run on slot blocks exactly
+// as they run on the token blocks of a SparseRouting.
+template <class S>
+struct SoftRouting {
+  using scalar_type = S;
+
+  Index num_tokens = 0;
+  Index num_experts = 0;
+  Index num_valid_tokens = 0;  // tokens not masked out
+  Index slots_per_expert = 0;  // p
+
+  std::vector<Index> expert_offsets;  // E + 1 entries, e p
+  // dispatch[s, t]: weight of token t in slot s; each row sums to 1 over the real tokens (a
+  // softmax over them) and is 0 at padding tokens (all 0 when no token is real).
+  Matrix<S> dispatch;  // [E p, T]
+  // combine[t, s]: weight of slot s's output in token t's; each real token's row sums to 1 (a
+  // softmax over all slots); a padding token's row is 0, so its output is 0.
+  Matrix<S> combine;  // [T, E p]
+
+  Index num_slots() const { return num_experts * slots_per_expert; }
+  Index slots_of(Index) const { return slots_per_expert; }
+
+  void reset(Index tokens, Index experts, Index slots_per) {
+    num_tokens = tokens;
+    num_experts = experts;
+    num_valid_tokens = 0;
+    slots_per_expert = slots_per;
+    fit(expert_offsets, experts + 1);
+    for (Index e = 0; e <= experts; ++e) expert_offsets[static_cast<std::size_t>(e)] = e * slots_per;
+    fit(dispatch, experts * slots_per, tokens);
+    fit(combine, tokens, experts * slots_per);
+  }
+};
+
+// Whether a routing type is the dense (soft) form.
+template <class R>
+inline constexpr bool is_soft_routing = false;
+template <class S>
+inline constexpr bool is_soft_routing<SoftRouting<S>> = true;
+
 using IndexMatrix = Eigen::Matrix<std::int32_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 // ---- conversions ------------------------------------------------------------------------------

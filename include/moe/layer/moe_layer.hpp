@@ -2,12 +2,16 @@
 // moe::MoELayer<Router, Experts, Shared> (docs/architecture.md, Pipeline): route, dispatch each
 // expert's tokens into one contiguous block, one GEMM per block, combine the weighted rows back per
 // token; an optional shared expert sees every token. Backward runs the same arrows in reverse.
+// A router whose routing is a SoftRouting (Soft MoE) dispatches and combines by two dense GEMMs
+// instead: slot inputs = dispatch x, y = combine (expert outputs).
 #include <array>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "moe/concepts.hpp"
+#include "moe/core/gemm.hpp"
+#include "moe/core/parallel.hpp"
 #include "moe/core/validate.hpp"
 #include "moe/core/workspace.hpp"
 #include "moe/kernels/dispatch.hpp"
@@ -53,6 +57,7 @@ public:
   using S = scalar_type;
   static constexpr bool has_shared = !std::same_as<Shared, NoSharedExpert>;
   static constexpr bool identity_experts = requires { requires Experts::is_identity; };
+  static constexpr bool soft = is_soft_routing<std::remove_cvref_t<decltype(std::declval<Router&>().routing())>>;
 
   MoELayer(Router router, Experts experts, Shared shared = {})
       : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)) {
@@ -103,14 +108,18 @@ public:
       fit(x_, x.rows(), x.cols());
       x_ = x;
     }
-    auto in = fit_rows(blocks_in_, r.num_slots(), input_dim());
-    kernels::gather_rows<S>(x, r.slot_token, in);
-    if constexpr (identity_experts) {
-      kernels::combine_rows<S>(r, r.slot_weight, in, y, false);
+    if constexpr (soft) {
+      forward_soft(r, x, y);
     } else {
-      auto out = fit_rows(blocks_out_, r.num_slots(), output_dim());
-      experts_.forward(in, r.expert_offsets, out);
-      kernels::combine_rows<S>(r, r.slot_weight, out, y, false);
+      auto in = fit_rows(blocks_in_, r.num_slots(), input_dim());
+      kernels::gather_rows<S>(x, r.slot_token, in);
+      if constexpr (identity_experts) {
+        kernels::combine_rows<S>(r, r.slot_weight, in, y, false);
+      } else {
+        auto out = fit_rows(blocks_out_, r.num_slots(), output_dim());
+        experts_.forward(in, r.expert_offsets, out);
+        kernels::combine_rows<S>(r, r.slot_weight, out, y, false);
+      }
     }
     if constexpr (has_shared) {
       fit(shared_out_, x.rows(), output_dim());
@@ -129,22 +138,26 @@ public:
                                   "backward follows a forward run with grad enabled");
     detail::check_shape(where, "dy", dy, x_.rows(), output_dim());
     detail::check_shape(where, "dx", dx, x_.rows(), input_dim());
-    const auto& r = router_.routing();
-    // d(expert outputs) = w_s dy_t, d(w_s) = <dy_t, expert output s>
-    const Index slots = r.num_slots();
-    auto dout = fit_rows(dblocks_out_, slots, output_dim());
-    kernels::gather_rows<S>(dy, r.slot_token, dout, r.slot_weight);
-    fit(dslot_weight_, r.num_slots());
-    const Matrix<S>& expert_out = identity_experts ? blocks_in_ : blocks_out_;
-    for (Index s = 0; s < r.num_slots(); ++s)
-      dslot_weight_[s] = r.slot_token[s] < 0 ? S(0) : dy.row(r.slot_token[s]).dot(expert_out.row(s));
-    router_.backward(x_, tokens_view(), dslot_weight_, dx);
-    if constexpr (identity_experts) {
-      kernels::combine_rows<S>(r, {}, dout, dx, true);
+    if constexpr (soft) {
+      backward_soft(dy, dx);
     } else {
-      auto din = fit_rows(dblocks_in_, slots, input_dim());
-      experts_.backward(blocks_in_.topRows(slots), dout, din);
-      kernels::combine_rows<S>(r, {}, din, dx, true);
+      const auto& r = router_.routing();
+      // d(expert outputs) = w_s dy_t, d(w_s) = <dy_t, expert output s>
+      const Index slots = r.num_slots();
+      auto dout = fit_rows(dblocks_out_, slots, output_dim());
+      kernels::gather_rows<S>(dy, r.slot_token, dout, r.slot_weight);
+      fit(dslot_weight_, r.num_slots());
+      const Matrix<S>& expert_out = identity_experts ? blocks_in_ : blocks_out_;
+      for (Index s = 0; s < r.num_slots(); ++s)
+        dslot_weight_[s] = r.slot_token[s] < 0 ? S(0) : dy.row(r.slot_token[s]).dot(expert_out.row(s));
+      router_.backward(x_, tokens_view(), dslot_weight_, dx);
+      if constexpr (identity_experts) {
+        kernels::combine_rows<S>(r, {}, dout, dx, true);
+      } else {
+        auto din = fit_rows(dblocks_in_, slots, input_dim());
+        experts_.backward(blocks_in_.topRows(slots), dout, din);
+        kernels::combine_rows<S>(r, {}, din, dx, true);
+      }
     }
     if constexpr (has_shared) {
       fit(dshared_in_, x_.rows(), input_dim());
@@ -174,6 +187,55 @@ public:
   const auto& routing() const { return router_.routing(); }
 
 private:
+  // Soft routing: X~ = dispatch x [S, D], the experts on their blocks of p slots, y = combine Y~.
+  // Each product by row blocks of its output (a thread per block with OpenMP): the blocks do
+  // not depend on the thread count, so neither do the bits.
+  template <class R>
+  void forward_soft(const R& r, MatrixIn<S> x, MatrixOut<S> y) {
+    const Index slots = r.num_slots();
+    auto in = fit_rows(blocks_in_, slots, input_dim());
+    product<false, false>(r.dispatch, x, in);
+    if constexpr (identity_experts) {
+      product<false, false>(r.combine, in, y);
+    } else {
+      auto out = fit_rows(blocks_out_, slots, output_dim());
+      experts_.forward(in, r.expert_offsets, out);
+      product<false, false>(r.combine, out, y);
+    }
+  }
+
+  // dcombine = dy Y~^T, dY~ = combine^T dy, dX~ = the experts' backward, ddispatch = dX~ x^T;
+  // the router takes both to dx through its two softmaxes and the scorer, then dx += dispatch^T dX~.
+  void backward_soft(MatrixIn<S> dy, MatrixOut<S> dx) {
+    const auto& r = router_.routing();
+    const Index slots = r.num_slots();
+    const auto expert_out = (identity_experts ? blocks_in_ : blocks_out_).topRows(slots);
+    fit(dcombine_, x_.rows(), slots);
+    product<false, true>(dy, expert_out, dcombine_);
+    auto dout = fit_rows(dblocks_out_, slots, output_dim());
+    product<true, false>(r.combine, dy, dout);
+    auto din = fit_rows(dblocks_in_, slots, input_dim());
+    if constexpr (identity_experts) din = dout;
+    else experts_.backward(blocks_in_.topRows(slots), dout, din);
+    fit(ddispatch_, slots, x_.rows());
+    product<false, true>(din, x_, ddispatch_);
+    router_.backward(x_, tokens_view(), ddispatch_, dcombine_, dx);
+    product<true, false>(r.dispatch, din, dx, true);
+  }
+
+  // c (+)= op(a) op(b), by blocks of c's rows.
+  template <bool TransA, bool TransB>
+  void product(MatrixIn<S> a, MatrixIn<S> b, MatrixOut<S> c, bool accumulate = false) {
+    gemms_.reserve();
+    parallel_for(c.rows(), product_block, [&](Index i, Index end) {
+      const MatrixIn<S> ai = [&]() -> MatrixIn<S> {
+        if constexpr (TransA) return a.middleCols(i, end - i);
+        else return a.middleRows(i, end - i);
+      }();
+      gemms_.local().template run<TransA, TransB>(ai, b, c.middleRows(i, end - i), S(1), accumulate);
+    });
+  }
+
   void keep_tokens(const TokenInputs<S>& t) {
     valid_.assign(t.valid.begin(), t.valid.end());
     segment_.assign(t.segment.begin(), t.segment.end());
@@ -194,6 +256,9 @@ private:
   bool grad_enabled_ = true, forwarded_ = false, backward_ready_ = false;
   Matrix<S> x_, blocks_in_, blocks_out_, dblocks_out_, dblocks_in_, shared_out_, dshared_in_;
   std::vector<S> dslot_weight_;
+  Matrix<S> dcombine_, ddispatch_;  // soft routing: d(loss)/d(combine), d(loss)/d(dispatch)
+  PerThread<Gemm<S>> gemms_;
+  static constexpr Index product_block = 256;
   std::array<std::vector<S>, 5> draws_;  // the caller's draws (TokenInputs), for backward
   std::vector<std::uint8_t> valid_;
   std::vector<std::int32_t> segment_;
