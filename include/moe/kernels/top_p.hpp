@@ -42,13 +42,13 @@ Index top_p_row(const S* v, Index n, S mass, bool reaches, std::int32_t* out, S*
 }  // namespace scalar
 
 namespace detail {
-// A row of exactly Chunks full batches (at most 64 entries): in registers, one bit mask per pick.
-// Returns -1 when the row holds -inf (the knock-out marker would be ambiguous): the caller then
-// takes the twin.
+// A row of exactly Chunks full batches, in registers. Each pick's index comes from one 64-bit
+// mask of the whole row (up to 64 entries, branch-free) or, for wider rows (E = 128 or 256 under
+// AVX-512), from the first register holding the maximum. Returns -1 when the row holds -inf (the
+// knock-out marker would be ambiguous): the caller then takes the twin.
 template <class B, int Chunks>
 Index top_p_row_registers(const float* v, float mass, bool reaches, std::int32_t* out, float* picked) {
   constexpr Index w = Index(B::size), n = Chunks * w;
-  static_assert(n <= 64, "one 64-bit mask per row");
   constexpr float lowest = -std::numeric_limits<float>::infinity();
   const B knocked(lowest);
   B chunk[Chunks];
@@ -62,49 +62,26 @@ Index top_p_row_registers(const float* v, float mass, bool reaches, std::int32_t
     const B top = broadcast_max(best);
     const float value = top.get(0);
     if (value == lowest) return -1;
+    // `bits`: the lanes holding the maximum, of the whole row (n <= 64) or of register `reg`
     std::uint64_t bits = 0;
-    MOE_UNROLL
-    for (int c = 0; c < Chunks; ++c) bits |= mask_bits(chunk[c] == top) << (c * w);
+    int reg = 0;
+    if constexpr (n <= 64) {
+      MOE_UNROLL
+      for (int c = 0; c < Chunks; ++c) bits |= mask_bits(chunk[c] == top) << (c * w);
+    } else {
+      for (; reg < Chunks; ++reg)
+        if ((bits = mask_bits(chunk[reg] == top)) != 0) break;
+    }
     const std::uint64_t pick = bits & (~bits + 1);  // the lowest set bit: ties to the lowest index
-    out[count] = std::int32_t(std::countr_zero(bits));
+    out[count] = std::int32_t(Index(reg) * w + std::countr_zero(bits));
     picked[count++] = value;
     sum += value;
     if (reaches ? sum >= mass : sum > mass) return count;
     MOE_UNROLL
-    for (int c = 0; c < Chunks; ++c) chunk[c] = xsimd::select(lane_mask<B>(pick >> (c * w)), knocked, chunk[c]);
-  }
-  return n;
-}
-
-// Rows of 8 or 16 registers (E = 128 or 256 under AVX-512): the same picks, each found as the
-// first register holding the row maximum, then its first lane.
-template <class B, int Chunks>
-Index top_p_row_wide(const float* v, float mass, bool reaches, std::int32_t* out, float* picked) {
-  constexpr Index w = Index(B::size), n = Chunks * w;
-  constexpr float lowest = -std::numeric_limits<float>::infinity();
-  const B knocked(lowest);
-  B chunk[Chunks];
-  MOE_UNROLL
-  for (int c = 0; c < Chunks; ++c) chunk[c] = B::load_unaligned(v + c * w);
-  float sum = 0;
-  for (Index count = 0; count < n;) {
-    B best = chunk[0];
-    MOE_UNROLL
-    for (int c = 1; c < Chunks; ++c) best = xsimd::max(best, chunk[c]);
-    const B top = broadcast_max(best);
-    const float value = top.get(0);
-    if (value == lowest) return -1;
-    int at = 0;
-    std::uint64_t bits = 0;
-    for (; at < Chunks; ++at)
-      if ((bits = mask_bits(chunk[at] == top)) != 0) break;
-    out[count] = std::int32_t(Index(at) * w + std::countr_zero(bits));
-    picked[count++] = value;
-    sum += value;
-    if (reaches ? sum >= mass : sum > mass) return count;
-    const std::uint64_t pick = bits & (~bits + 1);
-    MOE_UNROLL
-    for (int c = 0; c < Chunks; ++c) chunk[c] = xsimd::select(lane_mask<B>(c == at ? pick : 0), knocked, chunk[c]);
+    for (int c = 0; c < Chunks; ++c) {
+      if constexpr (n <= 64) chunk[c] = xsimd::select(lane_mask<B>(pick >> (c * w)), knocked, chunk[c]);
+      else chunk[c] = xsimd::select(lane_mask<B>(c == reg ? pick : 0), knocked, chunk[c]);
+    }
   }
   return n;
 }
@@ -117,11 +94,8 @@ Index top_p_row(const float* v, Index n, float mass, bool reaches, std::int32_t*
     case 1: count = top_p_row_registers<B, 1>(v, mass, reaches, out, picked); break;
     case 2: count = top_p_row_registers<B, 2>(v, mass, reaches, out, picked); break;
     case 4: count = top_p_row_registers<B, 4>(v, mass, reaches, out, picked); break;
-    case 8:
-      if constexpr (w * 8 <= 64) count = top_p_row_registers<B, 8>(v, mass, reaches, out, picked);
-      else count = top_p_row_wide<B, 8>(v, mass, reaches, out, picked);
-      break;
-    case 16: count = top_p_row_wide<B, 16>(v, mass, reaches, out, picked); break;
+    case 8: count = top_p_row_registers<B, 8>(v, mass, reaches, out, picked); break;
+    case 16: count = top_p_row_registers<B, 16>(v, mass, reaches, out, picked); break;
     default: break;
   }
   return count >= 0 ? count : scalar::top_p_row(v, n, mass, reaches, out, picked);

@@ -96,14 +96,8 @@ public:
         S* score = lists_.scores(at);
         S* weight = lists_.weights(at);
         kernels::top_k_row(block.rank.row(i).data(), experts, n, expert);
-        S z = 0;
-        for (Index j = 0; j < n; ++j) z += (score[j] = block.scores(i, expert[j]));
-        if (renormalize) {
-          z = std::max(z, detail::weight_floor<S>());
-          for (Index j = 0; j < n; ++j) weight[j] = scale * (score[j] / z);
-        } else {
-          for (Index j = 0; j < n; ++j) weight[j] = scale * score[j];
-        }
+        for (Index j = 0; j < n; ++j) score[j] = block.scores(i, expert[j]);
+        detail::pre_drop_weights<S>(score, n, renormalize, scale, weight);
       }
       lists_.record(begin + i, at, n);
       at += n;

@@ -80,14 +80,7 @@ public:
         S* score = lists_.scores(at);
         S* weight = lists_.weights(at);
         n = kernels::top_p_row<S>(block.scores.row(i).data(), experts, mass, reaches, expert, score);
-        if (renormalize) {
-          S z = 0;  // as TopKSelector: scale * (p / z), so equal scores keep equal weights
-          for (Index j = 0; j < n; ++j) z += score[j];
-          z = std::max(z, detail::weight_floor<S>());
-          for (Index j = 0; j < n; ++j) weight[j] = scale * (score[j] / z);
-        } else {
-          for (Index j = 0; j < n; ++j) weight[j] = scale * score[j];
-        }
+        detail::pre_drop_weights<S>(score, n, renormalize, scale, weight);
       }
       lists_.record(begin + i, at, n);
       at += n;

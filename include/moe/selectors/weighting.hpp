@@ -31,6 +31,20 @@ constexpr S weight_floor() {
 // Weighting::renormalize_after_drop once the slots are known: a token that lost some but not all
 // of its choices gives its survivors scale * p / (sum of the survivors' p) again. choice_score
 // holds each choice's gate score, in the routing's choice order.
+// A token's pre-drop weights from the scores of its n choices: scale * p, or renormalised,
+// scale * (p / z) with z = max(sum p, floor), so equal scores keep equal weights.
+template <class S>
+void pre_drop_weights(const S* score, Index n, bool renormalize, S scale, S* weight) {
+  if (!renormalize) {
+    for (Index j = 0; j < n; ++j) weight[j] = scale * score[j];
+    return;
+  }
+  S z = 0;
+  for (Index j = 0; j < n; ++j) z += score[j];
+  z = std::max(z, weight_floor<S>());
+  for (Index j = 0; j < n; ++j) weight[j] = scale * (score[j] / z);
+}
+
 template <class S>
 void renormalize_survivors(SparseRouting<S>& r, std::span<const std::int32_t> choice_token,
                            std::span<const S> choice_score, S scale) {
