@@ -37,6 +37,14 @@ enum class Padding {
              // (Megatron-Core's padding mask)
 };
 
+// The real tokens of a mask (TokenInputs::valid) over `rows` rows: all of them when it is absent.
+inline Index count_valid(std::span<const std::uint8_t> valid, Index rows) {
+  if (valid.empty()) return rows;
+  Index n = 0;
+  for (const std::uint8_t v : valid) n += v != 0;
+  return n;
+}
+
 // Optional per-token inputs that travel with a batch (docs/architecture.md, Per-token inputs).
 // Empty spans mean "absent".
 template <class S>

@@ -32,9 +32,6 @@ namespace moe::kernels {
 
 namespace detail {
 inline bool row_valid(std::span<const std::uint8_t> valid, Index t) { return valid.empty() || valid[std::size_t(t)] != 0; }
-inline Index count_valid(std::span<const std::uint8_t> valid, Index rows) {
-  return valid.empty() ? rows : Index(std::count_if(valid.begin(), valid.end(), [](auto v) { return v != 0; }));
-}
 // The largest logit below which exp(logit) is finite in S, with room for a sum of many.
 template <class S>
 constexpr double exp_safe_limit() { return std::is_same_v<S, float> ? 80.0 : 700.0; }
@@ -146,7 +143,7 @@ template <class S>
 void sinkhorn(MatrixIn<S> logits, std::span<const std::uint8_t> valid, int iterations, MatrixOut<S> plan,
               S epsilon = S(1)) {
   const Index T = logits.rows(), E = logits.cols();
-  const Index n = kernels::detail::count_valid(valid, T);
+  const Index n = moe::count_valid(valid, T);
   const S b = S(n) / S(E);
   Matrix<S> K = Matrix<S>::Zero(T, E);
   std::vector<S> u(std::size_t(T), S(0)), v(std::size_t(E), S(1));
@@ -178,7 +175,7 @@ template <class S>
 int sinkhorn_until(MatrixIn<S> logits, std::span<const std::uint8_t> valid, double tolerance, int max_iterations,
                    MatrixOut<S> plan) {
   const Index T = logits.rows(), E = logits.cols();
-  const Index n = kernels::detail::count_valid(valid, T);
+  const Index n = moe::count_valid(valid, T);
   const S guard = S(1e-8);
   S shift = 0;
   for (Index t = 0; t < T; ++t)
@@ -228,7 +225,7 @@ template <class S>
 void sinkhorn(MatrixIn<S> logits, std::span<const std::uint8_t> valid, int iterations, MatrixOut<S> plan,
               SinkhornScratch<S>& scratch, S epsilon = S(1)) {
   const Index T = logits.rows(), E = logits.cols();
-  const Index n = detail::count_valid(valid, T);
+  const Index n = moe::count_valid(valid, T);
   const S b = S(n) / S(E);
   if (epsilon == S(1)) {
     softmax_rows<S>(logits, plan);  // rows of K up to a per-row factor, which u absorbs
@@ -265,7 +262,7 @@ template <class S>
 int sinkhorn_until(MatrixIn<S> logits, std::span<const std::uint8_t> valid, double tolerance, int max_iterations,
                    MatrixOut<S> plan, SinkhornScratch<S>& scratch) {
   const Index T = logits.rows(), E = logits.cols();
-  const Index n = detail::count_valid(valid, T);
+  const Index n = moe::count_valid(valid, T);
   const S guard = S(1e-8), row_mass = S(1) / S(n), col_mass = S(1) / S(E);
   if (const S top = detail::exp_rows<S>(logits, valid, plan, S(0)); top > S(detail::exp_safe_limit<S>()))
     detail::exp_rows<S>(logits, valid, plan, top);

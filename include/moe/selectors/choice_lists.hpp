@@ -50,9 +50,7 @@ public:
   void prepare(const TokenInputs<S>& tokens_in, Index tokens, Index stride, Padding padding) {
     stride_ = stride;
     route_all_ = tokens_in.valid.empty() || padding == Padding::megatron;
-    real_ = tokens_in.valid.empty() ? tokens
-                                    : Index(std::count_if(tokens_in.valid.begin(), tokens_in.valid.end(),
-                                                          [](std::uint8_t v) { return v != 0; }));
+    real_ = count_valid(tokens_in.valid, tokens);
     fit(count_, tokens);
     fit(source_, tokens);
     fit(expert_, tokens * stride);

@@ -46,7 +46,7 @@ public:
     detail::check_shape("ExpertChoiceSelector", "rank", in.rank, T, E);
     detail::check_tokens("ExpertChoiceSelector", in.tokens, T, E);
     const std::span<const std::uint8_t> valid = in.tokens.valid;
-    const Index real = valid.empty() ? T : Index(std::count_if(valid.begin(), valid.end(), [](auto v) { return v != 0; }));
+    const Index real = count_valid(valid, T);
     const Index C = capacity(real, E);  // throws before anything is written
     const Index taken = std::min(C, real);
 

@@ -81,7 +81,7 @@ public:
     detail::check_shape("SparsityConstrainedECSelector", "scores", in.scores, T, E);
     detail::check_tokens("SparsityConstrainedECSelector", in.tokens, T, E);
     const auto& valid = in.tokens.valid;
-    const Index n = valid.empty() ? T : Index(std::count_if(valid.begin(), valid.end(), [](auto v) { return v != 0; }));
+    const Index n = count_valid(valid, T);
     const Index k = std::min(choose_.capacity(n, E), n);  // throws before anything is written
     solve(in.scores, valid, n, k);
     choose_.forward({in.logits, in.scores, plan_, in.tokens}, r);

@@ -95,8 +95,7 @@ public:
     const bool route_all = tokens_in.valid.empty() || opt_.padding == Padding::megatron;
     if (route_all) {
       for (Index t = 0; t <= tokens; ++t) offsets[t] = t * k;
-      real = tokens_in.valid.empty() ? tokens : Index(std::count_if(tokens_in.valid.begin(), tokens_in.valid.end(),
-                                                                   [](std::uint8_t v) { return v != 0; }));
+      real = count_valid(tokens_in.valid, tokens);
     } else {
       for (Index t = 0; t < tokens; ++t) {
         offsets[t] = real * k;
