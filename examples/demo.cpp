@@ -60,7 +60,7 @@ void run(const char* name, Router router, const Settings& s, const moe::Matrix<f
     aux += buf;
   }
   const double ms = 1e3 / double(s.reps);
-  char capacity[16], drop[16], cv[16];
+  char capacity[32], drop[32], cv[32];  // room for any long: GCC checks at -O2
   double experts_per_token = 0;
   if constexpr (moe::is_soft_routing<std::remove_cvref_t<decltype(r)>>) {
     // soft: p slots per expert, every slot mixes every token and back; nothing dropped
