@@ -10,17 +10,22 @@
 #include "moe/gates/sinkhorn.hpp"
 #include "moe/gates/sigmoid.hpp"
 #include "moe/gates/softmax.hpp"
+#include "moe/losses/depth_predictor.hpp"
 #include "moe/losses/entropy.hpp"
 #include "moe/losses/importance.hpp"
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/normalized_balance.hpp"
 #include "moe/losses/noisy_load.hpp"
+#include "moe/losses/skip_capacity.hpp"
 #include "moe/losses/z_loss.hpp"
 #include "moe/router.hpp"
 #include "moe/scorers/cosine.hpp"
+#include "moe/scorers/depth.hpp"
 #include "moe/scorers/linear.hpp"
 #include "moe/scorers/noisy_linear.hpp"
 #include "moe/scorers/normalized_slots.hpp"
+#include "moe/selectors/depth_threshold.hpp"
+#include "moe/selectors/depth_top_c.hpp"
 #include "moe/selectors/dynamic_k.hpp"
 #include "moe/selectors/expert_choice.hpp"
 #include "moe/selectors/group_limited.hpp"
@@ -409,6 +414,44 @@ template <scalar S>
 SoftMoERouter<S> make_soft_moe_router(Index dim, Index experts, Index slots_per_expert = 1, std::uint64_t seed = 0) {
   return {NormalizedSlotsScorer<S>(dim, experts, slots_per_expert, {.scale = 1.0, .seed = seed}), IdentityGate<S>{},
           SoftSlotsSelector<S>(slots_per_expert)};
+}
+
+// ---- depth routing (docs/routers.md, DepthRouter, MindSkipRouter) -----------------------------
+
+// Mixture-of-Depths (Raposo et al., "Mixture-of-Depths: Dynamically allocating compute in
+// transformer-based language models", 2024), from the paper (it has no official code): r_t =
+// w^T x_t (no bias), the top C = 12.5% of each segment's real tokens run the block (ceil), y =
+// x + r f(x) for them and x for the rest. An auxiliary MLP predictor (hidden D/2, SiLU, on the
+// stop-gradient input) learns by binary cross-entropy which tokens the top C takes;
+// DepthInference::predictor makes evaluation route by it, the causal form for a decoder.
+template <scalar S>
+using DepthRouter = Router<DepthScorer<S>, IdentityGate<S>, DepthTopCSelector<S>, DepthPredictorLoss<S>>;
+
+template <scalar S>
+DepthRouter<S> make_depth_router(Index dim, double capacity = 0.125, DepthInference inference = DepthInference::top_c,
+                                 std::uint64_t seed = 0) {
+  return {DepthScorer<S>(dim, {.predictor_hidden = std::max<Index>(dim / 2, 1), .router = {.seed = seed}}),
+          IdentityGate<S>{},
+          DepthTopCSelector<S>({.capacity = {.factor = capacity, .multiple_of = 1}, .inference = inference}),
+          DepthPredictorLoss<S>(S(1))};
+}
+
+// MindSkip (He et al., "Router-Tuning: A Simple and Effective Approach for Enabling Dynamic-Depth
+// in Transformers", EMNLP 2025) as its maintained code routes: r = sigmoid(w^T mean of x over
+// the sequence, padding rows included) by default, or per token; the block runs when r >= 0.5
+// (y = x + m f(x)), with a straight-through backward; in training every token runs the block and
+// its output is multiplied by m (SkipForm::masked). Capacity loss: relu(mean m - target) with a
+// target, mean m (the original code) without, weight `coefficient` (gradient_scale, 0 by default).
+template <scalar S>
+using MindSkipRouter = Router<DepthScorer<S>, SigmoidGate<S>, DepthThresholdSelector<S>, SkipCapacityLoss<S>>;
+
+template <scalar S>
+MindSkipRouter<S> make_mindskip_router(Index dim, DepthPooling pooling = DepthPooling::segment_mean,
+                                       double coefficient = 0.0, std::optional<double> target = std::nullopt,
+                                       std::uint64_t seed = 0, Padding pool_padding = Padding::fairseq) {
+  return {DepthScorer<S>(dim, {.pooling = pooling, .pool_padding = pool_padding, .router = {.seed = seed}}),
+          SigmoidGate<S>{}, DepthThresholdSelector<S>({.threshold = 0.5, .form = SkipForm::masked}),
+          SkipCapacityLoss<S>(S(coefficient), {.target = target, .per_segment = pooling == DepthPooling::segment_mean})};
 }
 
 }  // namespace moe

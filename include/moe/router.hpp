@@ -54,6 +54,10 @@ public:
   // Soft routing (SoftRouting: dense dispatch and combine) has no slot weights for a loss to read.
   static constexpr bool soft = is_soft_routing<routing_type>;
   static_assert(!soft || num_losses == 0, "moe::Router: a selector that returns SoftRouting takes no loss terms");
+  // A depth selector (Mixture-of-Depths, MindSkip) says `static constexpr bool skip_path = true;`:
+  // the layer then adds its input, y = x + the weighted block outputs, so an unrouted token
+  // passes through unchanged.
+  static constexpr bool skip_path = requires { requires Selector::skip_path; };
 
   Router(Scorer scorer, Gate gate, Selector selector, Losses... losses)
       : scorer_(std::move(scorer)), gate_(std::move(gate)), selector_(std::move(selector)),

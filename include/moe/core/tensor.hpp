@@ -45,6 +45,23 @@ inline Index count_valid(std::span<const std::uint8_t> valid, Index rows) {
   return n;
 }
 
+// Calls visit(begin, end) for each segment of `rows` rows: each run of equal ids in `segment`
+// (detail::check_segments has checked that they are non-decreasing), or all rows as one segment
+// when the ids are absent. Nothing is visited for 0 rows.
+template <class F>
+void for_each_segment(std::span<const std::int32_t> segment, Index rows, F&& visit) {
+  if (segment.empty()) {
+    if (rows > 0) visit(Index(0), rows);
+    return;
+  }
+  for (Index b = 0; b < rows;) {
+    Index e = b + 1;
+    while (e < rows && segment[std::size_t(e)] == segment[std::size_t(b)]) ++e;
+    visit(b, e);
+    b = e;
+  }
+}
+
 // Optional per-token inputs that travel with a batch (docs/architecture.md, Per-token inputs).
 // Empty spans mean "absent".
 template <class S>

@@ -2,6 +2,7 @@
 // Checks shared by every public entry point, run before anything is written (docs/architecture.md,
 // Errors).
 #include <cmath>
+#include <span>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -43,6 +44,19 @@ void check_tokens(std::string_view where, const TokenInputs<S>& in, Index tokens
       std::ostringstream value;
       value << in.importance[t] << " at token " << t;
       fail<value_error>(where, "tokens.importance", value.str(), "every entry finite and >= 0");
+    }
+}
+
+// Segment ids where each segment must be one contiguous run of tokens (depth routing decides per
+// segment): every id >= 0 and never smaller than the one before.
+inline void check_segments(std::string_view where, std::span<const std::int32_t> segment) {
+  for (std::size_t t = 0; t < segment.size(); ++t)
+    if (segment[t] < 0 || (t > 0 && segment[t] < segment[t - 1])) {
+      std::ostringstream value;
+      value << segment[t] << " at token " << t;
+      if (t > 0) value << " after " << segment[t - 1];
+      fail<value_error>(where, "tokens.segment", value.str(),
+                        "ids >= 0 and non-decreasing: each segment one contiguous run of tokens");
     }
 }
 

@@ -58,6 +58,8 @@ public:
   static constexpr bool has_shared = !std::same_as<Shared, NoSharedExpert>;
   static constexpr bool identity_experts = requires { requires Experts::is_identity; };
   static constexpr bool soft = is_soft_routing<std::remove_cvref_t<decltype(std::declval<Router&>().routing())>>;
+  // y = x + the combine: the skip path of depth routing (Router::skip_path).
+  static constexpr bool skip_path = requires { requires Router::skip_path; };
 
   MoELayer(Router router, Experts experts, Shared shared = {})
       : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)) {
@@ -70,6 +72,11 @@ public:
                                  "experts.input_dim", experts_.input_dim(),
                                  "equal to the router's input width (" +
                                      std::to_string(router_.input_dim()) + ")");
+    if constexpr (skip_path)
+      detail::require<shape_error>(experts_.output_dim() == experts_.input_dim(), where, "experts.output_dim",
+                                   experts_.output_dim(),
+                                   "equal to the input width (" + std::to_string(experts_.input_dim()) +
+                                       "): a depth router's skip path adds the input to the output");
     if constexpr (has_shared) {
       detail::require<shape_error>(shared_.num_experts() == 1, where, "shared.num_experts",
                                    shared_.num_experts(), "a shared expert is one expert");
@@ -113,12 +120,13 @@ public:
     } else {
       auto in = fit_rows(blocks_in_, r.num_slots(), input_dim());
       kernels::gather_rows<S>(x, r.slot_token, in);
+      if constexpr (skip_path) y = x;  // the skip path; the block outputs are added to it
       if constexpr (identity_experts) {
-        kernels::combine_rows<S>(r, r.slot_weight, in, y, false);
+        kernels::combine_rows<S>(r, r.slot_weight, in, y, skip_path);
       } else {
         auto out = fit_rows(blocks_out_, r.num_slots(), output_dim());
         experts_.forward(in, r.expert_offsets, out);
-        kernels::combine_rows<S>(r, r.slot_weight, out, y, false);
+        kernels::combine_rows<S>(r, r.slot_weight, out, y, skip_path);
       }
     }
     if constexpr (has_shared) {
@@ -158,6 +166,7 @@ public:
         experts_.backward(blocks_in_.topRows(slots), dout, din);
         kernels::combine_rows<S>(r, {}, din, dx, true);
       }
+      if constexpr (skip_path) dx += dy;
     }
     if constexpr (has_shared) {
       fit(dshared_in_, x_.rows(), input_dim());
