@@ -182,6 +182,18 @@ TEST_CASE("Mixture-of-Depths: the top C of each segment run the block, y = x + r
   }
 }
 
+TEST_CASE("Mixture-of-Depths: a tie at the cut goes to the lower token, -0 ties +0", "[depth]") {
+  auto router = moe::Router(moe::DepthScorer<double>(1), moe::IdentityGate<double>{},
+                            moe::DepthTopCSelector<double>({.capacity = {.slots = 2}}));
+  router.scorer().router().weight().setConstant(1.0);
+  Matrix<double> x(8, 1);
+  x << 1, 3, 2, 3, 3, 0, -0.0, 0.0;
+  const auto& r = router.forward(x);
+  REQUIRE(r.slot_token == std::vector<std::int32_t>{1, 3});
+  x << -1, -3, -2, -3, -3, -0.0, 0.0, -5;
+  REQUIRE(router.forward(x).slot_token == std::vector<std::int32_t>{5, 6});
+}
+
 TEST_CASE("Mixture-of-Depths: gradients by finite differences in double", "[depth][gradient]") {
   const Index T = 12, D = 5, H = 4;
   const Segments seg{0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2};
