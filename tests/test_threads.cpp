@@ -181,7 +181,7 @@ TEST_CASE("1 and 2 threads give bit-identical Soft MoE layers", "[threads][soft_
 TEST_CASE("1 and 2 threads give bit-identical depth-routing layers", "[threads][depth]") {
   // T past the linear scorer's 4096-row blocks; six segments (sequences) of 1000 tokens
   const Index T = 6000, D = 32, H = 48;
-  std::vector<std::int32_t> segment(std::size_t(T));
+  std::vector<std::int32_t> segment(static_cast<std::size_t>(T));
   for (Index t = 0; t < T; ++t) segment[std::size_t(t)] = std::int32_t(t / 1000);
   const moe::TokenInputs<float> tokens{.segment = segment};
   require_thread_independent([&] { return moe::MoELayer(moe::make_depth_router<float>(D), moe::FFNExperts<float>(1, D, H)); }, T, D, tokens);
