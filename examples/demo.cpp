@@ -1,6 +1,7 @@
 // The main demo: one MoE layer per router preset on a synthetic batch, forward and backward,
 // then one table row per preset. Options: --tokens T --dim D --experts E --hidden H --reps N.
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -38,7 +39,8 @@ template <class Router>
 void run(const char* name, Router router, const Settings& s, const moe::Matrix<float>& x,
          const moe::TokenInputs<float>& tokens = {}) {
   using clock = std::chrono::steady_clock;
-  moe::MoELayer layer(std::move(router), moe::FFNExperts<float>(s.experts, s.dim, s.hidden));
+  const moe::Index experts = router.num_experts();  // E, or the one block of a depth router
+  moe::MoELayer layer(std::move(router), moe::FFNExperts<float>(experts, s.dim, s.hidden));
   moe::Matrix<float> y(s.tokens, s.dim), dx(s.tokens, s.dim);
   const moe::Matrix<float> dy = moe::Matrix<float>::Ones(s.tokens, s.dim) / float(s.tokens);
   layer.forward(x, y, tokens);  // warm-up: sizes every workspace once
@@ -132,6 +134,11 @@ int main(int argc, char** argv) {
   run("SinkhornRouter S-BASE", moe::make_sbase_router<float>(s.dim, s.experts, 2), s, x);
   run("SparsityConstrainedECRouter", moe::make_sparsity_constrained_ec_router<float>(s.dim, s.experts, 2.0), s, x);
   run("SoftMoERouter", moe::make_soft_moe_router<float>(s.dim, s.experts, 1), s, x);
+  // depth routers: one block (an FFN), sequences of 512 tokens as segments
+  std::vector<std::int32_t> sequence(static_cast<std::size_t>(s.tokens));
+  for (moe::Index t = 0; t < s.tokens; ++t) sequence[std::size_t(t)] = std::int32_t(t / 512);
+  run("DepthRouter", moe::make_depth_router<float>(s.dim), s, x, {.segment = sequence});
+  run("MindSkipRouter", moe::make_mindskip_router<float>(s.dim), s, x, {.segment = sequence});
   std::printf("\ncapacity: slots per expert (none: dropless); drop %%: (token, choice) pairs dropped; "
               "load CV: std/mean of tokens per expert;\nexp/tok: experts per real token; aux losses: "
               "each loss's raw value, in the preset's order (balance, then z-loss;\n"
@@ -150,6 +157,10 @@ int main(int argc, char** argv) {
               "SinkhornRouter token / expert: top-2 per token or top-C per expert of the Sinkhorn plan (same slots); "
               "S-BASE: Megatron's form, dropless.\n"
               "SoftMoERouter: p = 1 slot per expert, each slot a softmax mix of every token, each token a softmax "
-              "mix of every slot's output (exp/tok = E); nothing dropped, no loss.\n");
+              "mix of every slot's output (exp/tok = E); nothing dropped, no loss.\n"
+              "DepthRouter, MindSkipRouter: one block (the FFN) and the skip path y = x + w f(x), per sequence of 512 "
+              "tokens; DepthRouter runs the top 12.5%% of each\nsequence (aux loss: its predictor's BCE); MindSkipRouter "
+              "decides per sequence, and in training runs every token times its 0/1 decision\n(aux loss: the share of "
+              "sequences that run the block).\n");
   return 0;
 }
