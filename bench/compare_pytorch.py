@@ -200,6 +200,16 @@ def soft_moe_cases(reps):
         ]
 
 
+def route_depth_top_c(r, seq_len, capacity=0.125):
+    """Mixture-of-Depths as its ports route a [B, L] batch: per sequence the top C = ceil(capacity L) router
+    scores, the chosen positions back in sequence order, their scores the weights."""
+    scores = r.view(-1, seq_len)
+    C = math.ceil(capacity * seq_len)
+    _, idx = torch.topk(scores, C, dim=1, sorted=False)
+    idx, _ = torch.sort(idx, dim=1)
+    return idx, torch.gather(scores, 1, idx)
+
+
 def route_deepseek_v3(logits, bias, k, groups, groups_kept, route_scale=2.5):
     """DeepSeek-V3's gate as its inference code writes it: sigmoid scores, the bias added for
     selection only, a group scored by the sum of its top 2, the best groups kept, top-k among
@@ -288,6 +298,10 @@ def router_cases(reps):
                   timed(lambda: route_sbase(logits, 2), reps)))
     cases.append((f"Sinkhorn expert choice T:{T}/E:{E}/cf:2.5", f"BM_SinkhornRoute/T:{T}/E:{E}/mode:1",
                   timed(lambda: route_sinkhorn_expert_choice(logits, 2.5), reps)))
+    for T, L in [(16384, 2048), (16384, 512)]:
+        r = torch.randn(T) * 2
+        cases.append((f"Mixture-of-Depths top-C 12.5% T:{T}/L:{L}", f"BM_DepthRoute/T:{T}/L:{L}",
+                      timed(lambda: route_depth_top_c(r, L), reps)))
     T, E, k, G = 16384, 256, 8, 8
     logits = torch.randn(T, E) * 2
     bias = torch.randn(E) * 1e-3

@@ -4,6 +4,7 @@
 #include "moe/config.hpp"  // first: it includes the intrinsics header before Eigen does
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <concepts>
 #include <cstdint>
 #include <span>
@@ -45,19 +46,18 @@ inline Index count_valid(std::span<const std::uint8_t> valid, Index rows) {
   return n;
 }
 
-// Calls visit(begin, end) for each segment of `rows` rows: each run of equal ids in `segment`
-// (detail::check_segments has checked that they are non-decreasing), or all rows as one segment
-// when the ids are absent. Nothing is visited for 0 rows.
+// Calls visit(begin, end) for each segment of `rows` rows: each run of equal ids in `segment`,
+// which must be non-decreasing (detail::check_segments), or all rows as one segment when the ids
+// are absent. Nothing is visited for 0 rows. A run's end is found by binary search.
 template <class F>
 void for_each_segment(std::span<const std::int32_t> segment, Index rows, F&& visit) {
   if (segment.empty()) {
     if (rows > 0) visit(Index(0), rows);
     return;
   }
-  for (Index b = 0; b < rows;) {
-    Index e = b + 1;
-    while (e < rows && segment[std::size_t(e)] == segment[std::size_t(b)]) ++e;
-    visit(b, e);
+  for (auto b = segment.begin(); b != segment.end();) {
+    const auto e = std::upper_bound(b, segment.end(), *b);
+    visit(Index(b - segment.begin()), Index(e - segment.begin()));
     b = e;
   }
 }

@@ -50,6 +50,9 @@ void check_tokens(std::string_view where, const TokenInputs<S>& in, Index tokens
 // Segment ids where each segment must be one contiguous run of tokens (depth routing decides per
 // segment): every id >= 0 and never smaller than the one before.
 inline void check_segments(std::string_view where, std::span<const std::int32_t> segment) {
+  bool ok = segment.empty() || segment[0] >= 0;
+  for (std::size_t t = 1; t < segment.size(); ++t) ok &= segment[t] >= segment[t - 1];  // no branch: vectorised
+  if (ok) return;
   for (std::size_t t = 0; t < segment.size(); ++t)
     if (segment[t] < 0 || (t > 0 && segment[t] < segment[t - 1])) {
       std::ostringstream value;

@@ -21,10 +21,12 @@ public:
     if constexpr (std::is_same_v<S, float>) {
       using B = kernels::Batch<float>;
       constexpr Index w = Index(B::size);
-      const Index E = logits.cols();
-      for (Index t = 0; t < logits.rows(); ++t) {
-        const float* in = logits.row(t).data();
-        float* out = scores.row(t).data();
+      // contiguous rows run as one: a narrow E (one column for depth routing) has no tail per row
+      const bool flat = logits.outerStride() == logits.cols() && scores.outerStride() == scores.cols();
+      const Index E = flat ? logits.size() : logits.cols(), rows = flat ? Index(logits.size() > 0) : logits.rows();
+      for (Index t = 0; t < rows; ++t) {
+        const float* in = logits.data() + t * logits.outerStride();
+        float* out = scores.data() + t * scores.outerStride();
         Index e = 0;
         for (; e + w <= E; e += w) sigmoid_lanes(B::load_unaligned(in + e)).store_unaligned(out + e);
         for (; e < E; ++e) out[e] = sigmoid_lanes(B(in[e])).get(0);

@@ -92,6 +92,30 @@ struct Candidates<float> {
     }
     if (from != keys) std::copy_n(from, n, keys);
   }
+  // The key at place `rank` (from 0) of the ascending order of keys[0, n), without sorting: an MSD
+  // radix select on the value's bytes, each pass keeping only the keys of the byte that holds the
+  // place. The keys left at the end share their value and are still in arrival (token) order,
+  // which is their key order, so the place indexes them directly.
+  type select(const type* keys, Index n, Index rank, std::vector<type>& tmp) const {
+    fit(tmp, n);
+    const type* from = keys;
+    for (int d = 3; d >= 0; --d) {
+      const int shift = 32 + 8 * d;
+      std::array<Index, 256> count{};
+      for (Index i = 0; i < n; ++i) ++count[(from[i] >> shift) & 0xff];
+      std::size_t b = 0;
+      while (rank >= count[b]) rank -= count[b++];
+      if (count[b] == n) continue;  // every key has this byte
+      Index m = 0;
+      for (Index i = 0; i < n; ++i) {  // in place after the first pass: m <= i
+        tmp[std::size_t(m)] = from[i];
+        m += ((from[i] >> shift) & 0xff) == b;
+      }
+      n = m;
+      from = tmp.data();
+    }
+    return from[rank];
+  }
 };
 
 template <>
@@ -100,10 +124,16 @@ struct Candidates<double> {
   type make(double v, std::int32_t t) const { return {v, t}; }
   std::int32_t token(const type& c) const { return c.token; }
   void sort(type* c, Index n, std::vector<type>&) const { std::sort(c, c + n); }
+  type select(const type* c, Index n, Index rank, std::vector<type>& tmp) const {
+    fit(tmp, n);
+    std::copy_n(c, n, tmp.begin());
+    std::nth_element(tmp.begin(), tmp.begin() + rank, tmp.begin() + n);
+    return tmp[std::size_t(rank)];
+  }
 };
 
 // The top C of a column's n candidates (in token order) into out: sorted, or (token_order) by
-// finding the C-th and keeping, in their order, those not after it.
+// selecting the C-th and keeping, in their order, those not after it.
 template <class S>
 void finish_column(const Candidates<S>& cand, typename Candidates<S>::type* c, Index n, Index capacity,
                    bool token_order, std::vector<typename Candidates<S>::type>& tmp, std::int32_t* out) {
@@ -112,10 +142,7 @@ void finish_column(const Candidates<S>& cand, typename Candidates<S>::type* c, I
     for (Index i = 0; i < capacity; ++i) out[i] = cand.token(c[i]);
     return;
   }
-  fit(tmp, n);
-  std::copy_n(c, n, tmp.begin());
-  std::nth_element(tmp.begin(), tmp.begin() + (capacity - 1), tmp.begin() + n);
-  const auto last = tmp[std::size_t(capacity - 1)];
+  const auto last = cand.select(c, n, capacity - 1, tmp);
   Index k = 0;
   for (Index i = 0; i < n; ++i)
     if (!(last < c[i])) out[k++] = cand.token(c[i]);

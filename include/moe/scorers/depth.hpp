@@ -11,7 +11,6 @@
 #include <string_view>
 
 #include "moe/core/gemm.hpp"
-#include "moe/core/math.hpp"
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/core/validate.hpp"
@@ -87,13 +86,14 @@ public:
       });
     if (has_predictor()) {
       fit(z_, x.rows(), opt_.predictor_hidden);
+      fit(h_, x.rows(), opt_.predictor_hidden);
+      fit(q_, x.rows(), 1);
       gemm_.template run<false, true>(x, w1_, z_);
       z_.rowwise() += b1_.row(0);
-      for (Index t = 0; t < x.rows(); ++t) {
-        S p = b2_(0, 0);
-        for (Index i = 0; i < z_.cols(); ++i) p += w2_(0, i) * silu(z_(t, i));
-        logits(t, 1) = p;
-      }
+      // silu(z) = z sigmoid(z), vectorised by Eigen (exp(-z) = inf gives 0 for very negative z)
+      h_.array() = z_.array() / (S(1) + (-z_.array()).exp());
+      gemm_.template run<false, true>(h_, w2_, q_);
+      logits.col(1) = q_.col(0).array() + b2_(0, 0);
     }
   }
 
@@ -112,15 +112,12 @@ public:
     if (has_predictor()) {
       // dz = dp w2 * silu'(z); dW1 += dz^T x, and the biases and w2 their sums
       fit(dz_, x.rows(), opt_.predictor_hidden);
-      for (Index t = 0; t < x.rows(); ++t) {
-        const S dp = dlogits(t, 1);
-        b2_grad_(0, 0) += dp;
-        for (Index i = 0; i < dz_.cols(); ++i) {
-          const S z = z_(t, i), sig = detail::sigmoid(z);
-          w2_grad_(0, i) += dp * z * sig;
-          dz_(t, i) = dp * w2_(0, i) * sig * (S(1) + z * (S(1) - sig));
-        }
-      }
+      q_.col(0) = dlogits.col(1);  // dq, contiguous
+      b2_grad_(0, 0) += q_.sum();
+      gemm_.template run<true, false>(q_, h_, w2_grad_, S(1), true);
+      // silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
+      dz_.array() = S(1) / (S(1) + (-z_.array()).exp());
+      dz_.array() = (q_ * w2_).array() * dz_.array() * (S(1) + z_.array() * (S(1) - dz_.array()));
       b1_grad_.row(0) += dz_.colwise().sum();
       gemm_.template run<true, false>(dz_, x, w1_grad_, S(1), true);
     }
@@ -137,7 +134,6 @@ public:
   }
 
 private:
-  static S silu(S z) { return z * detail::sigmoid(z); }
   bool counts(const TokenInputs<S>& tokens, Index t) const {
     return opt_.pool_padding == Padding::fairseq || tokens.is_valid(t);
   }
@@ -145,7 +141,7 @@ private:
   Options opt_;
   LinearScorer<S> router_;
   Matrix<S> w1_, b1_, w2_, b2_, w1_grad_, b1_grad_, w2_grad_, b2_grad_;
-  Matrix<S> z_, dz_, dr_;  // the predictor's pre-activations (kept for backward) and scratch
+  Matrix<S> z_, h_, q_, dz_, dr_;  // the predictor's pre-activations and hidden layer (kept for backward), scratch
   Gemm<S> gemm_;
 };
 

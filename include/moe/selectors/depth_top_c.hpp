@@ -16,6 +16,7 @@
 #include "moe/core/rng.hpp"
 #include "moe/core/validate.hpp"
 #include "moe/core/workspace.hpp"
+#include "moe/kernels/column_top_c.hpp"
 #include "moe/selectors/block_routing.hpp"
 #include "moe/selectors/capacity.hpp"
 
@@ -106,23 +107,22 @@ private:
     return std::min(c, n);
   }
 
-  // The top C of segment [b, e) by rank, ties to the lower token, appended in token order.
+  // The top C of segment [b, e) by rank, ties to the lower token, appended in token order: the
+  // per-column top C of expert choice on the segment's one column.
   void take_top(const SelectorInput<S>& in, Index b, Index e) {
-    candidates_.clear();
-    for (Index t = b; t < e; ++t)
-      if (in.tokens.is_valid(t)) candidates_.push_back(std::int32_t(t));
-    const Index c = std::min(capacity(Index(candidates_.size())), Index(candidates_.size()));
-    const auto before = [&](std::int32_t a, std::int32_t z) {
-      return in.rank(a, 0) > in.rank(z, 0) || (in.rank(a, 0) == in.rank(z, 0) && a < z);
-    };
-    std::nth_element(candidates_.begin(), candidates_.begin() + c, candidates_.end(), before);
-    std::sort(candidates_.begin(), candidates_.begin() + c);
-    run_.insert(run_.end(), candidates_.begin(), candidates_.begin() + c);
+    const auto valid = in.tokens.valid.empty() ? in.tokens.valid : in.tokens.valid.subspan(std::size_t(b), std::size_t(e - b));
+    const Index n = count_valid(valid, e - b), c = std::min(capacity(n), n);
+    const std::size_t at = run_.size();
+    run_.resize(at + std::size_t(c));
+    kernels::top_c_per_column<S>(in.rank.middleRows(b, e - b).leftCols(1), c, valid, n,
+                                 std::span<std::int32_t>(run_).subspan(at), scratch_, true);
+    for (std::size_t i = at; i < run_.size(); ++i) run_[i] += std::int32_t(b);
   }
 
   Options opt_;
   bool training_ = true;
-  std::vector<std::int32_t> run_, candidates_;
+  std::vector<std::int32_t> run_;
+  kernels::TopCScratch<S> scratch_;
   std::vector<S> weight_;
 };
 
