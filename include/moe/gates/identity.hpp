@@ -10,6 +10,7 @@ template <scalar S>
 class IdentityGate {
 public:
   using scalar_type = S;
+  constexpr bool causal() const { return true; }  // per entry
 
   void forward(MatrixIn<S> logits, MatrixOut<S> scores) { scores = logits; }
   // dlogits += dscores
