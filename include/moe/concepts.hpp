@@ -91,6 +91,15 @@ Index logit_columns(const P& p) {
   else return p.num_experts();
 }
 
+// Whether a policy is causal (docs/architecture.md, Causality): in evaluation mode, a token's
+// routing and output depend on no later token of its group. A policy declares it with
+// `bool causal() const`; one that does not is taken as not causal, the safe answer for a decoder.
+template <class P>
+constexpr bool is_causal(const P& p) {
+  if constexpr (requires { { p.causal() } -> std::convertible_to<bool>; }) return p.causal();
+  else return false;
+}
+
 template <class P>
 concept gate = detail::has_scalar<P> &&
     requires(P& p, MatrixIn<typename P::scalar_type> in, MatrixOut<typename P::scalar_type> out) {

@@ -80,6 +80,10 @@ public:
   // Columns of the logits: num_experts(), or the slots of a scorer that scores slots.
   Index logit_columns() const { return moe::logit_columns(scorer_); }
 
+  // Whether a token's routing depends on no later token of the batch, in evaluation
+  // (docs/architecture.md, Causality): every stage causal. Losses do not change the routing.
+  bool causal() const { return is_causal(scorer_) && is_causal(gate_) && is_causal(selector_); }
+
   // x [T, D] -> routing. On error the previous call's routing, logits, scores and loss values
   // stay as they were (a backward after a rejected batch still sees the last good one).
   const routing_type& forward(MatrixIn<S> x, const TokenInputs<S>& tokens = {}) {

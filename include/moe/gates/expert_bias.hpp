@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "moe/concepts.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/core/validate.hpp"
 #include "moe/gates/sigmoid.hpp"
@@ -44,6 +45,8 @@ public:
   }
 
   Index num_experts() const { return bias_.cols(); }
+  // The bias moves only between forwards (update_bias): causal as the inner gate is.
+  bool causal() const { return is_causal(inner_); }
   const Options& options() const { return opt_; }
   Inner& inner() { return inner_; }
   // The bias b [1, E]. Not visited by for_each_parameter (see docs/gates.md): save or restore it

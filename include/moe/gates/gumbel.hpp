@@ -20,6 +20,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "moe/concepts.hpp"
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/gates/softmax.hpp"
@@ -44,6 +45,8 @@ public:
 
   const Options& options() const { return opt_; }
   Inner& inner() { return inner_; }
+  // A token's draws are keyed by (seed, step, token, expert): causal as the inner gate is.
+  bool causal() const { return is_causal(inner_); }
 
   void set_draw_state(const DrawState& state) {
     state_ = state;

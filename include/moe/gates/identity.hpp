@@ -12,6 +12,7 @@ template <scalar S>
 class IdentityGate {
 public:
   using scalar_type = S;
+  constexpr bool causal() const { return true; }  // per entry
 
   void forward(MatrixIn<S> logits, MatrixOut<S> scores) {
     // one flat copy when both are contiguous: Eigen copies a one-column block row by row

@@ -14,6 +14,7 @@ template <scalar S>
 class SigmoidGate {
 public:
   using scalar_type = S;
+  constexpr bool causal() const { return true; }  // per entry
 
   // float: the SIMD exp of the softmax kernel (within 2 float epsilons of std::exp), on every
   // entry of a row including its tail, so a row has the same bits in a block as in the batch.

@@ -61,6 +61,9 @@ public:
   }
 
   const Options& options() const { return opt_; }
+  // ott's plan couples the batch in evaluation too; Megatron's form plans in training only and
+  // ranks by the token's own scores in evaluation.
+  bool causal() const { return opt_.form == SinkhornForm::megatron; }
   void set_draw_state(const DrawState& state) { training_ = state.training; }
   // Megatron's form: the rounds the last plan took (0 when none was computed).
   int rounds() const { return rounds_; }

@@ -9,6 +9,7 @@ template <scalar S>
 class SoftmaxGate {
 public:
   using scalar_type = S;
+  constexpr bool causal() const { return true; }  // per token
 
   void forward(MatrixIn<S> logits, MatrixOut<S> scores) { kernels::softmax_rows<S>(logits, scores); }
 

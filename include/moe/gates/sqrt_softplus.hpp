@@ -13,6 +13,7 @@ template <scalar S>
 class SqrtSoftplusGate {
 public:
   using scalar_type = S;
+  constexpr bool causal() const { return true; }  // per entry
 
   void forward(MatrixIn<S> logits, MatrixOut<S> scores) {
     scores = logits.unaryExpr([](S l) { return std::sqrt(detail::softplus(l)); });

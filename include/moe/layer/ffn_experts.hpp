@@ -58,6 +58,7 @@ public:
   Index num_experts() const { return experts_; }
   Index input_dim() const { return dim_; }
   Index output_dim() const { return dim_; }
+  constexpr bool causal() const { return true; }  // each row is processed alone
   Index hidden_dim() const { return hidden_; }
   // Expert e's weights. The mutable views may be written: they mark the packed copy stale.
   auto w1(Index e) {

@@ -24,6 +24,7 @@ public:
   Index num_experts() const { return experts_; }
   Index input_dim() const { return dim_; }
   Index output_dim() const { return dim_; }
+  constexpr bool causal() const { return true; }  // each row is processed alone
 
   void forward(MatrixIn<S> x, std::span<const Index>, MatrixOut<S> y) { y = x; }
   void backward(MatrixIn<S>, MatrixIn<S> dy, MatrixOut<S> dx) { dx = dy; }

@@ -90,6 +90,13 @@ public:
   Index input_dim() const { return router_.input_dim(); }
   Index output_dim() const { return experts_.output_dim(); }
 
+  // Whether a token's output depends on no later token of the batch, in evaluation
+  // (docs/architecture.md, Causality): the router, the experts and the shared expert all causal.
+  bool causal() const {
+    if constexpr (has_shared) return is_causal(router_) && is_causal(experts_) && is_causal(shared_);
+    else return is_causal(router_) && is_causal(experts_);
+  }
+
   // Whether forward keeps what backward needs (a copy of x and of the token inputs): on by
   // default; off for inference, as under torch.no_grad(), which saves copying x every call.
   // Experts (and shared expert) that have set_grad_enabled are told too: the built-in FFN and

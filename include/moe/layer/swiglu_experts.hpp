@@ -38,6 +38,7 @@ public:
   Index num_experts() const { return experts_; }
   Index input_dim() const { return dim_; }
   Index output_dim() const { return dim_; }
+  constexpr bool causal() const { return true; }  // each row is processed alone
   Index hidden_dim() const { return hidden_; }
 
   // Whether a forward is followed by backward (MoELayer::set_grad_enabled calls this): when

@@ -80,6 +80,7 @@ public:
   Index proj_dim() const { return proj_.rows(); }
   const Options& options() const { return opt_; }
   bool normalizes_tokens() const { return opt_.form == CosineForm::paper; }
+  constexpr bool causal() const { return true; }  // per token (each token normalised alone)
   bool has_temperature() const { return opt_.form == CosineForm::paper; }
   bool learns_temperature() const { return has_temperature() && opt_.learn_temperature; }
 

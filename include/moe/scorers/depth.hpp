@@ -69,6 +69,8 @@ public:
   bool has_predictor() const { return opt_.predictor_hidden > 0; }
   const Options& options() const { return opt_; }
   LinearScorer<S>& router() { return router_; }
+  // r_t and the predictor read token t alone; a segment's mean reads its later tokens too.
+  bool causal() const { return opt_.pooling == DepthPooling::token; }
 
   void set_draw_state(const DrawState& state) { router_.set_draw_state(state); }
 

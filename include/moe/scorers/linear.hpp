@@ -56,6 +56,7 @@ public:
   const Matrix<S>& weight() const { return weight_; }
 
   double jitter() const { return jitter_; }
+  constexpr bool causal() const { return true; }  // per token (the jitter too: drawn per token)
   void set_draw_state(const DrawState& state) { draw_state_ = state; }
 
   // Row blocks of a fixed size, one GEMM each (a thread per block with OpenMP); few experts take

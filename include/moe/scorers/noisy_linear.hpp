@@ -56,6 +56,7 @@ public:
   const Matrix<S>& weight() const { return gate_.weight(); }
   Matrix<S>& noise_weight() { return noise_.weight(); }  // only a parameter when learned
   LinearScorer<S>& linear() { return gate_; }
+  constexpr bool causal() const { return true; }  // per token; the noise is keyed by token
 
   // The router's mode and step before each forward: evaluation turns the noise off.
   void set_draw_state(const DrawState& state) { state_ = state; }

@@ -66,6 +66,8 @@ public:
   Index slots_per_expert() const { return slots_per_expert_; }
   Index num_slots() const { return phi_.cols(); }
   Index logit_columns() const { return phi_.cols(); }
+  // Per token; its selector, SoftSlotsSelector, is what mixes the batch.
+  constexpr bool causal() const { return true; }
 
   Matrix<S>& phi() { return phi_; }
   const Matrix<S>& phi() const { return phi_; }

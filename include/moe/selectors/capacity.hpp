@@ -58,6 +58,18 @@ struct Capacity {
 
   bool limited() const { return factor.has_value(); }
 
+  // Whether the pairs that keep a slot are settled without looking at later tokens, so that a
+  // token's routing depends on no later token (docs/selectors.md, Capacity): dropless,
+  // token-major, or rank-major when each token holds at most one choice (else a later first
+  // choice beats an earlier second one); every other order ranks the pairs of the whole batch.
+  // `varying_choices`: tokens hold different numbers of choices, so a C that counts choices
+  // (times_k) counts the later tokens' too.
+  constexpr bool causal(bool single_choice, bool varying_choices = false) const {
+    if (!factor) return true;
+    if (varying_choices && times_k) return false;
+    return overflow == OverflowOrder::token_major || (overflow == OverflowOrder::rank_major && single_choice);
+  }
+
   // Throws config_error for a rule no batch could satisfy.
   void validate(std::string_view where) const {
     if (factor)

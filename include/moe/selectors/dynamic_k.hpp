@@ -45,6 +45,9 @@ public:
 
   Index k_max() const { return k_max_; }
   const Options& options() const { return opt_; }
+  // Not causal unless k_max = 1 (then k_t = 1 and its capacity decides): k_t divides the token's
+  // importance by the largest of the batch, which a later token can raise.
+  bool causal() const { return k_max_ == 1 && opt_.capacity.causal(true); }
 
   void check_experts(Index experts) const {
     if (k_max_ > experts)

@@ -33,6 +33,9 @@ public:
   explicit ExpertChoiceSelector(Options opt = {}) : opt_(opt) { opt_.capacity.validate("ExpertChoiceSelector"); }
 
   const Options& options() const { return opt_; }
+  // Not causal: an expert's top C ranks every token of the batch, so a later token can take an
+  // earlier one's slot.
+  constexpr bool causal() const { return false; }
 
   // C for a batch of `tokens` real tokens over `experts` experts: what each expert takes (all the
   // real tokens when there are fewer than C).

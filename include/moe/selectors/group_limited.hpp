@@ -44,6 +44,8 @@ public:
 
   Index k() const { return inner_.k(); }
   const Groups& groups() const { return groups_; }
+  // The groups are a token's own: causal as TopKSelector is (its capacity).
+  bool causal() const { return inner_.causal(); }
   const Options& options() const { return inner_.options(); }
 
   // E divisible by G, and the kept groups hold at least k experts (and k/keep per group).

@@ -49,6 +49,8 @@ public:
   }
 
   Index slots_per_expert() const { return slots_per_expert_; }
+  // Not causal: every slot mixes every token of the batch.
+  constexpr bool causal() const { return false; }
 
   // The router's check that the scorer's logit columns are this selector's slots.
   void check_slots(Index experts, Index columns) const {

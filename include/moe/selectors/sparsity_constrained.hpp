@@ -72,6 +72,8 @@ public:
   }
 
   const Options& options() const { return opt_; }
+  // Not causal: the plan and each expert's top C couple every token of the batch.
+  constexpr bool causal() const { return false; }
   // The plan of the last forward ([T, E], padding rows 0) and the Adam steps it took.
   const Matrix<S>& plan() const { return plan_; }
   int steps() const { return steps_; }

@@ -68,6 +68,13 @@ public:
   Index k() const { return k_; }
   const Options& options() const { return opt_; }
 
+  // Causal as its capacity is (Capacity::causal), with the overflow order evaluation runs.
+  bool causal() const {
+    Capacity evaluation = opt_.capacity;
+    evaluation.overflow = overflow_order(opt_.draws.at_evaluation);
+    return evaluation.causal(k_ == 1);
+  }
+
   // Called by Router at construction, when the number of experts is first known.
   void check_experts(Index experts) const { check_k(experts); }
   void set_draw_state(const DrawState& state) { draw_state_ = state; }
@@ -274,6 +281,12 @@ private:
   // fairseq/DeepSpeed clamp the renormalisation denominator at float epsilon.
   static constexpr S floor() { return detail::weight_floor<S>(); }
 
+  // The order a call runs: random token selection without draws (`drawing` false) is first come.
+  OverflowOrder overflow_order(bool drawing) const {
+    const auto overflow = opt_.capacity.overflow;
+    return overflow == OverflowOrder::random && !drawing ? OverflowOrder::rank_major : overflow;
+  }
+
   void validate(const TokenInputs<S>& in, Index tokens, Index experts) const {
     check_k(experts);
     detail::check_tokens("TopKSelector", in, tokens, experts);
@@ -305,8 +318,7 @@ private:
     const Index choices = r.num_choices(), valid = routed_;  // tokens holding k choices each
     const DrawSource<S> u(opt_.draws, draw_state_, DrawStream::uniform, Distribution::uniform, tokens.uniform,
                           logits.cols(), tokens.first);
-    auto overflow = opt_.capacity.overflow;
-    if (overflow == OverflowOrder::random && !u.on()) overflow = OverflowOrder::rank_major;
+    const auto overflow = overflow_order(u.on());
     if (overflow == OverflowOrder::by_masked_logit) {
       masked_logit_eligible(r, logits);  // the kept set itself; slots then in token order
       order_.clear();

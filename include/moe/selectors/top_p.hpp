@@ -51,6 +51,9 @@ public:
   }
 
   const Options& options() const { return opt_; }
+  // p is a mass of the token's own scores: causal as its capacity is (a token may hold several
+  // choices, and how many varies).
+  bool causal() const { return opt_.capacity.causal(false, true); }
 
   void forward(const SelectorInput<S>& in, routing_type& r) {
     detail::check_shape("TopPSelector", "scores", in.scores, in.logits.rows(), in.logits.cols());
