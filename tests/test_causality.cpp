@@ -181,12 +181,12 @@ std::vector<Row> rows() {
                   [] { return layer(moe::make_dynamic_k_router<S>(D, E, 4, std::nullopt, 22)); }));
   r.push_back(row("SoftMoERouter", false, [] { return layer(moe::make_soft_moe_router<S>(D, E, 1, 23)); }));
   const auto block = [](auto router) { return moe::MoELayer(std::move(router), moe::FFNExperts<S>(1, D, H, moe::Activation::gelu, 3)); };
-  r.push_back(row("DepthRouter (the top C of the sequence)", false, [&] { return block(moe::make_depth_router<S>(D, 0.25)); }));
+  r.push_back(row("DepthRouter (the top C of the sequence)", false, [block] { return block(moe::make_depth_router<S>(D, 0.25)); }));
   r.push_back(row("DepthRouter, evaluation by its predictor", true,
-                  [&] { return block(moe::make_depth_router<S>(D, 0.25, moe::DepthInference::predictor, 26)); }));
-  r.push_back(row("MindSkipRouter (one decision per sequence)", false, [&] { return block(moe::make_mindskip_router<S>(D)); }));
+                  [block] { return block(moe::make_depth_router<S>(D, 0.25, moe::DepthInference::predictor, 26)); }));
+  r.push_back(row("MindSkipRouter (one decision per sequence)", false, [block] { return block(moe::make_mindskip_router<S>(D)); }));
   r.push_back(row("MindSkipRouter per token", true,
-                  [&] { return block(moe::make_mindskip_router<S>(D, moe::DepthPooling::token, 0.0, std::nullopt, 27)); }));
+                  [block] { return block(moe::make_mindskip_router<S>(D, moe::DepthPooling::token, 0.0, std::nullopt, 27)); }));
   // ---- configurations that flip the answer
   r.push_back(row("top-2, rank-major capacity", false, [] {
     return custom(TopKSelector<S>(2, {.capacity = {.factor = 0.5, .overflow = OverflowOrder::rank_major}}));
