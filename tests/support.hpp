@@ -5,6 +5,8 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <map>
+#include <string>
 #include <moe/moe.hpp>
 
 namespace moe_test {
@@ -102,6 +104,31 @@ Matrix<double> slot_backward(Router& router, const Matrix<double>& x, const Matr
   Matrix<double> dx(x.rows(), x.cols());
   router.backward(x, tokens, dw, dx);
   return dx;
+}
+
+// A layer's (or router's) parameters by name, as views that may be written (finite differences).
+template <class Layer>
+std::map<std::string, Eigen::Ref<Matrix<double>>> parameters(Layer& layer) {
+  std::map<std::string, Eigen::Ref<Matrix<double>>> out;
+  layer.for_each_parameter([&](std::string_view name, auto value, auto) { out.emplace(std::string(name), value); });
+  return out;
+}
+
+// Their gradients by name, copied.
+template <class Layer>
+std::map<std::string, Matrix<double>> gradients(Layer& layer) {
+  std::map<std::string, Matrix<double>> out;
+  layer.for_each_parameter([&](std::string_view name, auto, auto grad) { out.emplace(std::string(name), grad); });
+  return out;
+}
+
+// Every entry of a and b within tol.
+inline void require_close(const Matrix<double>& a, const Matrix<double>& b, double tol) {
+  REQUIRE(a.rows() == b.rows());
+  REQUIRE(a.cols() == b.cols());
+  if (a.size() == 0) return;
+  INFO("max |a - b| = " << (a - b).cwiseAbs().maxCoeff());
+  REQUIRE((a - b).cwiseAbs().maxCoeff() <= tol);
 }
 
 }  // namespace moe_test

@@ -20,28 +20,6 @@ using Mask = std::vector<std::uint8_t>;
 using Segments = std::vector<std::int32_t>;
 bool is_valid(const Mask& valid, Index t) { return valid.empty() || valid[std::size_t(t)]; }
 
-template <class Layer>
-std::map<std::string, Eigen::Ref<Matrix<double>>> parameters(Layer& layer) {
-  std::map<std::string, Eigen::Ref<Matrix<double>>> out;
-  layer.for_each_parameter([&](std::string_view name, auto value, auto) { out.emplace(std::string(name), value); });
-  return out;
-}
-
-template <class Layer>
-std::map<std::string, Matrix<double>> gradients(Layer& layer) {
-  std::map<std::string, Matrix<double>> out;
-  layer.for_each_parameter([&](std::string_view name, auto, auto grad) { out.emplace(std::string(name), grad); });
-  return out;
-}
-
-void require_close(const Matrix<double>& a, const Matrix<double>& b, double tol) {
-  REQUIRE(a.rows() == b.rows());
-  REQUIRE(a.cols() == b.cols());
-  if (a.size() == 0) return;
-  INFO("max |a - b| = " << (a - b).cwiseAbs().maxCoeff());
-  REQUIRE((a - b).cwiseAbs().maxCoeff() <= tol);
-}
-
 double gelu(double v) { return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0))); }
 double sigmoid(double v) { return 1 / (1 + std::exp(-v)); }
 double silu(double v) { return v * sigmoid(v); }

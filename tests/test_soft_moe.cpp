@@ -73,28 +73,6 @@ Matrix<double> layer_oracle(const Matrix<double>& x, const Matrix<double>& dispa
   return combine * slots_out;
 }
 
-template <class Layer>
-std::map<std::string, Eigen::Ref<Matrix<double>>> parameters(Layer& layer) {
-  std::map<std::string, Eigen::Ref<Matrix<double>>> out;
-  layer.for_each_parameter([&](std::string_view name, auto value, auto) { out.emplace(std::string(name), value); });
-  return out;
-}
-
-template <class Layer>
-std::map<std::string, Matrix<double>> gradients(Layer& layer) {
-  std::map<std::string, Matrix<double>> out;
-  layer.for_each_parameter([&](std::string_view name, auto, auto grad) { out.emplace(std::string(name), grad); });
-  return out;
-}
-
-void require_close(const Matrix<double>& a, const Matrix<double>& b, double tol) {
-  REQUIRE(a.rows() == b.rows());
-  REQUIRE(a.cols() == b.cols());
-  if (a.size() == 0) return;
-  INFO("max |a - b| = " << (a - b).cwiseAbs().maxCoeff());
-  REQUIRE((a - b).cwiseAbs().maxCoeff() <= tol);
-}
-
 }  // namespace
 
 TEST_CASE("soft MoE: logits, dispatch and combine match the oracle", "[soft_moe]") {
