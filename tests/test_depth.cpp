@@ -484,3 +484,19 @@ TEST_CASE("depth routing: bad configuration and input get named errors, nothing 
     else check(moe::MoELayer(moe::make_depth_router<float>(D, 0.5), moe::FFNExperts<float>(1, D, 3)));
   }
 }
+
+TEST_CASE("for_each_segment: runs of equal ids, in any order, across its 16-id chunks", "[depth][core]") {
+  const auto collect = [](const Segments& seg, Index rows) {
+    std::vector<std::pair<Index, Index>> out;
+    moe::for_each_segment(seg, rows, [&](Index b, Index e) { out.emplace_back(b, e); });
+    return out;
+  };
+  using Runs = std::vector<std::pair<Index, Index>>;
+  REQUIRE(collect({7, 7, 3, 3, 3, 9}, 6) == Runs{{0, 2}, {2, 5}, {5, 6}});
+  REQUIRE(collect({}, 5) == Runs{{0, 5}});
+  REQUIRE(collect({}, 0).empty());
+  Segments long_runs(40, 1);
+  std::fill(long_runs.begin() + 17, long_runs.end(), 4);
+  long_runs[39] = 0;
+  REQUIRE(collect(long_runs, 40) == Runs{{0, 17}, {17, 39}, {39, 40}});
+}

@@ -4,7 +4,6 @@
 #include "moe/config.hpp"  // first: it includes the intrinsics header before Eigen does
 
 #include <Eigen/Core>
-#include <algorithm>
 #include <concepts>
 #include <cstdint>
 #include <span>
@@ -46,18 +45,32 @@ inline Index count_valid(std::span<const std::uint8_t> valid, Index rows) {
   return n;
 }
 
-// Calls visit(begin, end) for each segment of `rows` rows: each run of equal ids in `segment`,
-// which must be non-decreasing (detail::check_segments), or all rows as one segment when the ids
-// are absent. Nothing is visited for 0 rows. A run's end is found by binary search.
+// Calls visit(begin, end) for each segment of `rows` rows: each run of equal ids in `segment`
+// (the depth policies also require the ids non-decreasing: detail::check_segments), or all rows
+// as one segment when the ids are absent. Nothing is visited for 0 rows.
 template <class F>
 void for_each_segment(std::span<const std::int32_t> segment, Index rows, F&& visit) {
   if (segment.empty()) {
     if (rows > 0) visit(Index(0), rows);
     return;
   }
-  for (auto b = segment.begin(); b != segment.end();) {
-    const auto e = std::upper_bound(b, segment.end(), *b);
-    visit(Index(b - segment.begin()), Index(e - segment.begin()));
+  constexpr Index chunk = 16;  // compared whole, without a branch per id
+  for (Index b = 0; b < rows;) {
+    const std::int32_t id = segment[std::size_t(b)];
+    Index e = b + 1;
+    for (;;) {
+      if (e + chunk <= rows) {
+        bool same = true;
+        for (Index k = 0; k < chunk; ++k) same &= segment[std::size_t(e + k)] == id;
+        if (same) {
+          e += chunk;
+          continue;
+        }
+      }
+      if (e == rows || segment[std::size_t(e)] != id) break;
+      ++e;
+    }
+    visit(b, e);
     b = e;
   }
 }
