@@ -30,6 +30,7 @@
 #include "moe/scorers/noisy_linear.hpp"
 #include "moe/scorers/normalized_slots.hpp"
 #include "moe/scorers/depth.hpp"
+#include "moe/scorers/attention.hpp"
 #include "moe/gates/softmax.hpp"
 #include "moe/gates/identity.hpp"
 #include "moe/gates/sigmoid.hpp"

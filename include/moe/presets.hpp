@@ -19,6 +19,7 @@
 #include "moe/losses/skip_capacity.hpp"
 #include "moe/losses/z_loss.hpp"
 #include "moe/router.hpp"
+#include "moe/scorers/attention.hpp"
 #include "moe/scorers/cosine.hpp"
 #include "moe/scorers/depth.hpp"
 #include "moe/scorers/linear.hpp"
@@ -414,6 +415,24 @@ template <scalar S>
 SoftMoERouter<S> make_soft_moe_router(Index dim, Index experts, Index slots_per_expert = 1, std::uint64_t seed = 0) {
   return {NormalizedSlotsScorer<S>(dim, experts, slots_per_expert, {.scale = 1.0, .seed = seed}), IdentityGate<S>{},
           SoftSlotsSelector<S>(slots_per_expert)};
+}
+
+// ---- learned routers (docs/routers.md, AttentionRouter) ---------------------------------------
+
+// Yuan 2.0-M32's attention router (IEIT-Yuan, "Yuan 2.0-M32: Mixture of Experts with Attention
+// Router", 2024) as its Hugging Face model code routes: per token q, k, v = W x in R^E (one
+// fused [3E, D] weight, no bias), logits = softmax(q k^T) v (no scaling), then softmax, top-2 and
+// the two probabilities renormalised; dropless, no auxiliary loss (the released scripts' load
+// balancing type "none"). E = 32 in Yuan 2.0-M32. `chunk` > 1 is the training operator's head of
+// several tokens (not causal).
+template <scalar S>
+using AttentionRouter = Router<AttentionScorer<S>, SoftmaxGate<S>, TopKSelector<S>>;
+
+template <scalar S>
+AttentionRouter<S> make_attention_router(Index dim, Index experts = 32, Index k = 2, Index chunk = 1,
+                                         std::uint64_t seed = 0) {
+  return {AttentionScorer<S>(dim, experts, {.chunk = chunk, .seed = seed}), SoftmaxGate<S>{},
+          TopKSelector<S>(k, {.weighting = Weighting::renormalize_before_drop})};
 }
 
 // ---- depth routing (docs/routers.md, DepthRouter, MindSkipRouter) -----------------------------

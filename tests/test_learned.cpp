@@ -1,0 +1,148 @@
+// The learned routers that change what the router is (docs/scorers.md): Yuan 2.0-M32's attention
+// router (AttentionScorer, AttentionRouter), checked against an oracle written from the math in
+// docs/routers.md, finite-difference gradients in double, and the bad-input contract.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "support.hpp"
+
+using namespace moe_test;
+
+namespace {
+
+// logits of the attention router: qkv = x W^T + b; for each head of c tokens,
+// S = Q^T K / sqrt(c) [E, E], A = row softmax of S, logits = V A^T.
+Matrix<double> attention_oracle(const Matrix<double>& x, const Matrix<double>& w, const Matrix<double>& b, Index E, Index c) {
+  Matrix<double> qkv = x * w.transpose();
+  for (Index t = 0; t < x.rows(); ++t) qkv.row(t) += b.row(0);
+  Matrix<double> logits(x.rows(), E);
+  for (Index h = 0; h < x.rows() / c; ++h) {
+    Matrix<double> s(E, E);
+    for (Index i = 0; i < E; ++i)
+      for (Index j = 0; j < E; ++j) {
+        double sum = 0;
+        for (Index t = h * c; t < (h + 1) * c; ++t) sum += qkv(t, i) * qkv(t, E + j);
+        s(i, j) = sum / std::sqrt(double(c));
+      }
+    const Matrix<double> a = softmax_of(s);
+    for (Index t = h * c; t < (h + 1) * c; ++t)
+      for (Index i = 0; i < E; ++i) {
+        double sum = 0;
+        for (Index j = 0; j < E; ++j) sum += a(i, j) * qkv(t, 2 * E + j);
+        logits(t, i) = sum;
+      }
+  }
+  return logits;
+}
+
+}  // namespace
+
+TEST_CASE("attention router: logits and routing match the oracle, per token and by heads", "[attention]") {
+  const Index T = 12, D = 6, E = 5;
+  const Matrix<double> x = random_matrix<double>(T, D, 3, 2.0);
+  for (const Index chunk : {Index(1), Index(3)})
+    for (const bool bias : {false, true}) {
+      INFO("chunk " << chunk << ", bias " << bias);
+      auto router = moe::AttentionRouter<double>(moe::AttentionScorer<double>(D, E, {.chunk = chunk, .bias = bias, .seed = 4}),
+                                                 moe::SoftmaxGate<double>{},
+                                                 moe::TopKSelector<double>(2, {.weighting = moe::Weighting::renormalize_before_drop}));
+      if (bias) router.scorer().bias() = random_matrix<double>(1, 3 * E, 5);
+      const auto& r = router.forward(x);
+      const Matrix<double> logits = attention_oracle(x, router.scorer().weight(), router.scorer().bias(), E, chunk);
+      require_close(router.logits(), logits, forward_tol<double>(D * E) * (1 + logits.cwiseAbs().maxCoeff()));
+      // softmax, top 2 (ties to the lower expert), the two probabilities renormalised
+      const Matrix<double> p = softmax_of(logits);
+      for (Index t = 0; t < T; ++t) {
+        std::vector<Index> order(E);
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return p(t, a) > p(t, b); });
+        const double sum = p(t, order[0]) + p(t, order[1]);
+        REQUIRE(r.token_offsets[t + 1] - r.token_offsets[t] == 2);
+        for (Index j = 0; j < 2; ++j) {
+          const Index c = r.token_offsets[t] + j;
+          REQUIRE(r.choice_expert[c] == order[std::size_t(j)]);
+          REQUIRE(r.slot_weight[r.choice_slot[c]] == Approx(p(t, order[std::size_t(j)]) / sum).epsilon(1e-12));
+        }
+      }
+    }
+  // the preset: Yuan 2.0-M32's 32 experts, top 2, one token a head, no bias
+  auto preset = moe::make_attention_router<double>(D);
+  REQUIRE(preset.num_experts() == 32);
+  REQUIRE(preset.scorer().chunk() == 1);
+  REQUIRE(preset.scorer().weight().rows() == 96);
+  int parameters = 0;
+  preset.for_each_parameter([&](std::string_view, auto, auto) { ++parameters; });
+  REQUIRE(parameters == 1);
+}
+
+TEST_CASE("attention router: logits of a large q k^T stay finite", "[attention]") {
+  const Index T = 4, D = 3, E = 8;
+  auto router = moe::make_attention_router<float>(D, E);
+  router.scorer().weight() *= 1e3f;  // q_i k_j of order 1e6
+  const Matrix<float> x = random_matrix<float>(T, D, 7);
+  router.forward(x);
+  REQUIRE(router.logits().allFinite());
+  // each logit is a convex mix of v: within [min v, max v]
+  const Matrix<float> v = x * router.scorer().weight().bottomRows(E).transpose();
+  for (Index t = 0; t < T; ++t)
+    for (Index i = 0; i < E; ++i) {
+      REQUIRE(router.logits()(t, i) <= v.row(t).maxCoeff() * (1 + 1e-5f) + 1e-3f);
+      REQUIRE(router.logits()(t, i) >= v.row(t).minCoeff() * (1 + 1e-5f) - 1e-3f);
+    }
+}
+
+TEST_CASE("attention router layer: gradients by finite differences in double", "[attention][gradient]") {
+  const Index T = 6, D = 4, E = 4, H = 5;
+  const Matrix<double> R = random_matrix<double>(T, D, 11);
+  for (const Index chunk : {Index(1), Index(2)}) {
+    INFO("chunk " << chunk);
+    Matrix<double> x = random_matrix<double>(T, D, 13);
+    moe::MoELayer layer(moe::AttentionRouter<double>(moe::AttentionScorer<double>(D, E, {.chunk = chunk, .bias = true, .seed = 6}),
+                                                     moe::SoftmaxGate<double>{},
+                                                     moe::TopKSelector<double>(2, {.weighting = moe::Weighting::renormalize_before_drop})),
+                        moe::FFNExperts<double>(E, D, H));
+    layer.router().scorer().bias() = random_matrix<double>(1, 3 * E, 14, 0.5);
+    Matrix<double> y(T, D), dx(T, D);
+    const auto loss = [&] {
+      layer.forward(x, y);
+      return y.cwiseProduct(R).sum();
+    };
+    loss();
+    moe::zero_grad(layer);
+    layer.backward(R, dx);
+    const auto grads = gradients(layer);
+    require_gradient_close(dx, numeric_gradient(x, loss));
+    auto params = parameters(layer);
+    REQUIRE(params.count("router.bias") == 1);
+    for (auto& [name, value] : params) {
+      INFO(name);
+      require_gradient_close(grads.at(name), numeric_gradient(value, loss));
+    }
+  }
+}
+
+TEST_CASE("attention router: bad configuration and input get named errors, nothing written", "[attention][errors]") {
+  REQUIRE_THROWS_AS(moe::AttentionScorer<float>(4, 8, {.chunk = 0}), moe::config_error);
+  REQUIRE_THROWS_AS(moe::AttentionScorer<float>(4, 0), moe::config_error);
+  REQUIRE_THROWS_AS(moe::AttentionScorer<float>(0, 8), moe::config_error);
+  REQUIRE_THROWS_AS(moe::make_attention_router<float>(4, 8, 9), moe::config_error);  // k > E
+  moe::MoELayer layer(moe::make_attention_router<float>(4, 8, 2, 4), moe::FFNExperts<float>(8, 4, 6));
+  const Matrix<float> x = random_matrix<float>(8, 4, 17);
+  Matrix<float> y(8, 4);
+  layer.forward(x, y);
+  const Matrix<float> y_before = y;
+  const auto slots = layer.routing().slot_token;
+  Matrix<float> y6(6, 4);
+  try {
+    layer.forward(x.topRows(6), y6);  // 6 tokens in heads of 4
+    FAIL("no error");
+  } catch (const moe::shape_error& e) {
+    REQUIRE(std::string(e.what()).find("x.rows") != std::string::npos);
+  }
+  REQUIRE(layer.routing().slot_token == slots);
+  layer.forward(x, y);
+  REQUIRE(y == y_before);  // the state after the rejected batch is the last good one
+}
