@@ -200,6 +200,15 @@ def soft_moe_cases(reps):
         ]
 
 
+def route_yuan_attention(x, w, k=2):
+    """Yuan 2.0-M32's ParallelAttention_router and routing as its Hugging Face model writes them."""
+    q, key, v = torch.chunk(x @ w.t(), 3, dim=-1)
+    attn = torch.softmax(torch.matmul(q.unsqueeze(2), key.unsqueeze(1)), dim=-1)
+    logits = torch.matmul(attn, v.unsqueeze(2)).squeeze(2)
+    weights, experts = torch.topk(torch.softmax(logits, dim=1), k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
 def route_depth_top_c(r, seq_len, capacity=0.125):
     """Mixture-of-Depths as its ports route a [B, L] batch: per sequence the top C = ceil(capacity L) router
     scores, the chosen positions back in sequence order, their scores the weights."""
@@ -298,6 +307,11 @@ def router_cases(reps):
                   timed(lambda: route_sbase(logits, 2), reps)))
     cases.append((f"Sinkhorn expert choice T:{T}/E:{E}/cf:2.5", f"BM_SinkhornRoute/T:{T}/E:{E}/mode:1",
                   timed(lambda: route_sinkhorn_expert_choice(logits, 2.5), reps)))
+    for T, E, D in [(16384, 64, 1024), (16384, 32, 1024)]:
+        x = torch.randn(T, D)
+        w = torch.randn(3 * E, D) / math.sqrt(D)
+        cases.append((f"Yuan 2.0 attention router T:{T}/E:{E}/D:{D}", f"BM_AttentionRoute/T:{T}/E:{E}/D:{D}",
+                      timed(lambda: route_yuan_attention(x, w), reps)))
     for T, L in [(16384, 2048), (16384, 512)]:
         r = torch.randn(T) * 2
         cases.append((f"Mixture-of-Depths top-C 12.5% T:{T}/L:{L}", f"BM_DepthRoute/T:{T}/L:{L}",

@@ -134,6 +134,7 @@ int main(int argc, char** argv) {
   run("SinkhornRouter S-BASE", moe::make_sbase_router<float>(s.dim, s.experts, 2), s, x);
   run("SparsityConstrainedECRouter", moe::make_sparsity_constrained_ec_router<float>(s.dim, s.experts, 2.0), s, x);
   run("SoftMoERouter", moe::make_soft_moe_router<float>(s.dim, s.experts, 1), s, x);
+  run("AttentionRouter", moe::make_attention_router<float>(s.dim, s.experts, 2), s, x);
   // depth routers: one block (an FFN), sequences of 512 tokens as segments
   std::vector<std::int32_t> sequence(static_cast<std::size_t>(s.tokens));
   for (moe::Index t = 0; t < s.tokens; ++t) sequence[std::size_t(t)] = std::int32_t(t / 512);
@@ -158,6 +159,8 @@ int main(int argc, char** argv) {
               "S-BASE: Megatron's form, dropless.\n"
               "SoftMoERouter: p = 1 slot per expert, each slot a softmax mix of every token, each token a softmax "
               "mix of every slot's output (exp/tok = E); nothing dropped, no loss.\n"
+              "AttentionRouter: Yuan 2.0-M32's attention across the experts (q k^T per token), top-2 renormalised, dropless, "
+              "no loss.\n"
               "DepthRouter, MindSkipRouter: one block (the FFN) and the skip path y = x + w f(x), per sequence of 512 "
               "tokens; DepthRouter runs the top 12.5%% of each\nsequence (aux loss: its predictor's BCE); MindSkipRouter "
               "decides per sequence, and in training runs every token times its 0/1 decision\n(aux loss: the share of "

@@ -180,6 +180,8 @@ std::vector<Row> rows() {
   r.push_back(row("DynamicKRouter dropless (k_t scaled by the batch's largest importance)", false,
                   [] { return layer(moe::make_dynamic_k_router<S>(D, E, 4, std::nullopt, 22)); }));
   r.push_back(row("SoftMoERouter", false, [] { return layer(moe::make_soft_moe_router<S>(D, E, 1, 23)); }));
+  r.push_back(row("AttentionRouter (one token a head)", true, [] { return layer(moe::make_attention_router<S>(D, E, 2, 1, 28)); }));
+  r.push_back(row("AttentionRouter, heads of 8 tokens (one across the cut)", false, [] { return layer(moe::make_attention_router<S>(D, E, 2, 8, 28)); }));
   const auto block = [](auto router) { return moe::MoELayer(std::move(router), moe::FFNExperts<S>(1, D, H, moe::Activation::gelu, 3)); };
   r.push_back(row("DepthRouter (the top C of the sequence)", false, [block] { return block(moe::make_depth_router<S>(D, 0.25)); }));
   r.push_back(row("DepthRouter, evaluation by its predictor", true,

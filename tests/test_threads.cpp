@@ -190,3 +190,9 @@ TEST_CASE("1 and 2 threads give bit-identical depth-routing layers", "[threads][
     return moe::MoELayer(moe::make_mindskip_router<float>(D, moe::DepthPooling::token, 0.1, 0.5), moe::FFNExperts<float>(1, D, H));
   }, T, D, tokens);
 }
+
+TEST_CASE("1 and 2 threads give bit-identical attention-router layers", "[threads][attention]") {
+  const Index T = 3000, D = 32, E = 16, H = 16;
+  for (const Index chunk : {Index(1), Index(8)})
+    require_thread_independent([&] { return moe::MoELayer(moe::make_attention_router<float>(D, E, 2, chunk), moe::FFNExperts<float>(E, D, H)); }, T, D);
+}
