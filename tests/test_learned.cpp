@@ -146,3 +146,124 @@ TEST_CASE("attention router: bad configuration and input get named errors, nothi
   layer.forward(x, y);
   REQUIRE(y == y_before);  // the state after the rejected batch is the last good one
 }
+
+namespace {
+
+// GLIDER's logits: V LN(x_t) / sqrt(D) + alpha cos(u_j, q_seg(t)); LN without affine, eps 1e-5.
+Matrix<double> glider_oracle(const Matrix<double>& x, const Matrix<double>& v, const Matrix<double>& u, const Matrix<double>& q,
+                             const std::vector<std::int32_t>& segment, double alpha) {
+  const Index T = x.rows(), D = x.cols(), E = v.rows();
+  Matrix<double> logits(T, E);
+  for (Index t = 0; t < T; ++t) {
+    const double mean = x.row(t).mean();
+    double var = 0;
+    for (Index j = 0; j < D; ++j) var += (x(t, j) - mean) * (x(t, j) - mean);
+    var /= double(D);
+    Matrix<double> n(1, D);
+    for (Index j = 0; j < D; ++j) n(0, j) = (x(t, j) - mean) / std::sqrt(var + 1e-5);
+    const Index s = segment.empty() ? 0 : segment[std::size_t(t)];
+    for (Index e = 0; e < E; ++e) {
+      const double cosine = q.row(s).dot(u.row(e)) / (q.row(s).norm() * u.row(e).norm());
+      logits(t, e) = n.row(0).dot(v.row(e)) / std::sqrt(double(D)) + alpha * cosine;
+    }
+  }
+  return logits;
+}
+
+}  // namespace
+
+TEST_CASE("GLIDER: local LayerNorm router plus alpha times the instruction cosine, per segment", "[glider]") {
+  const Index T = 9, D = 6, E = 5, Dq = 4;
+  const Matrix<double> x = random_matrix<double>(T, D, 41, 3.0), u = random_matrix<double>(E, Dq, 42),
+                       q = random_matrix<double>(3, Dq, 43);
+  const std::vector<std::int32_t> segment{2, 2, 0, 0, 0, 1, 1, 1, 1};  // ids name instruction rows, any order
+  for (const double alpha : {0.0, 3.0, 100.0}) {
+    INFO("alpha " << alpha);
+    auto router = moe::make_glider_router<double>(D, E, 2, alpha, 7);
+    router.scorer().set_expert_embeddings(u);
+    router.scorer().set_instructions(q);
+    const auto& r = router.forward(x, {.segment = segment});
+    const Matrix<double> logits = glider_oracle(x, router.scorer().weight(), u, q, segment, alpha);
+    require_close(router.logits(), logits, forward_tol<double>(D) * (1 + std::abs(alpha)));
+    // softmax, top 2, p / (p1 + p2 + 1e-6)
+    const Matrix<double> p = softmax_of(logits);
+    for (Index t = 0; t < T; ++t) {
+      std::vector<Index> order(E);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return p(t, a) > p(t, b); });
+      const double sum = p(t, order[0]) + p(t, order[1]) + 1e-6;
+      for (Index j = 0; j < 2; ++j) {
+        const Index c = r.token_offsets[t] + j;
+        REQUIRE(r.choice_expert[c] == order[std::size_t(j)]);
+        REQUIRE(r.slot_weight[r.choice_slot[c]] == Approx(p(t, order[std::size_t(j)]) / sum).epsilon(1e-12));
+      }
+      REQUIRE(r.slot_weight[r.choice_slot[r.token_offsets[t]]] + r.slot_weight[r.choice_slot[r.token_offsets[t] + 1]] < 1.0);
+    }
+  }
+  // alpha = 0 is the local router: the same logits as without instructions at all
+  auto local = moe::make_glider_router<double>(D, E, 2, 0.0, 7), none = moe::make_glider_router<double>(D, E, 2, 100.0, 7);
+  local.scorer().set_expert_embeddings(u);
+  local.scorer().set_instructions(q);
+  local.forward(x, {.segment = segment});
+  none.forward(x, {.segment = segment});
+  REQUIRE(Matrix<double>(local.logits()) == Matrix<double>(none.logits()));
+  // a large alpha routes every token of a segment first to the expert whose instruction it shares
+  auto global = moe::make_glider_router<double>(D, E, 2, 1000.0, 7);
+  global.scorer().set_expert_embeddings(u);
+  Matrix<double> same(2, Dq);
+  same.row(0) = u.row(3);
+  same.row(1) = u.row(1);
+  global.scorer().set_instructions(same);
+  const std::vector<std::int32_t> two{0, 0, 0, 0, 1, 1, 1, 1, 1};
+  const auto& g = global.forward(x, {.segment = two});
+  for (Index t = 0; t < T; ++t) REQUIRE(g.choice_expert[g.token_offsets[t]] == (t < 4 ? 3 : 1));
+}
+
+TEST_CASE("GLIDER layer: gradients by finite differences in double", "[glider][gradient]") {
+  const Index T = 6, D = 5, E = 4, H = 5, Dq = 3;
+  const std::vector<std::int32_t> segment{0, 0, 0, 1, 1, 1};
+  Matrix<double> x = random_matrix<double>(T, D, 51);
+  const Matrix<double> R = random_matrix<double>(T, D, 52);
+  moe::MoELayer layer(moe::make_glider_router<double>(D, E, 2, 0.7, 8), moe::FFNExperts<double>(E, D, H));
+  layer.router().scorer().set_expert_embeddings(random_matrix<double>(E, Dq, 53));
+  layer.router().scorer().set_instructions(random_matrix<double>(2, Dq, 54));
+  Matrix<double> y(T, D), dx(T, D);
+  const auto loss = [&] {
+    layer.forward(x, y, {.segment = segment});
+    return y.cwiseProduct(R).sum();
+  };
+  loss();
+  moe::zero_grad(layer);
+  layer.backward(R, dx);
+  const auto grads = gradients(layer);
+  require_gradient_close(dx, numeric_gradient(x, loss));
+  auto params = parameters(layer);
+  for (auto& [name, value] : params) {
+    INFO(name);
+    require_gradient_close(grads.at(name), numeric_gradient(value, loss));
+  }
+}
+
+TEST_CASE("GLIDER: bad embeddings and segment ids get named errors, nothing written", "[glider][errors]") {
+  const Index T = 4, D = 4, E = 3;
+  auto router = moe::make_glider_router<float>(D, E);
+  REQUIRE_THROWS_AS(router.scorer().set_instructions(random_matrix<float>(2, 5, 1)), moe::config_error);  // no u yet
+  REQUIRE_THROWS_AS(router.scorer().set_expert_embeddings(random_matrix<float>(E + 1, 5, 2)), moe::shape_error);
+  router.scorer().set_expert_embeddings(random_matrix<float>(E, 5, 3));
+  REQUIRE_THROWS_AS(router.scorer().set_instructions(random_matrix<float>(2, 6, 4)), moe::shape_error);  // width
+  router.scorer().set_instructions(random_matrix<float>(2, 5, 5));
+  REQUIRE_THROWS_AS(moe::GliderScorer<float>(D, E, {.alpha = NAN}), moe::config_error);
+  REQUIRE_THROWS_AS(moe::TopKSelector<float>(2, {.renormalize_epsilon = -1e-6}), moe::config_error);
+  const Matrix<float> x = random_matrix<float>(T, D, 6);
+  router.forward(x, {.segment = std::vector<std::int32_t>{0, 0, 1, 1}});
+  const auto slots = router.routing().slot_token;
+  const Matrix<float> logits = router.logits();
+  try {
+    router.forward(x, {.segment = std::vector<std::int32_t>{0, 0, 2, 2}});  // no instruction row 2
+    FAIL("no error");
+  } catch (const moe::value_error& e) {
+    REQUIRE(std::string(e.what()).find("tokens.segment") != std::string::npos);
+  }
+  REQUIRE(router.routing().slot_token == slots);
+  REQUIRE(Matrix<float>(router.logits()) == logits);
+}

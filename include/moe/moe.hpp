@@ -31,6 +31,7 @@
 #include "moe/scorers/normalized_slots.hpp"
 #include "moe/scorers/depth.hpp"
 #include "moe/scorers/attention.hpp"
+#include "moe/scorers/glider.hpp"
 #include "moe/gates/softmax.hpp"
 #include "moe/gates/identity.hpp"
 #include "moe/gates/sigmoid.hpp"

@@ -22,6 +22,7 @@
 #include "moe/scorers/attention.hpp"
 #include "moe/scorers/cosine.hpp"
 #include "moe/scorers/depth.hpp"
+#include "moe/scorers/glider.hpp"
 #include "moe/scorers/linear.hpp"
 #include "moe/scorers/noisy_linear.hpp"
 #include "moe/scorers/normalized_slots.hpp"
@@ -417,7 +418,7 @@ SoftMoERouter<S> make_soft_moe_router(Index dim, Index experts, Index slots_per_
           SoftSlotsSelector<S>(slots_per_expert)};
 }
 
-// ---- learned routers (docs/routers.md, AttentionRouter) ---------------------------------------
+// ---- learned routers (docs/routers.md, AttentionRouter, GliderRouter) -------------------------
 
 // Yuan 2.0-M32's attention router (IEIT-Yuan, "Yuan 2.0-M32: Mixture of Experts with Attention
 // Router", 2024) as its Hugging Face model code routes: per token q, k, v = W x in R^E (one
@@ -433,6 +434,20 @@ AttentionRouter<S> make_attention_router(Index dim, Index experts = 32, Index k 
                                          std::uint64_t seed = 0) {
   return {AttentionScorer<S>(dim, experts, {.chunk = chunk, .seed = seed}), SoftmaxGate<S>{},
           TopKSelector<S>(k, {.weighting = Weighting::renormalize_before_drop})};
+}
+
+// GLIDER (Li et al., "Glider: Global and Local Instruction-Driven Expert Router", EMNLP 2025) as
+// UNITES-Lab/glider's MoLoRALinearLayer routes: logits = V LN(x) / sqrt(D) + alpha cos(u, q)
+// (the segment's instruction embedding q against each expert's u; alpha = 100, the paper's T0
+// held-in runs), softmax, top-2, weights p / (sum + 1e-6); dropless, no loss. Set the embeddings
+// with scorer().set_expert_embeddings and scorer().set_instructions.
+template <scalar S>
+using GliderRouter = Router<GliderScorer<S>, SoftmaxGate<S>, TopKSelector<S>>;
+
+template <scalar S>
+GliderRouter<S> make_glider_router(Index dim, Index experts, Index k = 2, double alpha = 100.0, std::uint64_t seed = 0) {
+  return {GliderScorer<S>(dim, experts, {.alpha = alpha, .seed = seed}), SoftmaxGate<S>{},
+          TopKSelector<S>(k, {.weighting = Weighting::renormalize_before_drop, .renormalize_epsilon = 1e-6})};
 }
 
 // ---- depth routing (docs/routers.md, DepthRouter, MindSkipRouter) -----------------------------

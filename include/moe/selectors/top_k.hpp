@@ -46,6 +46,8 @@ public:
   struct Options {
     Weighting weighting = Weighting::raw;
     double scale = 1.0;  // multiplies every combine weight (DeepSeek-V3 route_scale 2.5)
+    // > 0: a renormalisation divides by sum + epsilon (GLIDER's 1e-6), not by max(sum, float eps)
+    double renormalize_epsilon = 0.0;
     Capacity capacity{};
     Padding padding = Padding::excluded;  // which tokens of a mask are routed and count in C
     SecondExpert second = SecondExpert::all;
@@ -139,6 +141,7 @@ public:
     const bool renormalize = weighting == Weighting::renormalize_before_drop ||
                              weighting == Weighting::renormalize_after_drop;
     const S scale = S(opt_.scale);
+    const detail::Renormalizer<S> den = denominator();
     const Index first = offsets[begin], last = offsets[end];
     const Index stride = block.scores.outerStride();
     const S* const scores = block.scores.data();
@@ -169,7 +172,7 @@ public:
         for (Index c = first; c < last; c += Index(kk)) {
           S z = 0;  // scale * (p / z): p / p is exactly 1, so equal weights stay equal for by_weight
           for (Index j = 0; j < Index(kk); ++j) z += score[c + j];
-          z = std::max(z, floor());
+          z = den(z);
           for (Index j = 0; j < Index(kk); ++j) weight[c + j] = scale * (score[c + j] / z);
         }
       } else if (weighting == Weighting::raw) {
@@ -217,7 +220,7 @@ public:
     // The slots hold the pre-drop weights. Renormalised after the drop, they differ only for a
     // token that lost some but not all of its choices: its survivors share the weight again.
     if (opt_.weighting != Weighting::renormalize_after_drop || k_ == 1) return;
-    detail::renormalize_survivors<S>(r, choice_token_, choice_score_, S(opt_.scale));
+    detail::renormalize_survivors<S>(r, choice_token_, choice_score_, S(opt_.scale), denominator());
   }
 
   // d(slot weights) -> d(scores) and, for softmax_of_kept_logits, d(logits); both accumulated.
@@ -225,7 +228,7 @@ public:
                 MatrixOut<S> dscores, MatrixOut<S> dlogits) {
     const S scale = S(opt_.scale);
     if (opt_.weighting != Weighting::softmax_of_kept_logits)
-      return detail::add_weighting_gradient<S>(opt_.weighting, scale, in.scores, r, dslot_weight, dscores);
+      return detail::add_weighting_gradient<S>(opt_.weighting, scale, in.scores, r, dslot_weight, dscores, denominator());
     for (Index t = 0; t < r.num_tokens; ++t) {
       const Index lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
       const auto dw = [&](Index c) { return r.choice_slot[c] >= 0 ? dslot_weight[r.choice_slot[c]] : S(0); };
@@ -248,6 +251,8 @@ private:
     detail::require<config_error>(k >= 1, "TopKSelector", "k", k, "k >= 1");
     detail::require<config_error>(std::isfinite(opt.scale), "TopKSelector", "scale", opt.scale,
                                   "finite");
+    detail::require<config_error>(std::isfinite(opt.renormalize_epsilon) && opt.renormalize_epsilon >= 0, "TopKSelector",
+                                  "renormalize_epsilon", opt.renormalize_epsilon, "finite and >= 0 (0: clamp at float epsilon)");
     opt_.capacity.validate("TopKSelector");
     if (opt_.second == SecondExpert::random) {
       detail::require<config_error>(k == 2, "TopKSelector", "k", k, "k = 2 for SecondExpert::random (a second expert)");
@@ -271,15 +276,14 @@ private:
       const Index c = r.token_offsets[t];
       if (r.token_offsets[t + 1] - c != 2) continue;  // padding
       // g2 as the reference compares it: the raw gate value, or normalised over the two choices
-      const S g2 = normalized ? choice_score_[c + 1] / std::max(choice_score_[c] + choice_score_[c + 1], floor())
+      const S g2 = normalized ? choice_score_[c + 1] / denominator()(choice_score_[c] + choice_score_[c + 1])
                               : choice_score_[c + 1];
       eligible_[std::size_t(c + 1)] = 2 * g2 > u(t, 0);
     }
     return true;
   }
 
-  // fairseq/DeepSpeed clamp the renormalisation denominator at float epsilon.
-  static constexpr S floor() { return detail::weight_floor<S>(); }
+  detail::Renormalizer<S> denominator() const { return {S(opt_.renormalize_epsilon)}; }
 
   // The order a call runs: random token selection without draws (`drawing` false) is first come.
   OverflowOrder overflow_order(bool drawing) const {

@@ -28,6 +28,16 @@ constexpr S weight_floor() {
   return S(std::numeric_limits<float>::epsilon());
 }
 
+// The denominator of a renormalisation from the sum of the scores: clamped below at float epsilon
+// (fairseq, DeepSpeed: the default), or, when `added` > 0, that much added to it (PHATGOOSE and
+// GLIDER divide by sum + 1e-6).
+template <class S>
+struct Renormalizer {
+  S added = 0;
+  S operator()(S sum) const { return added > 0 ? sum + added : std::max(sum, weight_floor<S>()); }
+  bool clamped(S sum) const { return added <= 0 && sum < weight_floor<S>(); }
+};
+
 // Weighting::renormalize_after_drop once the slots are known: a token that lost some but not all
 // of its choices gives its survivors scale * p / (sum of the survivors' p) again. choice_score
 // holds each choice's gate score, in the routing's choice order.
@@ -47,14 +57,14 @@ void pre_drop_weights(const S* score, Index n, bool renormalize, S scale, S* wei
 
 template <class S>
 void renormalize_survivors(SparseRouting<S>& r, std::span<const std::int32_t> choice_token,
-                           std::span<const S> choice_score, S scale) {
+                           std::span<const S> choice_score, S scale, Renormalizer<S> denominator = {}) {
   for (Index c = 0; c < r.num_choices(); ++c) {
     if (r.choice_slot[c] >= 0) continue;
     const Index t = choice_token[c], lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
     S kept = 0;
     for (Index i = lo; i < hi; ++i)
       if (r.choice_slot[i] >= 0) kept += choice_score[i];
-    const S z = std::max(kept, weight_floor<S>());
+    const S z = denominator(kept);
     for (Index i = lo; i < hi; ++i)
       if (const auto s = r.choice_slot[i]; s >= 0) r.slot_weight[s] = scale * (choice_score[i] / z);
   }
@@ -64,7 +74,7 @@ void renormalize_survivors(SparseRouting<S>& r, std::span<const std::int32_t> ch
 // two renormalisations), any number of choices per token; accumulated into dscores.
 template <class S>
 void add_weighting_gradient(Weighting weighting, S scale, MatrixIn<S> scores, const SparseRouting<S>& r,
-                            std::span<const S> dslot_weight, MatrixOut<S> dscores) {
+                            std::span<const S> dslot_weight, MatrixOut<S> dscores, Renormalizer<S> denominator = {}) {
   MOE_ASSERT(weighting != Weighting::softmax_of_kept_logits);
   const bool after = weighting == Weighting::renormalize_after_drop;
   for (Index t = 0; t < r.num_tokens; ++t) {
@@ -74,14 +84,14 @@ void add_weighting_gradient(Weighting weighting, S scale, MatrixIn<S> scores, co
       for (Index c = lo; c < hi; ++c) dscores(t, r.choice_expert[c]) += scale * dw(c);
       continue;
     }
-    S z = 0, inner = 0;  // w_c = scale p_c / max(z, floor) for the kept c
+    S z = 0, inner = 0;  // w_c = scale p_c / denominator(z) for the kept c
     for (Index c = lo; c < hi; ++c) {
       const S p = scores(t, r.choice_expert[c]);
       if (!after || r.choice_slot[c] >= 0) z += p;
       inner += dw(c) * p;
     }
-    const bool clamped = z < weight_floor<S>();
-    const S zc = clamped ? weight_floor<S>() : z;
+    const bool clamped = denominator.clamped(z);
+    const S zc = denominator(z);
     for (Index c = lo; c < hi; ++c) {
       S g = dw(c) / zc;
       if (!clamped && (!after || r.choice_slot[c] >= 0)) g -= inner / (zc * zc);
