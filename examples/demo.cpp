@@ -135,6 +135,20 @@ int main(int argc, char** argv) {
   run("SparsityConstrainedECRouter", moe::make_sparsity_constrained_ec_router<float>(s.dim, s.experts, 2.0), s, x);
   run("SoftMoERouter", moe::make_soft_moe_router<float>(s.dim, s.experts, 1), s, x);
   run("AttentionRouter", moe::make_attention_router<float>(s.dim, s.experts, 2), s, x);
+  {  // GLIDER: stand-ins for the embedded instructions, one per expert's task and one per sequence of 512
+    auto glider = moe::make_glider_router<float>(s.dim, s.experts, 2, 3.0);
+    const moe::Index sequences = (s.tokens + 511) / 512, width = 64;
+    moe::Matrix<float> u(s.experts, width), q(sequences, width);
+    for (moe::Index e = 0; e < s.experts; ++e)
+      for (moe::Index j = 0; j < width; ++j) u(e, j) = float(rng.normal(1000 + e, j));
+    for (moe::Index i = 0; i < sequences; ++i)
+      for (moe::Index j = 0; j < width; ++j) q(i, j) = float(rng.normal(2000 + i, j));
+    glider.scorer().set_expert_embeddings(u);
+    glider.scorer().set_instructions(q);
+    std::vector<std::int32_t> query(static_cast<std::size_t>(s.tokens));
+    for (moe::Index t = 0; t < s.tokens; ++t) query[std::size_t(t)] = std::int32_t(t / 512);
+    run("GliderRouter", std::move(glider), s, x, {.segment = query});
+  }
   // depth routers: one block (an FFN), sequences of 512 tokens as segments
   std::vector<std::int32_t> sequence(static_cast<std::size_t>(s.tokens));
   for (moe::Index t = 0; t < s.tokens; ++t) sequence[std::size_t(t)] = std::int32_t(t / 512);
@@ -161,6 +175,8 @@ int main(int argc, char** argv) {
               "mix of every slot's output (exp/tok = E); nothing dropped, no loss.\n"
               "AttentionRouter: Yuan 2.0-M32's attention across the experts (q k^T per token), top-2 renormalised, dropless, "
               "no loss.\n"
+              "GliderRouter: local LayerNorm router plus 3 x the cosine of random stand-in instruction embeddings "
+              "(one per expert, one per sequence of 512), top-2.\n"
               "DepthRouter, MindSkipRouter: one block (the FFN) and the skip path y = x + w f(x), per sequence of 512 "
               "tokens; DepthRouter runs the top 12.5%% of each\nsequence (aux loss: its predictor's BCE); MindSkipRouter "
               "decides per sequence, and in training runs every token times its 0/1 decision\n(aux loss: the share of "

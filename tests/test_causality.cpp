@@ -182,6 +182,12 @@ std::vector<Row> rows() {
   r.push_back(row("SoftMoERouter", false, [] { return layer(moe::make_soft_moe_router<S>(D, E, 1, 23)); }));
   r.push_back(row("AttentionRouter (one token a head)", true, [] { return layer(moe::make_attention_router<S>(D, E, 2, 1, 28)); }));
   r.push_back(row("AttentionRouter, heads of 8 tokens (one across the cut)", false, [] { return layer(moe::make_attention_router<S>(D, E, 2, 8, 28)); }));
+  r.push_back(row("GliderRouter (the segment's instruction bias is an input)", true, [] {
+    auto router = moe::make_glider_router<S>(D, E, 2, 3.0, 29);
+    router.scorer().set_expert_embeddings(random_matrix<S>(E, 4, 30));
+    router.scorer().set_instructions(random_matrix<S>(1, 4, 31));
+    return layer(std::move(router));
+  }));
   const auto block = [](auto router) { return moe::MoELayer(std::move(router), moe::FFNExperts<S>(1, D, H, moe::Activation::gelu, 3)); };
   r.push_back(row("DepthRouter (the top C of the sequence)", false, [block] { return block(moe::make_depth_router<S>(D, 0.25)); }));
   r.push_back(row("DepthRouter, evaluation by its predictor", true,

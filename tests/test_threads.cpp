@@ -196,3 +196,15 @@ TEST_CASE("1 and 2 threads give bit-identical attention-router layers", "[thread
   for (const Index chunk : {Index(1), Index(8)})
     require_thread_independent([&] { return moe::MoELayer(moe::make_attention_router<float>(D, E, 2, chunk), moe::FFNExperts<float>(E, D, H)); }, T, D);
 }
+
+TEST_CASE("1 and 2 threads give bit-identical GLIDER layers", "[threads][glider]") {
+  const Index T = 3000, D = 32, E = 16, H = 16;
+  std::vector<std::int32_t> segment(static_cast<std::size_t>(T));
+  for (Index t = 0; t < T; ++t) segment[std::size_t(t)] = std::int32_t(t % 3);
+  require_thread_independent([&] {
+    auto router = moe::make_glider_router<float>(D, E, 2, 3.0);
+    router.scorer().set_expert_embeddings(random_matrix<float>(E, 8, 5));
+    router.scorer().set_instructions(random_matrix<float>(3, 8, 6));
+    return moe::MoELayer(std::move(router), moe::FFNExperts<float>(E, D, H));
+  }, T, D, {.segment = segment});
+}
