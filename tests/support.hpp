@@ -131,4 +131,26 @@ inline void require_close(const Matrix<double>& a, const Matrix<double>& b, doub
   REQUIRE((a - b).cwiseAbs().maxCoeff() <= tol);
 }
 
+// A layer's backward of L = <y, R>, y = layer(x, tokens), against central differences: dx and
+// every parameter's gradient. Returns the analytic parameter gradients by name.
+template <class Layer>
+std::map<std::string, Matrix<double>> check_layer_gradients(Layer& layer, Matrix<double>& x, const Matrix<double>& R,
+                                                            const moe::TokenInputs<double>& tokens = {}) {
+  Matrix<double> y(x.rows(), R.cols()), dx(x.rows(), x.cols());
+  const auto loss = [&] {
+    layer.forward(x, y, tokens);
+    return y.cwiseProduct(R).sum();
+  };
+  loss();
+  moe::zero_grad(layer);
+  layer.backward(R, dx);
+  const auto grads = gradients(layer);
+  require_gradient_close(dx, numeric_gradient(x, loss));
+  for (auto& [name, value] : parameters(layer)) {
+    INFO(name);
+    require_gradient_close(grads.at(name), numeric_gradient(value, loss));
+  }
+  return grads;
+}
+
 }  // namespace moe_test
