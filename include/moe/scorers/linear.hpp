@@ -26,12 +26,15 @@ public:
     double init_scale = 1.0;  // variance of W is init_scale / D (Switch uses 0.1)
     std::uint64_t seed = 0;
     double jitter = 0.0;   // eps of the multiplicative input jitter; 0 = none
+    // A fixed random router (SMoE-Dropout): backward still gives dx but leaves the weight's
+    // gradient at 0, so an optimizer without weight decay never moves it (it is still saved).
+    bool frozen = false;
     Draws jitter_draws{};  // its generator key (tokens.jitter, [T, D], overrides it)
   };
 
   LinearScorer(Index input_dim, Index num_experts) : LinearScorer(input_dim, num_experts, Options{}) {}
   LinearScorer(Index input_dim, Index num_experts, Options opt)
-      : bias_enabled_(opt.bias), jitter_(opt.jitter), jitter_draws_(opt.jitter_draws) {
+      : bias_enabled_(opt.bias), frozen_(opt.frozen), jitter_(opt.jitter), jitter_draws_(opt.jitter_draws) {
     detail::require<config_error>(input_dim >= 1, "LinearScorer", "input_dim", input_dim, "input_dim >= 1");
     detail::require<config_error>(num_experts >= 1, "LinearScorer", "num_experts", num_experts,
                                   "num_experts >= 1 (an empty expert set cannot be routed to)");
@@ -76,8 +79,10 @@ public:
   void backward(MatrixIn<S> x, const TokenInputs<S>&, MatrixIn<S> dlogits, MatrixOut<S> dx) {
     const MatrixIn<S> seen = jittered_ ? MatrixIn<S>(jittered_x_) : x;
     gemms_.reserve();
-    gemms_.local().template run<true, false>(dlogits, seen, weight_grad_, S(1), true);  // a reduction over T: one thread
-    if (bias_enabled_) bias_grad_.row(0) += dlogits.colwise().sum();
+    if (!frozen_) {
+      gemms_.local().template run<true, false>(dlogits, seen, weight_grad_, S(1), true);  // a reduction over T: one thread
+      if (bias_enabled_) bias_grad_.row(0) += dlogits.colwise().sum();
+    }
     parallel_for(x.rows(), row_block, [&](Index t, Index end) {
       auto out = dx.middleRows(t, end - t);
       gemms_.local().run(dlogits.middleRows(t, end - t), weight_, out);
@@ -124,7 +129,7 @@ private:
     });
   }
 
-  bool bias_enabled_;
+  bool bias_enabled_, frozen_;
   double jitter_;
   Draws jitter_draws_;
   DrawState draw_state_{};

@@ -68,6 +68,14 @@ public:
   explicit TopKSelector(Index k, Options opt = {}) requires(K == dynamic_k) : TopKSelector(k, opt, 0) {}
 
   Index k() const { return k_; }
+  // The k of the next calls, for a selector with a runtime k: a schedule (moe::scheduled_k) moves
+  // it between training steps. k <= E is checked at the next call.
+  void set_k(Index k) requires(K == dynamic_k) {
+    detail::require<config_error>(k >= 1, "TopKSelector::set_k", "k", k, "k >= 1");
+    detail::require<config_error>(opt_.second != SecondExpert::random || k == 2, "TopKSelector::set_k", "k", k,
+                                  "k = 2 for SecondExpert::random (a second expert)");
+    k_ = k;
+  }
   const Options& options() const { return opt_; }
 
   // Causal as its capacity is (Capacity::causal), with the overflow order evaluation runs.
