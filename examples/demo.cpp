@@ -149,6 +149,8 @@ int main(int argc, char** argv) {
     for (moe::Index t = 0; t < s.tokens; ++t) query[std::size_t(t)] = std::int32_t(t / 512);
     run("GliderRouter", std::move(glider), s, x, {.segment = query});
   }
+  run("HyperRouter", moe::make_hyper_router<float>(s.dim, s.experts, 2), s, x);
+  run("SMoEDropoutRouter", moe::make_smoe_dropout_router<float>(s.dim, s.experts, 2), s, x);
   // depth routers: one block (an FFN), sequences of 512 tokens as segments
   std::vector<std::int32_t> sequence(static_cast<std::size_t>(s.tokens));
   for (moe::Index t = 0; t < s.tokens; ++t) sequence[std::size_t(t)] = std::int32_t(t / 512);
@@ -177,6 +179,8 @@ int main(int argc, char** argv) {
               "no loss.\n"
               "GliderRouter: local LayerNorm router plus 3 x the cosine of random stand-in instruction embeddings "
               "(one per expert, one per sequence of 512), top-2.\n"
+              "HyperRouter: router weights from a frozen random hypernetwork (hidden 256) of a trainable embedding; "
+              "SMoEDropoutRouter: a frozen random router; both top-2, softmax over the 2.\n"
               "DepthRouter, MindSkipRouter: one block (the FFN) and the skip path y = x + w f(x), per sequence of 512 "
               "tokens; DepthRouter runs the top 12.5%% of each\nsequence (aux loss: its predictor's BCE); MindSkipRouter "
               "decides per sequence, and in training runs every token times its 0/1 decision\n(aux loss: the share of "

@@ -188,6 +188,8 @@ std::vector<Row> rows() {
     router.scorer().set_instructions(random_matrix<S>(1, 4, 31));
     return layer(std::move(router));
   }));
+  r.push_back(row("HyperRouter (dropless top-2)", true, [] { return layer(moe::make_hyper_router<S>(D, E, 2, 16, 32)); }));
+  r.push_back(row("SMoEDropoutRouter (dropless top-2)", true, [] { return layer(moe::make_smoe_dropout_router<S>(D, E, 2, 33)); }));
   const auto block = [](auto router) { return moe::MoELayer(std::move(router), moe::FFNExperts<S>(1, D, H, moe::Activation::gelu, 3)); };
   r.push_back(row("DepthRouter (the top C of the sequence)", false, [block] { return block(moe::make_depth_router<S>(D, 0.25)); }));
   r.push_back(row("DepthRouter, evaluation by its predictor", true,
