@@ -6,6 +6,7 @@
 #include <map>
 #include <numbers>
 #include <numeric>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -365,4 +366,86 @@ TEST_CASE("scheduled_k: the references' schedules of k, and TopKSelector::set_k"
   router.selector().set_k(7);
   REQUIRE_THROWS_AS(router.forward(x), moe::config_error);
   REQUIRE(router.routing().num_choices() == 20);  // the last good routing
+}
+
+TEST_CASE("Omni-router: one shared scorer, its gradient the sum of the layers' (against separate copies)", "[omni]") {
+  const Index T = 10, D = 6, E = 4, H = 5, L = 3;
+  for (const double jitter : {0.0, 0.05}) {  // jitter: backward needs each layer's own forward state
+    INFO("jitter " << jitter);
+    auto shared_routers = moe::make_omni_routers<double>(D, E, L, 2.0, 3);
+    REQUIRE(shared_routers.front().scorer().owner());
+    REQUIRE_FALSE(shared_routers.back().scorer().owner());
+    REQUIRE(shared_routers.front().scorer().handles() == L);
+    const Matrix<double> w0 = shared_routers.front().scorer().get().weight();
+    shared_routers.front().scorer().get() = moe::LinearScorer<double>(D, E, {.jitter = jitter, .jitter_draws = {.seed = 9}});
+    shared_routers.front().scorer().get().weight() = w0;
+    std::vector<moe::MoELayer<moe::OmniRouter<double>, moe::FFNExperts<double>>> shared;
+    std::vector<moe::MoELayer<moe::SwitchRouter<double>, moe::FFNExperts<double>>> separate;
+    for (Index l = 0; l < L; ++l) {
+      shared.emplace_back(std::move(shared_routers[std::size_t(l)]), moe::FFNExperts<double>(E, D, H, moe::Activation::gelu, 10 + l));
+      auto own = moe::make_switch_router<double>(D, E, 2.0, 3);
+      own.scorer() = moe::LinearScorer<double>(D, E, {.jitter = jitter, .jitter_draws = {.seed = 9}});
+      own.scorer().weight() = w0;
+      separate.emplace_back(std::move(own), moe::FFNExperts<double>(E, D, H, moe::Activation::gelu, 10 + l));
+    }
+    const Matrix<double> x = random_matrix<double>(T, D, 81), R = random_matrix<double>(T, D, 82);
+    const auto run = [&](auto& stack) {
+      std::vector<Matrix<double>> in{x};
+      for (auto& layer : stack) {
+        Matrix<double> y(T, D);
+        layer.forward(in.back(), y);
+        in.push_back(y);
+      }
+      Matrix<double> d = R, dx(T, D);
+      for (auto& layer : stack) moe::zero_grad(layer);  // all first: the layers add to one shared gradient
+      for (std::size_t l = stack.size(); l-- > 0;) {
+        stack[l].backward(d, dx);
+        d = dx;
+      }
+      return in.back();
+    };
+    const Matrix<double> y_shared = run(shared), y_separate = run(separate);
+    REQUIRE(y_shared == y_separate);
+    Matrix<double> sum = Matrix<double>::Zero(E, D), shared_grad;
+    for (auto& layer : separate)
+      layer.router().for_each_parameter([&](std::string_view, auto, auto grad) { sum += grad; });
+    shared.front().router().for_each_parameter([&](std::string_view, auto, auto grad) { shared_grad = grad; });
+    require_close(shared_grad, sum, 1e-12 * (1 + sum.cwiseAbs().maxCoeff()));
+    REQUIRE(sum.cwiseAbs().maxCoeff() > 0);
+    // only the owner shows the shared weight to an optimizer
+    int visited = 0;
+    for (auto& layer : shared) layer.router().for_each_parameter([&](std::string_view, auto, auto) { ++visited; });
+    REQUIRE(visited == 1);
+  }
+}
+
+TEST_CASE("routing_agreement: first kept expert and Jaccard of the kept sets, over tokens both routed", "[omni]") {
+  const Index T = 12, D = 5, E = 4;
+  const Matrix<double> x = random_matrix<double>(T, D, 91);
+  auto a = moe::make_topk_router<double>(D, E, 2, 1), b = moe::make_topk_router<double>(D, E, 2, 2);
+  const auto& ra = a.forward(x);
+  const auto& rb = b.forward(x);
+  moe::IndexMatrix ea, eb;
+  Matrix<double> wa, wb;
+  moe::to_topk_form(ra, ea, wa);
+  moe::to_topk_form(rb, eb, wb);
+  double top1 = 0, jaccard = 0;
+  for (Index t = 0; t < T; ++t) {
+    top1 += ea(t, 0) == eb(t, 0);
+    const std::set<int> sa{ea(t, 0), ea(t, 1)}, sb{eb(t, 0), eb(t, 1)};
+    int both = 0;
+    for (const int e : sa) both += int(sb.count(e));
+    jaccard += double(both) / double(sa.size() + sb.size() - std::size_t(both));
+  }
+  const auto agreement = moe::routing_agreement(ra, rb);
+  REQUIRE(agreement.tokens == T);
+  REQUIRE(agreement.top1 == Approx(top1 / T));
+  REQUIRE(agreement.jaccard == Approx(jaccard / T));
+  REQUIRE(moe::routing_agreement(ra, ra).jaccard == 1.0);
+  const auto other = moe::make_topk_router<double>(D, E + 1, 2, 3);
+  auto c = other;
+  REQUIRE_THROWS_AS(moe::routing_agreement(ra, c.forward(x)), moe::shape_error);
+  // a layer of another width cannot take a handle of the shared scorer
+  auto routers = moe::make_omni_routers<float>(D, E, 2);
+  REQUIRE_THROWS_AS(moe::MoELayer(std::move(routers[1]), moe::FFNExperts<float>(E, D + 1, 3)), moe::shape_error);
 }

@@ -33,6 +33,7 @@
 #include "moe/scorers/attention.hpp"
 #include "moe/scorers/glider.hpp"
 #include "moe/scorers/hyper.hpp"
+#include "moe/scorers/shared.hpp"
 #include "moe/gates/softmax.hpp"
 #include "moe/gates/identity.hpp"
 #include "moe/gates/sigmoid.hpp"

@@ -3,6 +3,7 @@
 // that fills in the reference's defaults, its padding convention included (the last argument
 // picks another). Nothing here is a new class.
 #include <optional>
+#include <vector>
 
 #include "moe/gates/expert_bias.hpp"
 #include "moe/gates/identity.hpp"
@@ -27,6 +28,7 @@
 #include "moe/scorers/linear.hpp"
 #include "moe/scorers/noisy_linear.hpp"
 #include "moe/scorers/normalized_slots.hpp"
+#include "moe/scorers/shared.hpp"
 #include "moe/selectors/depth_threshold.hpp"
 #include "moe/selectors/depth_top_c.hpp"
 #include "moe/selectors/dynamic_k.hpp"
@@ -123,17 +125,23 @@ using VMoERouter = Router<NoisyLinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>,
 template <scalar S>
 using BPRRouter = Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>, ImportanceLoss<S>>;
 
+namespace detail {
+// Switch's top-1: raw weight, capacity ceil(cf T / E), slots in the order won.
+template <scalar S>
+TopKSelector<S, 1> switch_selector(double capacity_factor, Padding padding) {
+  return TopKSelector<S, 1>({.weighting = Weighting::raw,
+                             .capacity = {.factor = capacity_factor,
+                                          .overflow = OverflowOrder::rank_major,
+                                          .slot_order = SlotOrder::priority},
+                             .padding = padding});
+}
+}  // namespace detail
+
 template <scalar S>
 SwitchRouter<S> make_switch_router(Index dim, Index experts, double capacity_factor = 1.25,
                                    std::uint64_t seed = 0, Padding padding = Padding::fairseq) {
-  return {LinearScorer<S>(dim, experts, {.bias = false, .init_scale = 0.1, .seed = seed}),
-          SoftmaxGate<S>{},
-          TopKSelector<S, 1>({.weighting = Weighting::raw,
-                              .capacity = {.factor = capacity_factor,
-                                           .overflow = OverflowOrder::rank_major,
-                                           .slot_order = SlotOrder::priority},
-                              .padding = padding}),
-          LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2), padding)};
+  return {LinearScorer<S>(dim, experts, {.bias = false, .init_scale = 0.1, .seed = seed}), SoftmaxGate<S>{},
+          detail::switch_selector<S>(capacity_factor, padding), LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2), padding)};
 }
 
 template <scalar S>
@@ -478,6 +486,28 @@ SMoEDropoutRouter<S> make_smoe_dropout_router(Index dim, Index experts, Index k 
   return {LinearScorer<S>(dim, experts, {.bias = true, .init_scale = 4e-4 * double(dim), .seed = seed, .frozen = true}),
           SoftmaxGate<S>{},
           TopKSelector<S>(k, {.weighting = Weighting::softmax_of_kept_logits})};
+}
+
+// Omni-router (Gu, Likhomanenko, Jaitly, "Omni-Router: Sharing Routing Decisions in Sparse
+// Mixture-of-Experts for Speech Recognition", 2025): one router weight shared by every MoE layer
+// (Shared<LinearScorer>), each layer routing its own hidden states Switch-style (the Switch
+// preset's top-1, capacity and balance loss; the paper's code was not available). The first
+// router owns the shared weight for the optimizer.
+template <scalar S>
+using OmniRouter = Router<Shared<LinearScorer<S>>, SoftmaxGate<S>, TopKSelector<S, 1>, LoadBalanceLoss<S>>;
+
+template <scalar S>
+std::vector<OmniRouter<S>> make_omni_routers(Index dim, Index experts, Index layers, double capacity_factor = 1.25,
+                                             std::uint64_t seed = 0, Padding padding = Padding::fairseq) {
+  detail::require<config_error>(layers >= 1, "make_omni_routers", "layers", layers, "layers >= 1");
+  Shared<LinearScorer<S>> owner(LinearScorer<S>(dim, experts, {.bias = false, .init_scale = 0.1, .seed = seed}));
+  std::vector<OmniRouter<S>> routers;
+  routers.reserve(std::size_t(layers));
+  for (Index l = 0; l < layers; ++l)
+    routers.push_back({l == 0 ? std::move(owner) : Shared<LinearScorer<S>>(routers.front().scorer()), SoftmaxGate<S>{},
+                       detail::switch_selector<S>(capacity_factor, padding),
+                       LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2), padding)});
+  return routers;
 }
 
 // ---- depth routing (docs/routers.md, DepthRouter, MindSkipRouter) -----------------------------

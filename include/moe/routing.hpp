@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "moe/config.hpp"
@@ -227,6 +228,48 @@ std::vector<Index> experts_per_token_histogram(const SparseRouting<S>& r, std::s
     ++bins[static_cast<std::size_t>(std::min(kept, r.num_experts))];
   }
   return bins;
+}
+
+// How two routings of the same batch agree, token by token (the Omni-router's cross-layer
+// statistic): over the tokens that kept a choice in both, the share whose first kept expert is the
+// same (top1) and the mean Jaccard index of their kept expert sets (jaccard).
+struct RoutingAgreement {
+  double top1 = 0, jaccard = 0;
+  Index tokens = 0;  // the tokens compared
+};
+
+template <class S>
+RoutingAgreement routing_agreement(const SparseRouting<S>& a, const SparseRouting<S>& b) {
+  detail::require<shape_error>(a.num_tokens == b.num_tokens && a.num_experts == b.num_experts, "routing_agreement",
+                               "b.num_tokens", b.num_tokens,
+                               "the shape of a: " + std::to_string(a.num_tokens) + " tokens over " +
+                                   std::to_string(a.num_experts) + " experts");
+  RoutingAgreement out;
+  const auto first_kept = [](const SparseRouting<S>& r, Index t) -> std::int32_t {
+    for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c)
+      if (r.choice_slot[c] >= 0) return r.choice_expert[c];
+    return -1;
+  };
+  const auto kept = [](const SparseRouting<S>& r, Index t, std::int32_t e) {
+    for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c)
+      if (r.choice_slot[c] >= 0 && r.choice_expert[c] == e) return true;
+    return false;
+  };
+  for (Index t = 0; t < a.num_tokens; ++t) {
+    const std::int32_t fa = first_kept(a, t), fb = first_kept(b, t);
+    if (fa < 0 || fb < 0) continue;
+    ++out.tokens;
+    out.top1 += fa == fb;
+    Index both = 0, either = 0;
+    for (std::int32_t e = 0; e < a.num_experts; ++e) {
+      const bool in_a = kept(a, t, e), in_b = kept(b, t, e);
+      both += in_a && in_b;
+      either += in_a || in_b;
+    }
+    out.jaccard += double(both) / double(either);
+  }
+  if (out.tokens > 0) out.top1 /= double(out.tokens), out.jaccard /= double(out.tokens);
+  return out;
 }
 
 // Mean entropy (nats) of the router's per-token distributions over the valid tokens.
