@@ -151,6 +151,7 @@ int main(int argc, char** argv) {
   }
   run("HyperRouter", moe::make_hyper_router<float>(s.dim, s.experts, 2), s, x);
   run("SMoEDropoutRouter", moe::make_smoe_dropout_router<float>(s.dim, s.experts, 2), s, x);
+  run("OmniRouter (layer 1)", std::move(moe::make_omni_routers<float>(s.dim, s.experts, 2).front()), s, x);
   // depth routers: one block (an FFN), sequences of 512 tokens as segments
   std::vector<std::int32_t> sequence(static_cast<std::size_t>(s.tokens));
   for (moe::Index t = 0; t < s.tokens; ++t) sequence[std::size_t(t)] = std::int32_t(t / 512);
@@ -181,6 +182,8 @@ int main(int argc, char** argv) {
               "(one per expert, one per sequence of 512), top-2.\n"
               "HyperRouter: router weights from a frozen random hypernetwork (hidden 256) of a trainable embedding; "
               "SMoEDropoutRouter: a frozen random router; both top-2, softmax over the 2.\n"
+              "OmniRouter (layer 1): the first of two layers sharing one router weight; alone it routes as "
+              "SwitchRouter.\n"
               "DepthRouter, MindSkipRouter: one block (the FFN) and the skip path y = x + w f(x), per sequence of 512 "
               "tokens; DepthRouter runs the top 12.5%% of each\nsequence (aux loss: its predictor's BCE); MindSkipRouter "
               "decides per sequence, and in training runs every token times its 0/1 decision\n(aux loss: the share of "

@@ -214,3 +214,8 @@ TEST_CASE("1 and 2 threads give bit-identical HyperRouter and SMoE-Dropout layer
   require_thread_independent([&] { return moe::MoELayer(moe::make_hyper_router<float>(D, E, 2, 64), moe::FFNExperts<float>(E, D, H)); }, T, D);
   require_thread_independent([&] { return moe::MoELayer(moe::make_smoe_dropout_router<float>(D, E, 2), moe::FFNExperts<float>(E, D, H)); }, T, D);
 }
+
+TEST_CASE("1 and 2 threads give bit-identical Omni-router layers", "[threads][omni]") {
+  const Index T = 3000, D = 32, E = 16, H = 16;
+  require_thread_independent([&] { return moe::MoELayer(std::move(moe::make_omni_routers<float>(D, E, 2).back()), moe::FFNExperts<float>(E, D, H)); }, T, D);
+}
