@@ -75,7 +75,8 @@ TEMPLATE_TEST_CASE("softmax kernel matches its twin", "[kernel]", float, double)
 TEMPLATE_TEST_CASE("streamed softmax matches its twin", "[kernel]", float, double) {
   using S = TestType;
   std::vector<S> scratch;
-  for (Index E : {Index(3), Index(64), Index(255), Index(256), Index(300), Index(512)})  // short rows, and rows of 16+ batches
+  // short rows (the in-register kernels), and rows of 16 batches and more (streamed)
+  for (Index E : {Index(3), Index(64), Index(255), Index(256), Index(300), Index(512)})
     for (int flavour : {0, 1, 2}) {
       const Matrix<S> l = logits_of<S>(37, E, flavour, E);
       Matrix<S> simd(37, E), twin(37, E);
@@ -102,12 +103,12 @@ TEMPLATE_TEST_CASE("column softmax into the transpose matches its twin, by block
           // the whole batch at once, and in blocks of one group's rows and of one batch's columns
           // (as the selector runs it): the same bits
           Matrix<S> top(groups, N), sum(groups, N), out(N, T), twin(N, T);
-          k::column_softmax_chunks<S>(x, v, top, sum, out);
+          k::column_softmax_groups<S>(x, v, top, sum, out);
           k::column_softmax_scale<S>(top, sum, out);
           Matrix<S> top2(groups, N), sum2(groups, N), out2(N, T);
           for (Index g = 0; g < groups; ++g) {
             const Index n = std::min(G, T - g * G);
-            k::column_softmax_chunks<S>(x.middleRows(g * G, n), v ? v + g * G : nullptr, top2.middleRows(g, 1),
+            k::column_softmax_groups<S>(x.middleRows(g * G, n), v ? v + g * G : nullptr, top2.middleRows(g, 1),
                                         sum2.middleRows(g, 1), out2.middleCols(g * G, n));
           }
           constexpr Index w = Index(k::width<S>);  // column blocks of whole batches, as the selector's

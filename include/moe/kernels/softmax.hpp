@@ -174,6 +174,8 @@ void softmax_rows(MatrixIn<S> logits, MatrixOut<S> probs) {
 // (strided, latency-bound) read of x. Group g holds rows [g G, (g + 1) G); x may be a block of
 // rows starting at a group boundary, with top and sum the matching rows of the [groups, N]
 // statistics and out_t the matching columns.
+// Four batches: each output row gets a group's entries as one run of 4 registers (256 bytes in
+// float under AVX-512); runs of one 64-byte line, scattered over the rows, wrote 3x slower.
 template <class S>
 inline constexpr Index column_group = 4 * Index(width<S>);
 
@@ -192,7 +194,7 @@ void column_softmax_transposed(MatrixIn<S> x, const std::uint8_t* valid, MatrixO
 
 // valid: one flag per row of x, or null for all valid.
 template <class S>
-void column_softmax_chunks(MatrixIn<S> x, const std::uint8_t* valid, MatrixOut<S> top, MatrixOut<S> sum,
+void column_softmax_groups(MatrixIn<S> x, const std::uint8_t* valid, MatrixOut<S> top, MatrixOut<S> sum,
                            MatrixOut<S> out_t) {
   using B = Batch<S>;
   constexpr Index w = Index(B::size), G = column_group<S>;
@@ -211,8 +213,7 @@ void column_softmax_chunks(MatrixIn<S> x, const std::uint8_t* valid, MatrixOut<S
         if (!valid[t0 + i]) live &= ~(1u << i);
     return live;
   };
-  // Column batches outer, groups inner: each output row gets a group's G entries as one run (a
-  // run of one 64-byte line per row wrote at a third of the rate).
+  // Column batches outer, groups inner: each output row gets a group's G entries as one run.
   Index s = 0;
   for (; s + w <= N; s += w)
     for (Index g = 0; g * G < T; ++g) {
@@ -255,7 +256,8 @@ void column_softmax_chunks(MatrixIn<S> x, const std::uint8_t* valid, MatrixOut<S
       S m = lowest, z = 0;
       for (Index t = g0; t < g1; ++t)
         if (!valid || valid[t]) m = std::max(m, xp[t * xs + s]);
-      for (Index t = g0; t < g1; ++t) z += (op[s * os + t] = !valid || valid[t] ? exp_approx(xp[t * xs + s] - m) : S(0));
+      for (Index t = g0; t < g1; ++t)
+        z += (op[s * os + t] = !valid || valid[t] ? exp_approx(xp[t * xs + s] - m) : S(0));
       top(g, s) = m;
       sum(g, s) = z;
     }

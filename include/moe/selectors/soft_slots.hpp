@@ -85,8 +85,8 @@ public:
     rows_.reserve();
   }
 
-  // Rows [begin, begin + rows) (begin a multiple of the SIMD width): their combine rows, and
-  // their pass of the dispatch's column softmax (kernels::column_softmax_chunks); scratch only.
+  // Rows [begin, begin + rows) (begin a multiple of the group): their combine rows, and their
+  // pass of the dispatch's column softmax (kernels::column_softmax_groups); scratch only.
   void select_rows(const SelectorInput<S>& block, Index begin) {
     const Index n = block.scores.rows();
     if (n == 0) return;
@@ -97,17 +97,18 @@ public:
       auto combine = combine_.middleRows(begin + t, end - t);
       // the logits the router gates next, requested meanwhile (its copy of them would wait on memory)
       const Index next = std::min(end - t, combine_.rows() - begin - end);
-      kernels::softmax_rows_streamed<S>(rows, combine, rows_.local(), block.logits.data() + end * block.logits.outerStride(), next);
+      kernels::softmax_rows_streamed<S>(rows, combine, rows_.local(),
+                                        block.logits.data() + end * block.logits.outerStride(), next);
       if (valid)
         for (Index i = t; i < end; ++i)
           if (!valid[i]) combine.row(i - t).setZero();
       const Index g0 = (begin + t) / group, gn = (end - t + group - 1) / group;
-      kernels::column_softmax_chunks<S>(rows, valid ? valid + t : nullptr, top_.middleRows(g0, gn),
+      kernels::column_softmax_groups<S>(rows, valid ? valid + t : nullptr, top_.middleRows(g0, gn),
                                         sum_.middleRows(g0, gn), dispatch_.middleCols(begin + t, end - t));
     });
   }
 
-  // The dispatch's second pass (the chunks' factors), then the routing takes the scratch.
+  // The dispatch's second pass (the groups' factors), then the routing takes the scratch.
   void finish(MatrixIn<S> logits, const TokenInputs<S>&, routing_type& r) {
     const Index T = logits.rows(), N = logits.cols();
     if (real_ == 0) dispatch_.setZero();
@@ -144,7 +145,7 @@ public:
     });
   }
 
-  // Whole groups of kernels::column_softmax_chunks per router block.
+  // Whole groups of kernels::column_softmax_groups per router block.
   static constexpr Index min_block_rows = kernels::column_group<S>;
 
 private:
@@ -154,7 +155,7 @@ private:
   Index slots_per_expert_;
   Index real_ = 0;
   Matrix<S> combine_, dispatch_;  // the routing being written, swapped in by finish
-  Matrix<S> top_, sum_;           // [chunks, E p]: kernels::column_softmax_chunks' statistics
+  Matrix<S> top_, sum_;           // [groups, E p]: kernels::column_softmax_groups' statistics
   PerThread<std::vector<S>> rows_;  // kernels::softmax_rows_streamed's scratch
   Matrix<S> grad_t_;
 };
