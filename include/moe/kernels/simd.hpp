@@ -259,15 +259,19 @@ struct TransposePlan {
   }
   // Index vectors that turn layout `from` into `to`, taking register r from the pair (r without,
   // r with bit s): lane j of the first source is index j, of the second 16 + j.
+  // (Through where each element sits in `from`: a search per lane takes clang's constexpr
+  // evaluation past its step limit at N = 16.)
   static constexpr void plan(const Layout& from, const Layout& to, int s,
                              std::array<std::array<std::int32_t, lanes>, N>& idx) {
+    std::array<int, N * lanes> where{};  // element -> register * lanes + lane in `from`
     for (int r = 0; r < N; ++r)
-      for (int i = 0; i < lanes; ++i)
-        for (int src = 0; src < 2; ++src) {
-          const int reg = src ? (r | (1 << s)) : (r & ~(1 << s));
-          for (int j = 0; j < lanes; ++j)
-            if (from[reg][j] == to[r][i]) idx[r][i] = src * lanes + j;
-        }
+      for (int j = 0; j < lanes; ++j) where[std::size_t(from[r][j])] = r * lanes + j;
+    for (int r = 0; r < N; ++r)
+      for (int i = 0; i < lanes; ++i) {
+        const int at = where[std::size_t(to[r][i])], reg = at / lanes;
+        MOE_ASSERT((reg | (1 << s)) == (r | (1 << s)));  // one of the pair
+        idx[r][i] = std::int32_t((reg == (r | (1 << s)) ? lanes : 0) + at % lanes);
+      }
   }
   constexpr TransposePlan() {
     for (int s = 0; s < bits; ++s) {
