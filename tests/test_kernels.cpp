@@ -72,6 +72,62 @@ TEMPLATE_TEST_CASE("softmax kernel matches its twin", "[kernel]", float, double)
       }
 }
 
+TEMPLATE_TEST_CASE("streamed softmax matches its twin", "[kernel]", float, double) {
+  using S = TestType;
+  std::vector<S> scratch;
+  // short rows (the in-register kernels), and rows of 16 batches and more (streamed)
+  for (Index E : {Index(3), Index(64), Index(255), Index(256), Index(300), Index(512)})
+    for (int flavour : {0, 1, 2}) {
+      const Matrix<S> l = logits_of<S>(37, E, flavour, E);
+      Matrix<S> simd(37, E), twin(37, E);
+      k::softmax_rows_streamed<S>(l, simd, scratch);
+      k::scalar::softmax_rows<S>(l, twin);
+      INFO("E " << E << " flavour " << flavour);
+      REQUIRE(max_rel(simd, twin) <= forward_tol<S>(E));
+    }
+}
+
+TEMPLATE_TEST_CASE("column softmax into the transpose matches its twin, by blocks of row groups", "[kernel]", float, double) {
+  using S = TestType;
+  constexpr Index G = k::column_group<S>;
+  for (Index T : {Index(1), Index(5), G - 1, G, 2 * G + 7, 3 * G})
+    for (Index N : {1, 3, 16, 17, 33, 64})
+      for (int flavour : {0, 1, 2})
+        for (int mask : {0, 1, 2}) {  // none; every third row padding; and the second group all padding
+          const Matrix<S> x = logits_of<S>(T, N, flavour, std::uint64_t(T * 100 + N));
+          std::vector<std::uint8_t> valid(std::size_t(T), 1);
+          for (Index t = 0; t < T; ++t)
+            if ((mask == 1 && t % 3 == 0) || (mask == 2 && t / G == 1)) valid[std::size_t(t)] = 0;
+          const std::uint8_t* v = mask ? valid.data() : nullptr;
+          const Index groups = (T + G - 1) / G;
+          // the whole batch at once, and in blocks of one group's rows and of one batch's columns
+          // (as the selector runs it): the same bits
+          Matrix<S> top(groups, N), sum(groups, N), out(N, T), twin(N, T);
+          k::column_softmax_groups<S>(x, v, top, sum, out);
+          k::column_softmax_scale<S>(top, sum, out);
+          Matrix<S> top2(groups, N), sum2(groups, N), out2(N, T);
+          for (Index g = 0; g < groups; ++g) {
+            const Index n = std::min(G, T - g * G);
+            k::column_softmax_groups<S>(x.middleRows(g * G, n), v ? v + g * G : nullptr, top2.middleRows(g, 1),
+                                        sum2.middleRows(g, 1), out2.middleCols(g * G, n));
+          }
+          constexpr Index w = Index(k::width<S>);  // column blocks of whole batches, as the selector's
+          for (Index s = 0; s < N; s += w) {
+            const Index n = std::min(w, N - s);
+            k::column_softmax_scale<S>(top2.middleCols(s, n), sum2.middleCols(s, n), out2.middleRows(s, n));
+          }
+          k::scalar::column_softmax_transposed<S>(x, v, twin);
+          INFO("T " << T << " N " << N << " flavour " << flavour << " mask " << mask);
+          REQUIRE(out2 == out);
+          // exp to ~1 ulp, the group's factor to ~2 more, a sum of T terms in another order
+          REQUIRE(max_rel(out, twin) <= forward_tol<S>(T + 4));
+          for (Index t = 0; t < T; ++t)
+            if (!valid[std::size_t(t)] && mask) REQUIRE(out.col(t).isZero(0));
+          if (std::count(valid.begin(), valid.end(), std::uint8_t(1)) > 0)
+            for (Index s = 0; s < N; ++s) REQUIRE(std::abs(double(out.row(s).sum()) - 1.0) <= forward_tol<S>(T + 4));
+        }
+}
+
 TEST_CASE("exp_approx is within 2 float epsilons (relative) of exp over the float range", "[kernel]") {
   for (float x = -87.0f; x < 88.7f; x += 0.173f) {
     const double want = std::exp(double(x));

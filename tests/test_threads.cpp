@@ -153,11 +153,13 @@ TEST_CASE("1 and 2 threads give bit-identical dynamic-k layers (top-p, XMoE thre
 }
 
 TEST_CASE("1 and 2 threads give bit-identical Soft MoE layers", "[threads][soft_moe]") {
-  // T past the scorer's 4096-row blocks and many of the softmaxes' and products' blocks, S past
-  // the dispatch softmax's slot blocks; with and without padding
-  const Index T = 9000, D = 32, E = 24, p = 2, H = 16;
+  // T past the scorer's 4096-row blocks and many of the softmaxes' and products' blocks (not a
+  // whole number of the dispatch softmax's row groups), S past its slot blocks, a whole number
+  // of SIMD batches or not; with and without padding
+  const Index T = 9000, D = 32, p = 2, H = 16;
   std::vector<std::uint8_t> valid(std::size_t(T), 1);
   for (Index t = 0; t < T; t += 7) valid[std::size_t(t)] = 0;
+  for (const Index E : {24, 25})
   for (const bool masked : {false, true}) {
     const moe::TokenInputs<float> tokens{.valid = masked ? std::span<const std::uint8_t>(valid) : std::span<const std::uint8_t>()};
     const auto run_soft = [&](int threads) {

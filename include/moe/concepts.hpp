@@ -133,6 +133,8 @@ concept selector = detail::has_scalar<P> &&
 //   holds the rows [begin, begin + block.logits.rows()) of logits, scores, rank and tokens;
 // - finish(logits, tokens, routing): writes the routing. It must not need the scores: the router
 //   may not keep them (they are recomputed for backward).
+// A staged selector that needs blocks of a multiple of n rows (say, to write whole runs of a
+// transposed output) says `static constexpr Index min_block_rows = n;`.
 template <class P>
 concept staged_selector = selector<P> &&
     requires(P& p, const SelectorInput<typename P::scalar_type>& in, typename P::routing_type& r,

@@ -5,6 +5,7 @@
 // static_assert.
 #include <algorithm>
 #include <array>
+#include <numeric>
 #include <span>
 #include <string>
 #include <tuple>
@@ -336,8 +337,13 @@ private:
     // Validation, gating and the selector's per-token work run block by block, so each block of
     // logits is read from memory once and its scores are still in cache for the selector. A bad
     // block throws before the routing is touched: only the spare state and scratch are written.
-    // ~16 KiB of logits per block, in whole groups of 16 rows (the token-parallel kernels' unit)
-    const Index block = std::max<Index>(1, 256 / std::max<Index>(E, 1)) * 16;
+    // ~16 KiB of logits per block, in whole groups of 16 rows (the token-parallel kernels' unit),
+    // and in whole multiples of a staged selector's min_block_rows
+    Index block = std::max<Index>(1, 256 / std::max<Index>(E, 1)) * 16;
+    if constexpr (staged && requires { Selector::min_block_rows; }) {
+      constexpr Index m = std::lcm(Index(16), Index(Selector::min_block_rows));
+      block = (block + m - 1) / m * m;
+    }
     if constexpr (num_losses > 0) fit(block_sums_, (T + block - 1) / block, E);
     // A loss that averages over padding rows too (Padding::fairseq) gets sums over every row.
     const bool sum_all_rows = !tokens.valid.empty() && std::apply([](const auto&... l) { return (reads_padding(l) || ...); }, losses_);

@@ -91,6 +91,49 @@ MOE_INLINE S exp_approx(S x) {
   }
 }
 
+// Stores v at p past the caches (a non-temporal store) when p is aligned to the register: the
+// line is written whole, so nothing is read for ownership, and an output larger than the caches
+// does not evict what is still to be read. An ordinary store otherwise. A kernel that streams
+// ends with stream_fence(), which orders these stores before any later one (another thread's
+// reads after the parallel loop's barrier see them).
+template <class B>
+MOE_INLINE void stream_store(B v, typename B::value_type* p) {
+  using S = typename B::value_type;
+  using R = typename B::register_type;
+  [[maybe_unused]] const bool aligned = reinterpret_cast<std::uintptr_t>(p) % sizeof(R) == 0;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(R) == 64) {
+    if (aligned) {
+      if constexpr (std::is_same_v<S, float>) _mm512_stream_ps(p, v); else _mm512_stream_pd(p, v);
+      return;
+    }
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (sizeof(R) == 32 && std::is_floating_point_v<S>) {
+    if (aligned) {
+      if constexpr (std::is_same_v<S, float>) _mm256_stream_ps(p, v); else _mm256_stream_pd(p, v);
+      return;
+    }
+  }
+#endif
+#if defined(__SSE2__)
+  if constexpr (sizeof(R) == 16 && std::is_floating_point_v<S>) {
+    if (aligned) {
+      if constexpr (std::is_same_v<S, float>) _mm_stream_ps(p, v); else _mm_stream_pd(p, v);
+      return;
+    }
+  }
+#endif
+  v.store_unaligned(p);
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 // Hints for every 64-byte line of the `bytes` from `offset` past p: to read, or (Write) to be
 // written, fetched for ownership into L2. The range may lie past the end of p's array: the
 // addresses are formed as integers, and a prefetch never faults.
@@ -189,7 +232,7 @@ MOE_INLINE void scatter(B v, typename B::value_type* base, I offsets) {
 }
 
 namespace detail {
-// The in-register transpose of 16 rows of N floats (N = 2^b, b <= 3) into N registers of 16
+// The in-register transpose of 16 rows of N floats (N = 2^b, b <= 4) into N registers of 16
 // lanes: b stages of two-source permutes. Stage s pairs the registers that differ in bit s and
 // swaps that bit with lane bit s (the column bit s); the last stage also puts the lanes in row
 // order. The index vectors come from following every element's position through the stages.
@@ -216,15 +259,19 @@ struct TransposePlan {
   }
   // Index vectors that turn layout `from` into `to`, taking register r from the pair (r without,
   // r with bit s): lane j of the first source is index j, of the second 16 + j.
+  // (Through where each element sits in `from`: a search per lane takes clang's constexpr
+  // evaluation past its step limit at N = 16.)
   static constexpr void plan(const Layout& from, const Layout& to, int s,
                              std::array<std::array<std::int32_t, lanes>, N>& idx) {
+    std::array<int, N * lanes> where{};  // element -> register * lanes + lane in `from`
     for (int r = 0; r < N; ++r)
-      for (int i = 0; i < lanes; ++i)
-        for (int src = 0; src < 2; ++src) {
-          const int reg = src ? (r | (1 << s)) : (r & ~(1 << s));
-          for (int j = 0; j < lanes; ++j)
-            if (from[reg][j] == to[r][i]) idx[r][i] = src * lanes + j;
-        }
+      for (int j = 0; j < lanes; ++j) where[std::size_t(from[r][j])] = r * lanes + j;
+    for (int r = 0; r < N; ++r)
+      for (int i = 0; i < lanes; ++i) {
+        const int at = where[std::size_t(to[r][i])], reg = at / lanes;
+        MOE_ASSERT((reg | (1 << s)) == (r | (1 << s)));  // one of the pair
+        idx[r][i] = std::int32_t((reg == (r | (1 << s)) ? lanes : 0) + at % lanes);
+      }
   }
   constexpr TransposePlan() {
     for (int s = 0; s < bits; ++s) {
@@ -237,8 +284,9 @@ struct TransposePlan {
 
 // A block of `width` consecutive rows of N values (row stride `stride`) seen as N batches, one
 // per column: lane i of column e is row i's entry e. Kernels for rows shorter than a register
-// work across rows this way. Contiguous rows of 1, 2, 4 or 8 floats under AVX-512 are transposed
-// in registers (N log2 N permutes each way); any other block goes through gathers and scatters.
+// work across rows this way. Contiguous rows of 1, 2, 4, 8 or 16 floats under AVX-512 are
+// transposed in registers (N log2 N permutes each way); any other block goes through gathers and
+// scatters.
 template <class B, int N>
 class RowBlock {
   using S = typename B::value_type;
@@ -297,7 +345,7 @@ public:
 
 private:
 #if defined(__AVX512F__)
-  static constexpr bool transposable = std::is_same_v<S, float> && B::size == 16 && N <= 8 && (N & (N - 1)) == 0;
+  static constexpr bool transposable = std::is_same_v<S, float> && B::size == 16 && N <= 16 && (N & (N - 1)) == 0;
   static constexpr detail::TransposePlan<transposable ? N : 1> plan_{};
   // Runs the stages in order (to columns) or in reverse (back to rows).
   template <bool Reverse = false, class Plan>

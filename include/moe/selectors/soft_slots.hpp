@@ -60,51 +60,67 @@ public:
   }
 
   void forward(const SelectorInput<S>& in, routing_type& r) {
+    detail::check_shape("SoftSlotsSelector", "logits", in.logits, in.scores.rows(), in.scores.cols());
+    prepare(in.scores, in.tokens);
+    detail::check_finite<S>("SoftSlotsSelector", "scores", in.scores);
+    select_rows(in, 0);
+    finish(in.logits, in.tokens, r);
+  }
+
+  // The staged form of forward (moe::staged_selector): the router runs select_rows on each block
+  // of scores while it is in cache, so the [T, E p] scores are read once and never stored whole.
+  // prepare validates the shapes and the mask and sizes the scratch.
+  void prepare(MatrixIn<S> logits, const TokenInputs<S>& tokens) {
     constexpr std::string_view where = "SoftSlotsSelector";
-    const Index T = in.scores.rows(), N = in.scores.cols();
+    const Index T = logits.rows(), N = logits.cols();
     if (N % slots_per_expert_ != 0 || N < slots_per_expert_)  // the message only on failure: no allocation
       detail::fail<shape_error>(where, "scores.cols", N,
                                 "a positive multiple of slots_per_expert (" + std::to_string(slots_per_expert_) + ")");
-    detail::check_shape(where, "logits", in.logits, T, N);
-    detail::check_tokens(where, in.tokens, T, N);
-    detail::check_finite<S>(where, "scores", in.scores);
-    const std::span<const std::uint8_t> valid = in.tokens.valid;
-    // the real tokens, in order: the columns of the dispatch softmax
-    fit(real_, T);
-    Index real = 0;
-    for (Index t = 0; t < T; ++t)
-      if (in.tokens.is_valid(t)) real_[std::size_t(real++)] = t;
-    const bool masked = real < T;
+    detail::check_tokens(where, tokens, T, N);
+    real_ = T - Index(std::count(tokens.valid.begin(), tokens.valid.end(), std::uint8_t(0)));
+    fit(combine_, T, N);
+    fit(dispatch_, N, T);
+    fit(top_, (T + group - 1) / group, N);
+    fit(sum_, top_.rows(), N);
+    rows_.reserve();
+  }
 
-    r.reset(T, N / slots_per_expert_, slots_per_expert_);
-    r.num_valid_tokens = real;
-    // combine: softmax over the slots of each real token's row, 0 for padding
-    parallel_for(T, row_block, [&](Index t, Index end) {
-      kernels::softmax_rows<S>(in.scores.middleRows(t, end - t), r.combine.middleRows(t, end - t));
-      if (masked)
+  // Rows [begin, begin + rows) (begin a multiple of the group): their combine rows, and their
+  // pass of the dispatch's column softmax (kernels::column_softmax_groups); scratch only.
+  void select_rows(const SelectorInput<S>& block, Index begin) {
+    const Index n = block.scores.rows();
+    if (n == 0) return;
+    MOE_ASSERT(begin % group == 0);
+    const std::uint8_t* valid = block.tokens.valid.empty() ? nullptr : block.tokens.valid.data();
+    parallel_for(n, row_block, [&](Index t, Index end) {  // in parallel when called outside the router's loop
+      const auto rows = block.scores.middleRows(t, end - t);
+      auto combine = combine_.middleRows(begin + t, end - t);
+      // the logits the router gates next, requested meanwhile (its copy of them would wait on memory)
+      const Index next = std::min(end - t, combine_.rows() - begin - end);
+      kernels::softmax_rows_streamed<S>(rows, combine, rows_.local(),
+                                        block.logits.data() + end * block.logits.outerStride(), next);
+      if (valid)
         for (Index i = t; i < end; ++i)
-          if (!valid[std::size_t(i)]) r.combine.row(i).setZero();
+          if (!valid[i]) combine.row(i - t).setZero();
+      const Index g0 = (begin + t) / group, gn = (end - t + group - 1) / group;
+      kernels::column_softmax_groups<S>(rows, valid ? valid + t : nullptr, top_.middleRows(g0, gn),
+                                        sum_.middleRows(g0, gn), dispatch_.middleCols(begin + t, end - t));
     });
-    // dispatch: each slot's column over the real tokens, transposed into a row, softmax in place
-    if (real == 0) {
-      r.dispatch.setZero();
-      return;
-    }
-    // with padding: packed over the real tokens first, in a buffer sized [S, T] so that batches
-    // with other padding reuse it
-    if (masked) fit(packed_, N, T);
-    auto& full = masked ? packed_ : r.dispatch;
-    MatrixOut<S> rows = full.leftCols(real);
-    parallel_for(N, slot_block, [&](Index s, Index end) {
-      transpose_real(in.scores, s, end - s, real, rows);
-      kernels::softmax_rows<S>(rows.middleRows(s, end - s), rows.middleRows(s, end - s));
-      if (masked) {
-        auto out = r.dispatch.middleRows(s, end - s);
-        out.setZero();
-        for (Index s1 = 0; s1 < end - s; ++s1)
-          for (Index j = 0; j < real; ++j) out(s1, real_[std::size_t(j)]) = rows(s + s1, j);
-      }
-    });
+  }
+
+  // The dispatch's second pass (the groups' factors), then the routing takes the scratch.
+  void finish(MatrixIn<S> logits, const TokenInputs<S>&, routing_type& r) {
+    const Index T = logits.rows(), N = logits.cols();
+    if (real_ == 0) dispatch_.setZero();
+    else
+      parallel_for(N, slot_block, [&](Index s, Index end) {
+        kernels::column_softmax_scale<S>(top_.middleCols(s, end - s), sum_.middleCols(s, end - s),
+                                         dispatch_.middleRows(s, end - s));
+      });
+    r.reset(T, N / slots_per_expert_, slots_per_expert_);
+    r.num_valid_tokens = real_;
+    r.dispatch.swap(dispatch_);  // the last routing's matrices become the next call's scratch
+    r.combine.swap(combine_);
   }
 
   // dscores[t, s] += C[t, s] (dC[t, s] - <C[t, :], dC[t, :]>) + D[s, t] (dD[s, t] - <D[s, :], dD[s, :]>)
@@ -129,34 +145,18 @@ public:
     });
   }
 
-private:
-  static constexpr Index row_block = 256, slot_block = 16, tile = 64;
+  // Whole groups of kernels::column_softmax_groups per router block.
+  static constexpr Index min_block_rows = kernels::column_group<S>;
 
-  // out(s + i, j) = scores(real_[j], s + i) for i < n (n <= slot_block) and every real token j:
-  // 16 tokens at a time through a small tile in registers or L1, so each token's row segment is
-  // read once, contiguously, and each slot's row is written contiguously.
-  void transpose_real(MatrixIn<S> scores, Index s, Index n, Index real, MatrixOut<S> out) const {
-    constexpr Index w = slot_block;
-    S buf[w][w];
-    Index j = 0;
-    for (; j + w <= real; j += w) {
-      for (Index a = 0; a < w; ++a) {
-        const S* src = scores.row(real_[std::size_t(j + a)]).data() + s;
-        for (Index i = 0; i < n; ++i) buf[i][a] = src[i];
-      }
-      for (Index i = 0; i < n; ++i) {
-        S* dst = out.row(s + i).data() + j;
-        for (Index a = 0; a < w; ++a) dst[a] = buf[i][a];
-      }
-    }
-    for (; j < real; ++j) {
-      const S* src = scores.row(real_[std::size_t(j)]).data() + s;
-      for (Index i = 0; i < n; ++i) out(s + i, j) = src[i];
-    }
-  }
+private:
+  // row_block: a multiple of the group
+  static constexpr Index group = kernels::column_group<S>, row_block = 256, slot_block = 16, tile = 64;
+
   Index slots_per_expert_;
-  std::vector<Index> real_;
-  Matrix<S> packed_;  // [E p, T] when some tokens are padding: the real tokens' columns first
+  Index real_ = 0;
+  Matrix<S> combine_, dispatch_;  // the routing being written, swapped in by finish
+  Matrix<S> top_, sum_;           // [groups, E p]: kernels::column_softmax_groups' statistics
+  PerThread<std::vector<S>> rows_;  // kernels::softmax_rows_streamed's scratch
   Matrix<S> grad_t_;
 };
 
