@@ -2,11 +2,13 @@
 // Shared test helpers: deterministic data, named tolerances and central finite differences.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <limits>
 #include <map>
 #include <string>
+#include <vector>
 #include <moe/moe.hpp>
 
 namespace moe_test {
@@ -132,10 +134,12 @@ inline void require_close(const Matrix<double>& a, const Matrix<double>& b, doub
 }
 
 // A layer's backward of L = <y, R>, y = layer(x, tokens), against central differences: dx and
-// every parameter's gradient. Returns the analytic parameter gradients by name.
+// every parameter's gradient, except the `frozen` ones, whose gradient must stay exactly 0.
+// Returns the analytic parameter gradients by name.
 template <class Layer>
 std::map<std::string, Matrix<double>> check_layer_gradients(Layer& layer, Matrix<double>& x, const Matrix<double>& R,
-                                                            const moe::TokenInputs<double>& tokens = {}) {
+                                                            const moe::TokenInputs<double>& tokens = {},
+                                                            const std::vector<std::string>& frozen = {}) {
   Matrix<double> y(x.rows(), R.cols()), dx(x.rows(), x.cols());
   const auto loss = [&] {
     layer.forward(x, y, tokens);
@@ -148,7 +152,8 @@ std::map<std::string, Matrix<double>> check_layer_gradients(Layer& layer, Matrix
   require_gradient_close(dx, numeric_gradient(x, loss));
   for (auto& [name, value] : parameters(layer)) {
     INFO(name);
-    require_gradient_close(grads.at(name), numeric_gradient(value, loss));
+    if (std::find(frozen.begin(), frozen.end(), name) != frozen.end()) REQUIRE(grads.at(name).isZero(0));
+    else require_gradient_close(grads.at(name), numeric_gradient(value, loss));
   }
   return grads;
 }

@@ -287,24 +287,9 @@ TEST_CASE("HyperRouter and SMoE-Dropout: gradients reach only what learns; train
   {
     Matrix<double> x = random_matrix<double>(T, D, 72);
     moe::MoELayer layer(moe::make_hyper_router<double>(D, E, 2, H, 4), moe::FFNExperts<double>(E, D, 5));
-    Matrix<double> y(T, D), dx(T, D);
-    const auto loss = [&] {
-      layer.forward(x, y);
-      return y.cwiseProduct(R).sum();
-    };
-    loss();
-    moe::zero_grad(layer);
-    layer.backward(R, dx);
-    const auto grads = gradients(layer);
-    require_gradient_close(dx, numeric_gradient(x, loss));
-    auto params = parameters(layer);
-    for (const char* name : {"router.embedding", "experts.w1", "experts.w2"}) {
-      INFO(name);
-      require_gradient_close(grads.at(name), numeric_gradient(params.at(name), loss));
-    }
+    const auto grads = check_layer_gradients(layer, x, R, {},
+                                             {"router.hypernet.w1", "router.hypernet.b1", "router.hypernet.w2", "router.hypernet.b2"});
     REQUIRE(grads.at("router.embedding").cwiseAbs().maxCoeff() > 0);
-    for (const char* name : {"router.hypernet.w1", "router.hypernet.b1", "router.hypernet.w2", "router.hypernet.b2"})
-      REQUIRE(grads.at(name).isZero(0));
   }
   const auto train = [&](auto layer, const std::vector<std::string>& frozen, const std::string& learns) {
     std::map<std::string, Matrix<double>> before;
@@ -328,17 +313,10 @@ TEST_CASE("HyperRouter and SMoE-Dropout: gradients reach only what learns; train
         {"router.hypernet.w1", "router.hypernet.b1", "router.hypernet.w2", "router.hypernet.b2"}, "router.embedding");
   train(moe::MoELayer(moe::make_smoe_dropout_router<double>(D, E, 2, 6), moe::FFNExperts<double>(E, D, 5)),
         {"router.weight", "router.bias"}, "experts.w1");
-  // the frozen router still passes dx
+  // the frozen router still passes dx, and keeps a zero gradient
   Matrix<double> x = random_matrix<double>(T, D, 74);
   moe::MoELayer dropout(moe::make_smoe_dropout_router<double>(D, E, 2, 7), moe::FFNExperts<double>(E, D, 5));
-  Matrix<double> y(T, D), dx(T, D);
-  const auto loss = [&] {
-    dropout.forward(x, y);
-    return y.cwiseProduct(R).sum();
-  };
-  loss();
-  dropout.backward(R, dx);
-  require_gradient_close(dx, numeric_gradient(x, loss));
+  check_layer_gradients(dropout, x, R, {}, {"router.weight", "router.bias"});
 }
 
 TEST_CASE("scheduled_k: the references' schedules of k, and TopKSelector::set_k", "[hyper]") {
