@@ -81,9 +81,11 @@ public:
         if (in.tokens.is_valid(t) && in.logits(t, cols - 1) >= S(0)) run_.push_back(std::int32_t(t));
       slots = -1;  // no fixed C
     } else {
-      // every segment's C first, so a rejected batch writes nothing
-      for_each_segment(in.tokens.segment, T, [&](Index b, Index e) { slots += segment_slots(in.tokens, b, e); });
-      for_each_segment(in.tokens.segment, T, [&](Index b, Index e) { take_top(in, b, e); });
+      // every segment's C first, so a rejected batch writes nothing; then their top C
+      segments_.clear();
+      for_each_segment(in.tokens.segment, T, [&](Index b, Index e) { slots += plan_segment(in.tokens, b, e); });
+      run_.resize(std::size_t(slots));
+      for (const Segment& g : segments_) take_top(in, g);
     }
     fit(weight_, Index(run_.size()));
     for (std::size_t s = 0; s < run_.size(); ++s) weight_[s] = in.scores(run_[s], 0);
@@ -96,32 +98,41 @@ public:
   }
 
 private:
-  // How many of segment [b, e)'s real tokens run the block.
-  Index segment_slots(const TokenInputs<S>& tok, Index b, Index e) const {
-    const Index n = count_valid(tok.valid.empty() ? tok.valid : tok.valid.subspan(std::size_t(b), std::size_t(e - b)), e - b);
+  // A segment [begin, end) with its real tokens and the C of them that run the block.
+  struct Segment {
+    Index begin, end, real, taken, at;  // at: its first slot
+  };
+
+  std::span<const std::uint8_t> valid_of(const TokenInputs<S>& tok, Index b, Index e) const {
+    return tok.valid.empty() ? tok.valid : tok.valid.subspan(std::size_t(b), std::size_t(e - b));
+  }
+
+  // Records segment [b, e) and returns how many of its real tokens run the block.
+  Index plan_segment(const TokenInputs<S>& tok, Index b, Index e) {
+    const Index n = count_valid(valid_of(tok, b, e), e - b);
     const Index c = capacity(n);
     if (c > n && opt_.short_segment == ShortSegment::error && n > 0)
       detail::fail<value_error>("DepthTopCSelector", "capacity.slots", c,
                                 "C <= the real tokens of every segment (ShortSegment::error); the segment of tokens [" +
                                     std::to_string(b) + ", " + std::to_string(e) + ") has " + std::to_string(n));
+    const Index at = segments_.empty() ? 0 : segments_.back().at + segments_.back().taken;
+    segments_.push_back({b, e, n, std::min(c, n), at});
     return std::min(c, n);
   }
 
-  // The top C of segment [b, e) by rank, ties to the lower token, appended in token order: the
+  // The segment's top C by rank, ties to the lower token, in token order at its slots: the
   // per-column top C of expert choice on the segment's one column.
-  void take_top(const SelectorInput<S>& in, Index b, Index e) {
-    const auto valid = in.tokens.valid.empty() ? in.tokens.valid : in.tokens.valid.subspan(std::size_t(b), std::size_t(e - b));
-    const Index n = count_valid(valid, e - b), c = std::min(capacity(n), n);
-    const std::size_t at = run_.size();
-    run_.resize(at + std::size_t(c));
-    kernels::top_c_per_column<S>(in.rank.middleRows(b, e - b).leftCols(1), c, valid, n,
-                                 std::span<std::int32_t>(run_).subspan(at), scratch_, true);
-    for (std::size_t i = at; i < run_.size(); ++i) run_[i] += std::int32_t(b);
+  void take_top(const SelectorInput<S>& in, const Segment& g) {
+    const auto out = std::span<std::int32_t>(run_).subspan(std::size_t(g.at), std::size_t(g.taken));
+    kernels::top_c_per_column<S>(in.rank.middleRows(g.begin, g.end - g.begin).leftCols(1), g.taken,
+                                 valid_of(in.tokens, g.begin, g.end), g.real, out, scratch_, true);
+    for (std::int32_t& t : out) t += std::int32_t(g.begin);
   }
 
   Options opt_;
   bool training_ = true;
   std::vector<std::int32_t> run_;
+  std::vector<Segment> segments_;
   kernels::TopCScratch<S> scratch_;
   std::vector<S> weight_;
 };
