@@ -427,3 +427,258 @@ TEST_CASE("routing_agreement: first kept expert and Jaccard of the kept sets, ov
   auto routers = moe::make_omni_routers<float>(D, E, 2);
   REQUIRE_THROWS_AS(moe::MoELayer(std::move(routers[1]), moe::FFNExperts<float>(E, D + 1, 3)), moe::shape_error);
 }
+
+// ---- vector-quantised routing (VQRouter, VQMoELayer) ------------------------------------------
+
+namespace {
+
+// The nearest code of each row by the plain distance sum_i (x_i - c_i)^2, ties to the lower code.
+std::vector<Index> nearest_codes(const Matrix<double>& x, const Matrix<double>& codebook) {
+  std::vector<Index> code(std::size_t(x.rows()));
+  for (Index t = 0; t < x.rows(); ++t) {
+    double best = 0;
+    for (Index j = 0; j < codebook.rows(); ++j) {
+      const double d = (x.row(t) - codebook.row(j)).squaredNorm();
+      if (j == 0 || d < best) best = d, code[std::size_t(t)] = j;
+    }
+  }
+  return code;
+}
+
+// nn.LayerNorm over each row with weight g and bias b.
+Matrix<double> layer_norm_oracle(const Matrix<double>& x, const Matrix<double>& g, const Matrix<double>& b) {
+  Matrix<double> out(x.rows(), x.cols());
+  for (Index t = 0; t < x.rows(); ++t) {
+    const double mean = x.row(t).mean();
+    const double var = (x.row(t).array() - mean).square().mean();
+    out.row(t) = ((x.row(t).array() - mean) / std::sqrt(var + 1e-5) * g.row(0).array() + b.row(0).array()).matrix();
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("VQ router: the nearest code by squared distance, code mod E, weight 1, and the loss formula", "[vq]") {
+  const Index T = 9, D = 5, E = 3, K = 7;
+  const double beta = 0.25, coefficient = 0.08;
+  auto router = moe::make_vq_router<double>(D, E, K, beta, coefficient, 3);
+  Matrix<double>& codebook = router.scorer().codebook();
+  codebook = random_matrix<double>(K, D, 31);
+  Matrix<double> x = random_matrix<double>(T, D, 32);
+  x.row(4) = 0.5 * (codebook.row(2) + codebook.row(5));  // equidistant from codes 2 and 5: the lower wins
+  const std::vector<std::uint8_t> valid = {1, 1, 1, 0, 1, 1, 1, 1, 1};
+  const auto& r = router.forward(x, {.valid = valid});
+  const std::vector<Index> code = nearest_codes(x, codebook);
+  REQUIRE(code[4] == 2);
+  REQUIRE(r.num_slots() == 8);
+  double sum = 0;
+  for (Index t = 0; t < T; ++t) {
+    INFO("token " << t);
+    if (!valid[std::size_t(t)]) {
+      REQUIRE(r.token_offsets[t + 1] == r.token_offsets[t]);
+      REQUIRE(router.scorer().codes()[std::size_t(t)] == -1);
+      continue;
+    }
+    REQUIRE(router.scorer().codes()[std::size_t(t)] == code[std::size_t(t)]);
+    REQUIRE(router.selector().codes()[std::size_t(t)] == code[std::size_t(t)]);
+    REQUIRE(r.token_offsets[t + 1] - r.token_offsets[t] == 1);
+    const auto c = r.token_offsets[t];
+    REQUIRE(r.choice_expert[c] == code[std::size_t(t)] % E);
+    REQUIRE(r.slot_token[r.choice_slot[c]] == t);
+    REQUIRE(r.slot_weight[r.choice_slot[c]] == 1.0);
+    sum += (x.row(t) - codebook.row(code[std::size_t(t)])).squaredNorm();
+  }
+  for (Index e = 0; e < E; ++e)  // slots in token order within each expert
+    REQUIRE(std::is_sorted(r.slot_token.begin() + r.expert_offsets[e], r.slot_token.begin() + r.expert_offsets[e + 1]));
+  // |q - sg(x)|^2 + beta |sg(q) - x|^2, both means over the 8 real tokens' elements
+  const double loss = (1 + beta) * sum / (8.0 * D);
+  REQUIRE_THAT(double(router.scorer().loss()), Catch::Matchers::WithinRel(loss, 1e-14));
+  REQUIRE_THAT(double(router.aux_loss()), Catch::Matchers::WithinRel(coefficient * loss, 1e-14));
+  // the logits are the negative distances
+  for (Index t = 0; t < T; ++t)
+    for (Index j = 0; j < K; ++j)
+      REQUIRE(std::abs(router.logits()(t, j) + (x.row(t) - codebook.row(j)).squaredNorm()) < 1e-12);
+}
+
+TEST_CASE("VQ scorer: the loss's two stop-gradient terms, and the distance path by finite differences", "[vq][gradient]") {
+  const Index T = 6, D = 4, E = 2, K = 5;
+  const double beta = 0.25, coefficient = 0.5;
+  moe::VQScorer<double> scorer(D, E, K, {.commitment = beta, .coefficient = coefficient, .seed = 2});
+  scorer.codebook() = random_matrix<double>(K, D, 41);
+  Matrix<double> x = random_matrix<double>(T, D, 42), logits(T, K), dx(T, D);
+  scorer.forward(x, {}, logits);
+  const std::vector<Index> code = nearest_codes(x, scorer.codebook());
+  // the loss alone: the codebook term moves q toward x, the commitment term pulls x toward q
+  Matrix<double> zero = Matrix<double>::Zero(T, K);
+  moe::zero_grad(scorer);
+  scorer.backward(x, {}, zero, dx);
+  Matrix<double> dcodebook = Matrix<double>::Zero(K, D), dx_expected(T, D);
+  const double scale = 2 * coefficient / double(T * D);
+  for (Index t = 0; t < T; ++t) {
+    const auto q = scorer.codebook().row(code[std::size_t(t)]);
+    dcodebook.row(code[std::size_t(t)]) += scale * (q - x.row(t));
+    dx_expected.row(t) = beta * scale * (x.row(t) - q);
+  }
+  require_close(gradients(scorer).at("router.codebook"), dcodebook, 1e-14);
+  require_close(dx, dx_expected, 1e-14);
+  // a gradient on the logits (a differentiable gate would send one) flows through -|x - c|^2
+  moe::VQScorer<double> plain(D, E, K, {.coefficient = 0, .seed = 2});
+  plain.codebook() = scorer.codebook();
+  const Matrix<double> G = random_matrix<double>(T, K, 43);
+  const auto objective = [&] {
+    plain.forward(x, {}, logits);
+    return logits.cwiseProduct(G).sum();
+  };
+  objective();
+  moe::zero_grad(plain);
+  plain.backward(x, {}, G, dx);
+  require_gradient_close(dx, numeric_gradient(x, objective));
+  require_gradient_close(gradients(plain).at("router.codebook"), numeric_gradient(plain.codebook(), objective));
+}
+
+TEST_CASE("VQ re-initialisation: the usage average moves unused codes to their anchor tokens", "[vq]") {
+  const Index T = 8, D = 3, E = 2, K = 4;
+  const double decay = 0.99;
+  for (const moe::Reinit reinit : {moe::Reinit::closest, moe::Reinit::probrandom}) {
+    INFO("reinit " << int(reinit));
+    moe::VQScorer<double> scorer(D, E, K, {.reinit = reinit, .usage_decay = decay, .draws = {.seed = 5}, .seed = 1});
+    scorer.codebook() = random_matrix<double>(K, D, 51);
+    scorer.codebook().row(3).setConstant(50);  // far from every token: never used
+    const Matrix<double> before = scorer.codebook();
+    const Matrix<double> x = random_matrix<double>(T, D, 52);
+    Matrix<double> logits(T, K);
+    scorer.forward(x, {}, logits);
+    const std::vector<Index> code = nearest_codes(x, before);
+    for (Index j = 0; j < K; ++j) {
+      INFO("code " << j);
+      const double share = double(std::count(code.begin(), code.end(), j)) / double(T);
+      const double usage = (1 - decay) * share;
+      REQUIRE_THAT(scorer.usage()[std::size_t(j)], Catch::Matchers::WithinRel(usage, 1e-14));
+      const double a = std::exp(-usage * K * 10 / (1 - decay) - 1e-3);
+      if (a < 1e-9) {  // a used code stays where it is
+        REQUIRE((scorer.codebook().row(j) - before.row(j)).cwiseAbs().maxCoeff() < 1e-8);
+        continue;
+      }
+      // the anchor: some token; for `closest` the nearest one
+      Index anchor = -1;
+      for (Index t = 0; t < T; ++t) {
+        const Matrix<double> moved = (1 - a) * before.row(j) + a * x.row(t);
+        if ((moved - scorer.codebook().row(j)).cwiseAbs().maxCoeff() < 1e-12) anchor = t;
+      }
+      REQUIRE(anchor >= 0);
+      if (reinit == moe::Reinit::closest) {
+        Index nearest = 0;
+        for (Index t = 1; t < T; ++t)
+          if ((x.row(t) - before.row(j)).squaredNorm() < (x.row(nearest) - before.row(j)).squaredNorm()) nearest = t;
+        REQUIRE(anchor == nearest);
+      }
+    }
+    REQUIRE((scorer.codebook().row(3) - before.row(3)).norm() > 1);  // the dead code moved into the data
+    // evaluation leaves the codebook alone
+    scorer.set_draw_state({.training = false});
+    const Matrix<double> trained = scorer.codebook();
+    scorer.forward(x, {}, logits);
+    REQUIRE(scorer.codebook() == trained);
+  }
+}
+
+TEST_CASE("VQMoELayer: the two paths mixed by the learned softmax, gradients by finite differences", "[vq][gradient]") {
+  const Index T = 7, D = 4, E = 3, H = 5, K = 6;
+  const auto make = [&](double rate, moe::StraightThrough form, double coefficient) {
+    auto vq = moe::make_vq_router<double>(D, E, K, 0.25, coefficient, 4);
+    vq.scorer().codebook() = random_matrix<double>(K, D, 61);
+    return moe::VQMoELayer(moe::Router(moe::LinearScorer<double>(D, E, {.seed = 8}), moe::SoftmaxGate<double>{},
+                                       moe::TopKSelector<double>(2)),
+                           std::move(vq), moe::FFNExperts<double>(E, D, H, moe::Activation::gelu, 9),
+                           {.form = form, .contrib_rate = rate, .seed = 10});
+  };
+  Matrix<double> x = random_matrix<double>(T, D, 62);
+  const Matrix<double> R = random_matrix<double>(T, D, 63);
+  SECTION("forward: y = a_c y_c + a_d LN(f(LN(z))), z = x (1 - r) + (q - x) r") {
+    for (const auto form : {moe::StraightThrough::partial, moe::StraightThrough::classic}) {
+      auto layer = make(0.3, form, 0.08);
+      layer.vq_router().scorer().codebook() = random_matrix<double>(K, D, 64);
+      // a LayerNorm that is not the identity
+      for (auto& [name, value] : parameters(layer))
+        if (name.rfind("vq.layer_norm", 0) == 0) value = random_matrix<double>(1, D, 65 + name.size(), 0.5) + Matrix<double>::Ones(1, D);
+      Matrix<double> y(T, D);
+      layer.forward(x, y);
+      const Matrix<double>& c = layer.vq_router().scorer().codebook();
+      const std::vector<Index> code = nearest_codes(x, c);
+      Matrix<double> g = parameters(layer).at("vq.layer_norm.weight"), b = parameters(layer).at("vq.layer_norm.bias");
+      Matrix<double> z(T, D);
+      for (Index t = 0; t < T; ++t)
+        z.row(t) = form == moe::StraightThrough::partial ? (0.7 * x.row(t) + 0.3 * (c.row(code[std::size_t(t)]) - x.row(t))).eval()
+                                                          : c.row(code[std::size_t(t)]);
+      const Matrix<double> zn = layer_norm_oracle(z, g, b);
+      Matrix<double> f(T, D);
+      for (Index t = 0; t < T; ++t) {
+        const Index e = code[std::size_t(t)] % E;
+        Matrix<double> h = zn.row(t) * layer.experts().w1(e);
+        for (Index i = 0; i < H; ++i) h(0, i) = 0.5 * h(0, i) * (1 + std::erf(h(0, i) / std::numbers::sqrt2));
+        f.row(t) = h * layer.experts().w2(e);
+      }
+      const Matrix<double> yd = layer_norm_oracle(f, g, b);
+      // the continuous path: the same router and experts as an ordinary layer
+      moe::MoELayer plain(layer.continuous().router(), layer.experts());
+      Matrix<double> yc(T, D);
+      plain.forward(x, yc);
+      const Matrix<double> mix = softmax_of(Matrix<double>((x * parameters(layer).at("vq.mix.weight").transpose()).rowwise() +
+                                                          parameters(layer).at("vq.mix.bias").row(0)));
+      Matrix<double> expected(T, D);
+      for (Index t = 0; t < T; ++t) expected.row(t) = mix(t, 0) * yc.row(t) + mix(t, 1) * yd.row(t);
+      require_close(y, expected, 1e-12);
+      REQUIRE(layer.aux_loss() == layer.continuous().router().aux_loss() + layer.vq_router().aux_loss());
+    }
+  }
+  SECTION("r = 0: every gradient by finite differences (the codebook learns from the VQ loss only)") {
+    auto layer = make(0.0, moe::StraightThrough::partial, 0.0);
+    check_layer_gradients(layer, x, R, {}, {"router.codebook"});
+  }
+  SECTION("r > 0: the discrete path passes (1 - r) of d z back to x") {
+    // the discrete path alone (the mix all on it): dx = (1 - r) J^T dy, J the Jacobian of
+    // z -> LN(f(LN(z))) at z, by finite differences of the same layer run with r = 0 on z
+    const double r = 0.3;
+    auto layer = make(r, moe::StraightThrough::partial, 0.0);
+    parameters(layer).at("vq.mix.bias") << -400, 400;
+    Matrix<double> y(T, D), dx(T, D);
+    layer.forward(x, y);
+    layer.backward(R, dx);
+    const Matrix<double>& c = layer.vq_router().scorer().codebook();
+    const std::vector<Index> code = nearest_codes(x, c);
+    Matrix<double> z(T, D);
+    for (Index t = 0; t < T; ++t) z.row(t) = (1 - r) * x.row(t) + r * (c.row(code[std::size_t(t)]) - x.row(t));
+    REQUIRE(nearest_codes(z, c) == code);  // so the r = 0 layer routes z as the r layer routed x
+    auto at_z = make(0.0, moe::StraightThrough::partial, 0.0);
+    parameters(at_z).at("vq.mix.bias") << -400, 400;
+    Matrix<double> yz(T, D);
+    const auto objective = [&] {
+      at_z.forward(z, yz);
+      return yz.cwiseProduct(R).sum();
+    };
+    require_gradient_close(dx, (1 - r) * numeric_gradient(z, objective));
+  }
+}
+
+TEST_CASE("VQ router and layer: bad configuration gets named errors", "[vq][errors]") {
+  using Catch::Matchers::Contains;
+  REQUIRE_THROWS_WITH(moe::make_vq_router<float>(8, 4, 0), Contains("codes") && Contains("codebook of size 0"));
+  REQUIRE_THROWS_WITH(moe::VQScorer<float>(8, 0, 4), Contains("num_experts"));
+  REQUIRE_THROWS_WITH(moe::VQScorer<float>(8, 4, 4, {.commitment = -1}), Contains("commitment"));
+  REQUIRE_THROWS_WITH(moe::VQScorer<float>(8, 4, 4, {.usage_decay = 1}), Contains("usage_decay"));
+  auto continuous = moe::make_switch_router<float>(8, 4);
+  REQUIRE_THROWS_WITH(moe::VQMoELayer(continuous, moe::make_vq_router<float>(8, 3, 3), moe::FFNExperts<float>(4, 8, 16)),
+                      Contains("vq.num_experts"));
+  REQUIRE_THROWS_WITH(moe::VQMoELayer(continuous, moe::make_vq_router<float>(6, 4, 4), moe::FFNExperts<float>(4, 8, 16)),
+                      Contains("vq.input_dim"));
+  REQUIRE_THROWS_WITH(moe::VQMoELayer(continuous, moe::make_vq_router<float>(8, 4, 4), moe::FFNExperts<float>(4, 8, 16),
+                                      {.contrib_rate = 1.5}),
+                      Contains("contrib_rate"));
+  // a non-finite token with re-initialisation on is refused before the codebook is touched
+  moe::VQScorer<float> scorer(2, 2, 2, {.reinit = moe::Reinit::closest});
+  const Matrix<float> before = scorer.codebook();
+  Matrix<float> x = Matrix<float>::Ones(3, 2), logits(3, 2);
+  x(1, 1) = std::numeric_limits<float>::quiet_NaN();
+  REQUIRE_THROWS_WITH(scorer.forward(x, {}, logits), Contains("x"));
+  REQUIRE(scorer.codebook() == before);
+}

@@ -7,6 +7,7 @@
 #include "moe/routing.hpp"
 
 #include "moe/core/gemm.hpp"
+#include "moe/core/layer_norm.hpp"
 #include "moe/core/parallel.hpp"
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
@@ -34,6 +35,7 @@
 #include "moe/scorers/glider.hpp"
 #include "moe/scorers/hyper.hpp"
 #include "moe/scorers/shared.hpp"
+#include "moe/scorers/vq.hpp"
 #include "moe/gates/softmax.hpp"
 #include "moe/gates/identity.hpp"
 #include "moe/gates/sigmoid.hpp"
@@ -52,6 +54,7 @@
 #include "moe/selectors/soft_slots.hpp"
 #include "moe/selectors/depth_top_c.hpp"
 #include "moe/selectors/depth_threshold.hpp"
+#include "moe/selectors/nearest_code.hpp"
 #include "moe/losses/load_balance.hpp"
 #include "moe/losses/z_loss.hpp"
 #include "moe/losses/normalized_balance.hpp"
@@ -69,6 +72,7 @@
 #include "moe/layer/identity_experts.hpp"
 #include "moe/layer/swiglu_experts.hpp"
 #include "moe/layer/moe_layer.hpp"
+#include "moe/layer/vq_moe_layer.hpp"
 #include "moe/layer/optimizer.hpp"
 
 #include "moe/io/safetensors.hpp"

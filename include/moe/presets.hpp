@@ -29,12 +29,14 @@
 #include "moe/scorers/noisy_linear.hpp"
 #include "moe/scorers/normalized_slots.hpp"
 #include "moe/scorers/shared.hpp"
+#include "moe/scorers/vq.hpp"
 #include "moe/selectors/depth_threshold.hpp"
 #include "moe/selectors/depth_top_c.hpp"
 #include "moe/selectors/dynamic_k.hpp"
 #include "moe/selectors/expert_choice.hpp"
 #include "moe/selectors/group_limited.hpp"
 #include "moe/selectors/k_schedule.hpp"
+#include "moe/selectors/nearest_code.hpp"
 #include "moe/selectors/soft_slots.hpp"
 #include "moe/selectors/sparsity_constrained.hpp"
 #include "moe/selectors/top_k.hpp"
@@ -508,6 +510,23 @@ std::vector<OmniRouter<S>> make_omni_routers(Index dim, Index experts, Index lay
                        detail::switch_selector<S>(capacity_factor, padding),
                        LoadBalanceLoss<S>(BalanceNorm::switch_top1, S(1e-2), padding)});
   return routers;
+}
+
+// VQMoE's discrete router (Do, Pham, Le, Tran, "On the Role of Discrete Representation in Sparse
+// Mixture of Experts", TMLR 2025) as giangdip2410/VQMoE's VectorQuantizer routes: K codes
+// (U(-1/K, 1/K)), each token to its nearest code by squared distance (ties to the lower code),
+// code j -> expert j mod E, weight 1; the quantiser's loss |q - sg(x)|^2 + 0.25 |sg(q) - x|^2
+// (mean over elements) scaled by the scripts' beta_vq = 0.08. The scripts use K = E = 16.
+// VQMoELayer mixes it with a continuous router over the same experts.
+template <scalar S>
+using VQRouter = Router<VQScorer<S>, IdentityGate<S>, NearestCodeSelector<S>>;
+
+template <scalar S>
+VQRouter<S> make_vq_router(Index dim, Index experts, Index codes, double commitment = 0.25, double coefficient = 0.08,
+                           std::uint64_t seed = 0) {
+  return {VQScorer<S>(dim, experts, codes,
+                      {.commitment = commitment, .coefficient = coefficient, .seed = seed}),
+          IdentityGate<S>{}, NearestCodeSelector<S>{}};
 }
 
 // ---- depth routing (docs/routers.md, DepthRouter, MindSkipRouter) -----------------------------

@@ -228,9 +228,12 @@ public:
   }
   // Raw values of the aux losses of the last forward, in the order of Losses...
   const std::array<S, num_losses>& loss_values() const { return loss_values_; }
-  // sum of coefficient * value: the term backward differentiates.
+  // sum of coefficient * value: the term backward differentiates. A scorer that owns a loss of
+  // its own (VQScorer's codebook and commitment terms) says `S aux_loss() const`; it is added
+  // here, and the scorer's backward adds its gradient.
   S aux_loss() const {
     S sum = 0;
+    if constexpr (requires { { scorer_.aux_loss() } -> std::convertible_to<S>; }) sum = scorer_.aux_loss();
     std::size_t i = 0;
     std::apply([&](const auto&... l) { ((sum += l.coefficient() * loss_values_[i++]), ...); }, losses_);
     return sum;

@@ -198,6 +198,7 @@ public:
   }
 
   Router& router() { return router_; }
+  const Router& router() const { return router_; }
   Experts& experts() { return experts_; }
   Shared& shared_expert() requires has_shared { return shared_; }
   const auto& routing() const { return router_.routing(); }

@@ -14,7 +14,7 @@
 #include <string_view>
 
 #include "moe/core/gemm.hpp"
-#include "moe/core/parallel.hpp"
+#include "moe/core/layer_norm.hpp"
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/core/validate.hpp"
@@ -93,17 +93,7 @@ public:
   void forward(MatrixIn<S> x, const TokenInputs<S>& tokens, MatrixOut<S> logits) {
     check_segments(tokens);
     const Index T = x.rows(), D = x.cols();
-    fit(normalized_, T, D);
-    fit(inv_std_, T, 1);
-    parallel_for(T, row_block, [&](Index t0, Index end) {
-      for (Index t = t0; t < end; ++t) {
-        const S mean = x.row(t).mean();
-        normalized_.row(t) = x.row(t).array() - mean;
-        const S inv = S(1) / std::sqrt(normalized_.row(t).squaredNorm() / S(D) + S(opt_.layer_norm_eps));
-        inv_std_(t, 0) = inv;
-        normalized_.row(t) *= inv;
-      }
-    });
+    detail::layer_norm_rows<S>(x, normalized_, inv_std_, opt_.layer_norm_eps);
     gemm_.template run<false, true>(normalized_, weight_, logits, S(1) / std::sqrt(S(D)));
     if (bias_.rows() > 0 && opt_.alpha != 0)
       for (Index t = 0; t < T; ++t)
@@ -112,16 +102,10 @@ public:
 
   // dV += dlogits^T LN(x) / sqrt(D); dx through the LayerNorm (the bias does not depend on x).
   void backward(MatrixIn<S> x, const TokenInputs<S>&, MatrixIn<S> dlogits, MatrixOut<S> dx) {
-    const Index T = x.rows(), D = x.cols();
-    const S scale = S(1) / std::sqrt(S(D));
+    const S scale = S(1) / std::sqrt(S(x.cols()));
     gemm_.template run<true, false>(dlogits, normalized_, weight_grad_, scale, true);  // a reduction over T: one thread
     gemm_.run(dlogits, weight_, dx, scale);  // d LN(x)
-    parallel_for(T, row_block, [&](Index t0, Index end) {
-      for (Index t = t0; t < end; ++t) {
-        const S mean_d = dx.row(t).mean(), mean_dn = dx.row(t).dot(normalized_.row(t)) / S(D);
-        dx.row(t) = inv_std_(t, 0) * (dx.row(t).array() - mean_d - normalized_.row(t).array() * mean_dn);
-      }
-    });
+    detail::layer_norm_backward_rows<S>(dx, normalized_, inv_std_);
   }
 
   template <class F>
@@ -142,7 +126,6 @@ private:
       }
   }
 
-  static constexpr Index row_block = 1024;
   Options opt_;
   Matrix<S> weight_, weight_grad_;
   Matrix<S> experts_, bias_;         // u [E, Dq]; cos(u_j, q_s) [segments, E]
