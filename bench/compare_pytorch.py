@@ -209,6 +209,17 @@ def route_yuan_attention(x, w, k=2):
     return weights / weights.sum(dim=-1, keepdim=True), experts
 
 
+def route_vq(x, codebook, experts, beta=0.25):
+    """VQMoE's VectorQuantizer as its code routes: squared distances by the expanded form, the
+    argmin code, code mod E, and the quantiser's loss."""
+    distances = (x.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1)
+                 - 2 * torch.matmul(x, codebook.t()))
+    codes = torch.argmin(distances, dim=1)
+    quantized = codebook[codes]
+    loss = torch.nn.functional.mse_loss(quantized, x) * (1 + beta)
+    return codes % experts, loss
+
+
 def route_depth_top_c(r, seq_len, capacity=0.125):
     """Mixture-of-Depths as its ports route a [B, L] batch: per sequence the top C = ceil(capacity L) router
     scores, the chosen positions back in sequence order, their scores the weights."""
@@ -312,6 +323,11 @@ def router_cases(reps):
         w = torch.randn(3 * E, D) / math.sqrt(D)
         cases.append((f"Yuan 2.0 attention router T:{T}/E:{E}/D:{D}", f"BM_AttentionRoute/T:{T}/E:{E}/D:{D}",
                       timed(lambda: route_yuan_attention(x, w), reps)))
+    T, D, K = 16384, 1024, 256
+    x = torch.randn(T, D)
+    codebook = torch.randn(K, D) * 0.5
+    cases.append((f"VQMoE nearest code T:{T}/D:{D}/K:{K}", f"BM_VQRoute/T:{T}/D:{D}/K:{K}",
+                  timed(lambda: route_vq(x, codebook, 16), reps)))
     for T, L in [(16384, 2048), (16384, 512)]:
         r = torch.randn(T) * 2
         cases.append((f"Mixture-of-Depths top-C 12.5% T:{T}/L:{L}", f"BM_DepthRoute/T:{T}/L:{L}",

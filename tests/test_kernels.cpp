@@ -407,6 +407,9 @@ TEMPLATE_TEST_CASE("codebook distances match their twin", "[kernel]", float, dou
     const double scale = std::max(x.rowwise().squaredNorm().maxCoeff(), c.rowwise().squaredNorm().maxCoeff());
     REQUIRE((simd - twin).cwiseAbs().maxCoeff() <= 4 * scale * forward_tol<S>(D));
     REQUIRE(simd.minCoeff() >= 0);
+    Matrix<S> negative(9, 6);  // the negated form (VQScorer's logits) is the same numbers, sign flipped
+    k::squared_distances<S, true>(x, c, negative, gemm, norms);
+    REQUIRE(negative == -simd);
   }
   Matrix<float> same = random_matrix<float>(3, 8, 4), d(3, 3), norms;  // a token on a code: distance 0, never negative
   moe::Gemm<float> gemm;

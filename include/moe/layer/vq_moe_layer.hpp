@@ -104,11 +104,19 @@ public:
     const Index T = x.rows();
     // The discrete path first (see the header): its experts' state is replayed in backward.
     const auto& rd = vq_.forward(x, tokens);
-    const Matrix<S>& q = vq_.scorer().quantized();
+    const Matrix<S>& codebook = vq_.scorer().forward_codebook();
+    const auto codes = vq_.scorer().codes();
     fit(z_, T, input_dim());
     const S r = S(opt_.contrib_rate);
-    if (opt_.form == StraightThrough::partial) z_ = x * (S(1) - r) + (q - x) * r;  // the reference's expression
-    else z_ = x + (q - x);
+    for (Index t = 0; t < T; ++t) {
+      if (codes[std::size_t(t)] < 0) {  // padding: not dispatched
+        z_.row(t) = x.row(t);
+        continue;
+      }
+      const auto q = codebook.row(codes[std::size_t(t)]);
+      if (opt_.form == StraightThrough::partial) z_.row(t) = x.row(t) * (S(1) - r) + (q - x.row(t)) * r;  // the reference's expression
+      else z_.row(t) = x.row(t) + (q - x.row(t));
+    }
     detail::layer_norm_rows<S>(z_, zn_, z_inv_std_, opt_.layer_norm_eps);
     affine(zn_, zhat_);
     auto in = fit_rows(in_d_, rd.num_slots(), input_dim());

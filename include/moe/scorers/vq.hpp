@@ -86,10 +86,11 @@ public:
 
   // c [K, D] (trainable). Writing it is how a trained codebook is loaded.
   Matrix<S>& codebook() { return codebook_; }
-  // The last forward: each token's code (-1 for padding), q = its code's row at that time, and
+  // The last forward: each token's code (-1 for padding), the codebook it was quantised against
+  // (q_t = row codes()[t]; a copy only when re-initialisation has moved the codebook since), and
   // the loss before the coefficient, |q - x|^2 (1 + beta) / (N D).
   std::span<const std::int32_t> codes() const { return codes_; }
-  const Matrix<S>& quantized() const { return quantized_; }
+  const Matrix<S>& forward_codebook() const { return reinitialised_ ? snapshot_ : codebook_; }
   S loss() const { return loss_; }
   // The term Router::aux_loss adds: coefficient * loss().
   S aux_loss() const { return S(opt_.coefficient) * loss_; }
@@ -102,28 +103,30 @@ public:
     const Index T = x.rows(), D = x.cols(), K = num_codes();
     // Re-initialisation writes x into the codebook: a bad x must be refused before, not after.
     if (state_.training && opt_.reinit != Reinit::none) detail::check_finite<S>("VQScorer::forward", "x", x);
-    kernels::squared_distances<S>(x, codebook_, logits, gemm_, code_norms_);
-    logits = -logits;
+    kernels::squared_distances<S, true>(x, codebook_, logits, gemm_, code_norms_);
     fit(codes_, T);
-    fit(quantized_, T, D);
     double sum = 0;  // the loss as the reference computes it, from q - x (not the expanded distance)
     Index real = 0;
     for (Index t = 0; t < T; ++t) {
       if (!tokens.is_valid(t)) {
         codes_[t] = -1;
-        quantized_.row(t).setZero();
         continue;
       }
-      const S* row = &logits(t, 0);
+      const S* row = logits.data() + t * logits.outerStride();
       const Index j = Index(std::max_element(row, row + K) - row);  // the first maximum: ties to the lower code
       codes_[t] = std::int32_t(j);
-      quantized_.row(t) = codebook_.row(j);
-      sum += double((quantized_.row(t) - x.row(t)).squaredNorm());
+      sum += double((codebook_.row(j) - x.row(t)).squaredNorm());
       ++real;
     }
     real_ = real;
     loss_ = real == 0 ? S(0) : S(sum * (1 + opt_.commitment) / (double(real) * double(D)));
-    if (state_.training && opt_.reinit != Reinit::none && real > 0) reinitialise(x, tokens, logits);
+    reinitialised_ = false;
+    if (state_.training && opt_.reinit != Reinit::none && real > 0) {
+      fit(snapshot_, K, D);
+      snapshot_ = codebook_;
+      reinitialised_ = true;
+      reinitialise(x, tokens, logits);
+    }
   }
 
   // The loss's gradient (codebook term to the codes, commitment term to the tokens), then any
@@ -133,9 +136,10 @@ public:
     dx.setZero();
     if (real_ > 0 && opt_.coefficient != 0) {
       const S scale = S(2 * opt_.coefficient / (double(real_) * double(D)));
+      const Matrix<S>& q = forward_codebook();
       for (Index t = 0; t < T; ++t) {
         if (codes_[t] < 0) continue;
-        const auto diff = (quantized_.row(t) - x.row(t)).eval();  // q - x
+        const auto diff = (q.row(codes_[t]) - x.row(t)).eval();  // q - x
         codebook_grad_.row(codes_[t]) += scale * diff;
         dx.row(t) -= S(opt_.commitment) * scale * diff;
       }
@@ -205,7 +209,8 @@ private:
   Options opt_;
   Matrix<S> codebook_, codebook_grad_;
   std::vector<std::int32_t> codes_;
-  Matrix<S> quantized_;
+  Matrix<S> snapshot_;  // the codebook this forward quantised against, when re-initialisation moved it
+  bool reinitialised_ = false;
   S loss_ = 0;
   Index real_ = 0;
   std::vector<double> usage_, share_;
