@@ -152,6 +152,11 @@ int main(int argc, char** argv) {
   run("HyperRouter", moe::make_hyper_router<float>(s.dim, s.experts, 2), s, x);
   run("SMoEDropoutRouter", moe::make_smoe_dropout_router<float>(s.dim, s.experts, 2), s, x);
   run("OmniRouter (layer 1)", std::move(moe::make_omni_routers<float>(s.dim, s.experts, 2).front()), s, x);
+  {  // the codebook drawn around the data's scale (the reference's U(-1/K, 1/K) sits near 0)
+    auto vq = moe::make_vq_router<float>(s.dim, s.experts, s.experts);
+    for (moe::Index j = 0; j < s.experts; ++j) vq.scorer().codebook().row(j) = x.row(j * (s.tokens / s.experts));
+    run("VQRouter", std::move(vq), s, x);
+  }
   // depth routers: one block (an FFN), sequences of 512 tokens as segments
   std::vector<std::int32_t> sequence(static_cast<std::size_t>(s.tokens));
   for (moe::Index t = 0; t < s.tokens; ++t) sequence[std::size_t(t)] = std::int32_t(t / 512);
@@ -184,6 +189,8 @@ int main(int argc, char** argv) {
               "SMoEDropoutRouter: a frozen random router; both top-2, softmax over the 2.\n"
               "OmniRouter (layer 1): the first of two layers sharing one router weight; alone it routes as "
               "SwitchRouter.\n"
+              "VQRouter: each token to the expert of its nearest code (K = E codes, started from tokens of the batch), "
+              "weight 1, dropless; its loss (codebook + commitment)\nis the quantiser's own (Router::aux_loss), not a loss term.\n"
               "DepthRouter, MindSkipRouter: one block (the FFN) and the skip path y = x + w f(x), per sequence of 512 "
               "tokens; DepthRouter runs the top 12.5%% of each\nsequence (aux loss: its predictor's BCE); MindSkipRouter "
               "decides per sequence, and in training runs every token times its 0/1 decision\n(aux loss: the share of "

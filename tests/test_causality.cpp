@@ -192,6 +192,7 @@ std::vector<Row> rows() {
   r.push_back(row("SMoEDropoutRouter (dropless top-2)", true, [] { return layer(moe::make_smoe_dropout_router<S>(D, E, 2, 33)); }));
   r.push_back(row("OmniRouter (layer 1 of 2: Switch's top-1)", true,
                   [] { return layer(std::move(moe::make_omni_routers<S>(D, E, 2, 0.5, 34).front())); }));
+  r.push_back(row("VQRouter (the nearest code, per token)", true, [] { return layer(moe::make_vq_router<S>(D, E, 2 * E, 0.25, 0.08, 35)); }));
   const auto block = [](auto router) { return moe::MoELayer(std::move(router), moe::FFNExperts<S>(1, D, H, moe::Activation::gelu, 3)); };
   r.push_back(row("DepthRouter (the top C of the sequence)", false, [block] { return block(moe::make_depth_router<S>(D, 0.25)); }));
   r.push_back(row("DepthRouter, evaluation by its predictor", true,

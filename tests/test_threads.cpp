@@ -221,3 +221,28 @@ TEST_CASE("1 and 2 threads give bit-identical Omni-router layers", "[threads][om
   const Index T = 3000, D = 32, E = 16, H = 16;
   require_thread_independent([&] { return moe::MoELayer(std::move(moe::make_omni_routers<float>(D, E, 2).back()), moe::FFNExperts<float>(E, D, H)); }, T, D);
 }
+
+TEST_CASE("1 and 2 threads give bit-identical VQ routing and VQMoE layers", "[threads][vq]") {
+  const Index T = 3000, D = 32, E = 8, H = 16;
+  const auto vq = [&] {
+    auto router = moe::make_vq_router<float>(D, E, 12, 0.25, 0.08, 7);
+    router.scorer().codebook() = random_matrix<float>(12, D, 8);
+    return router;
+  };
+  require_thread_independent([&] { return moe::MoELayer(vq(), moe::FFNExperts<float>(E, D, H)); }, T, D);
+  const auto layer_outputs = [&](int threads) {
+    omp_set_num_threads(threads);
+    moe::VQMoELayer layer(moe::make_topk_router<float>(D, E, 2), vq(), moe::FFNExperts<float>(E, D, H));
+    const Matrix<float> x = random_matrix<float>(T, D, 1), dy = random_matrix<float>(T, D, 2);
+    Outputs o{Matrix<float>(T, D), Matrix<float>(T, D), {}, {}, {}, {}};
+    layer.forward(x, o.y);
+    moe::zero_grad(layer);
+    layer.backward(dy, o.dx);
+    layer.for_each_parameter([&](std::string_view, auto, auto grad) { o.grads.emplace_back(grad); });
+    return o;
+  };
+  const Outputs one = layer_outputs(1), two = layer_outputs(2);
+  REQUIRE(one.y == two.y);
+  REQUIRE(one.dx == two.dx);
+  REQUIRE(one.grads == two.grads);
+}
