@@ -149,6 +149,15 @@ int main(int argc, char** argv) {
     for (moe::Index t = 0; t < s.tokens; ++t) query[std::size_t(t)] = std::int32_t(t / 512);
     run("GliderRouter", std::move(glider), s, x, {.segment = query});
   }
+  {  // task-level MoE: each sequence of 512 tokens one example, of 4 tasks in turn, 64-wide task embeddings
+    std::vector<std::int32_t> example(static_cast<std::size_t>(s.tokens)), task_of((static_cast<std::size_t>(s.tokens) + 511) / 512);
+    for (moe::Index t = 0; t < s.tokens; ++t) example[std::size_t(t)] = std::int32_t(t / 512);
+    for (std::size_t i = 0; i < task_of.size(); ++i) task_of[i] = std::int32_t(i % 4);
+    auto task = moe::make_task_router<float>(s.dim, s.experts, 4, 64, 64, moe::TaskForm::sparse);
+    task.scorer().set_segment_tasks(task_of);
+    task.gate().set_temperature(moe::gumbel_temperature(1000));
+    run("TaskRouter", std::move(task), s, x, {.segment = example});
+  }
   run("HyperRouter", moe::make_hyper_router<float>(s.dim, s.experts, 2), s, x);
   run("SMoEDropoutRouter", moe::make_smoe_dropout_router<float>(s.dim, s.experts, 2), s, x);
   run("OmniRouter (layer 1)", std::move(moe::make_omni_routers<float>(s.dim, s.experts, 2).front()), s, x);
@@ -185,6 +194,9 @@ int main(int argc, char** argv) {
               "no loss.\n"
               "GliderRouter: local LayerNorm router plus 3 x the cosine of random stand-in instruction embeddings "
               "(one per expert, one per sequence of 512), top-2.\n"
+              "TaskRouter: one expert per sequence of 512 (4 tasks in turn) from its task embedding, Gumbel-sampled at "
+              "tau(step 1000) = 1.48; the sparse form (the reference's\ninference; its dense training form runs all E "
+              "experts, the chosen one weighted 1).\n"
               "HyperRouter: router weights from a frozen random hypernetwork (hidden 256) of a trainable embedding; "
               "SMoEDropoutRouter: a frozen random router; both top-2, softmax over the 2.\n"
               "OmniRouter (layer 1): the first of two layers sharing one router weight; alone it routes as "

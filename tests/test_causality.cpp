@@ -188,6 +188,10 @@ std::vector<Row> rows() {
     router.scorer().set_instructions(random_matrix<S>(1, 4, 31));
     return layer(std::move(router));
   }));
+  r.push_back(row("TaskRouter (the segment's task and its draw, also at evaluation; every block runs)", true,
+                  [] { return layer(moe::make_task_router<S>(D, E, 2, 6, 16, moe::TaskForm::dense, 35)); }));
+  r.push_back(row("TaskRouter, sparse (the chosen block alone)", true,
+                  [] { return layer(moe::make_task_router<S>(D, E, 2, 6, 16, moe::TaskForm::sparse, 36)); }));
   r.push_back(row("HyperRouter (dropless top-2)", true, [] { return layer(moe::make_hyper_router<S>(D, E, 2, 16, 32)); }));
   r.push_back(row("SMoEDropoutRouter (dropless top-2)", true, [] { return layer(moe::make_smoe_dropout_router<S>(D, E, 2, 33)); }));
   r.push_back(row("OmniRouter (layer 1 of 2: Switch's top-1)", true,

@@ -211,6 +211,18 @@ TEST_CASE("1 and 2 threads give bit-identical GLIDER layers", "[threads][glider]
   }, T, D, {.segment = segment});
 }
 
+TEST_CASE("1 and 2 threads give bit-identical task-level router layers", "[threads][task]") {
+  const Index T = 3000, D = 32, E = 8, H = 16;
+  std::vector<std::int32_t> segment(static_cast<std::size_t>(T));
+  for (Index t = 0; t < T; ++t) segment[std::size_t(t)] = std::int32_t(t / 500);  // six examples
+  for (const auto form : {moe::TaskForm::dense, moe::TaskForm::sparse})
+    require_thread_independent([&] {
+      auto router = moe::make_task_router<float>(D, E, 6, 24, 64, form);
+      router.gate().set_temperature(moe::gumbel_temperature(1000));
+      return moe::MoELayer(std::move(router), moe::FFNExperts<float>(E, D, H));
+    }, T, D, {.segment = segment});
+}
+
 TEST_CASE("1 and 2 threads give bit-identical HyperRouter and SMoE-Dropout layers", "[threads][hyper]") {
   const Index T = 3000, D = 32, E = 16, H = 16;
   require_thread_independent([&] { return moe::MoELayer(moe::make_hyper_router<float>(D, E, 2, 64), moe::FFNExperts<float>(E, D, H)); }, T, D);
