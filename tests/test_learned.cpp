@@ -1,7 +1,10 @@
 // The learned routers that change what the router is (docs/scorers.md): Yuan 2.0-M32's attention
-// router (AttentionScorer, AttentionRouter), checked against an oracle written from the math in
-// docs/routers.md, finite-difference gradients in double, and the bad-input contract.
+// router (AttentionScorer, AttentionRouter), GLIDER, task-level MoE (TaskScorer,
+// StraightThroughGate, TaskRouter), HyperRouter and Omni-router, checked against oracles written
+// from the math in docs/routers.md, finite-difference gradients in double, and the bad-input
+// contract.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <map>
 #include <numbers>
@@ -426,4 +429,333 @@ TEST_CASE("routing_agreement: first kept expert and Jaccard of the kept sets, ov
   // a layer of another width cannot take a handle of the shared scorer
   auto routers = moe::make_omni_routers<float>(D, E, 2);
   REQUIRE_THROWS_AS(moe::MoELayer(std::move(routers[1]), moe::FFNExperts<float>(E, D + 1, 3)), moe::shape_error);
+}
+
+namespace {
+
+// The task-level router's logits for one task embedding z [1, Dt]: W2 gelu(W1 z + b1) + b2, gelu
+// the exact one, x/2 (1 + erf(x / sqrt 2)).
+Matrix<double> task_mlp_oracle(const Matrix<double>& z, std::map<std::string, Eigen::Ref<Matrix<double>>>& p) {
+  const Matrix<double>& w1 = p.at("router.w1");
+  const Matrix<double>& w2 = p.at("router.w2");
+  Matrix<double> h(1, w1.rows()), l(1, w2.rows());
+  for (Index i = 0; i < w1.rows(); ++i) {
+    const double a = w1.row(i).dot(z.row(0)) + p.at("router.b1")(0, i);
+    h(0, i) = 0.5 * a * (1 + std::erf(a / std::sqrt(2.0)));
+  }
+  for (Index e = 0; e < w2.rows(); ++e) l(0, e) = w2.row(e).dot(h.row(0)) + p.at("router.b2")(0, e);
+  return l;
+}
+
+// A token's choices as (expert, weight) pairs, in rank order.
+std::vector<std::pair<Index, double>> choices_of(const moe::SparseRouting<double>& r, Index t) {
+  std::vector<std::pair<Index, double>> out;
+  for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c)
+    out.emplace_back(r.choice_expert[c], r.choice_slot[c] >= 0 ? r.slot_weight[r.choice_slot[c]] : -1.0);
+  return out;
+}
+
+// The first token of each run of equal ids.
+Index segment_start(const std::vector<std::int32_t>& segment, Index t) {
+  while (t > 0 && segment[std::size_t(t - 1)] == segment[std::size_t(t)]) --t;
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("task router: the segment's task through the MLP, one Gumbel draw per segment, hard softmax at tau", "[task]") {
+  const Index T = 10, D = 4, E = 3, tasks = 4, Dt = 5, H = 6;
+  const std::vector<std::int32_t> segment{0, 0, 0, 1, 1, 2, 2, 2, 2, 3};
+  const std::vector<std::int32_t> task_of{2, 0, 3, 2};  // segments 0 and 3 share task 2
+  const Matrix<double> x = random_matrix<double>(T, D, 101), g = random_matrix<double>(T, E, 102, 2.0);
+  const std::vector<double> gumbel(g.data(), g.data() + g.size());
+  const double tau = 0.7;
+  for (const auto form : {moe::TaskForm::dense, moe::TaskForm::sparse})
+    for (const auto hardness : {moe::Hardness::hard, moe::Hardness::soft}) {
+      INFO("dense " << (form == moe::TaskForm::dense) << ", hard " << (hardness == moe::Hardness::hard));
+      auto router = moe::make_task_router<double>(D, E, tasks, Dt, H, form, 5);
+      router.gate() = moe::StraightThroughGate<double>({.temperature = tau, .hardness = hardness});
+      router.scorer().set_segment_tasks(task_of);
+      auto p = parameters(router);
+      REQUIRE(p.size() == 5);
+      const auto& r = router.forward(x, {.segment = segment, .gumbel = gumbel});
+      REQUIRE(router.scorer().segments().size() == 4);
+      for (Index t = 0; t < T; ++t) {
+        INFO("token " << t);
+        const Index first = segment_start(segment, t);
+        const Index task = task_of[std::size_t(segment[std::size_t(t)])];
+        const Matrix<double> clean = task_mlp_oracle(p.at("router.task_embedding").row(task), p);
+        Matrix<double> logits = clean + g.row(first);  // the draw of the segment's first token
+        require_close(router.logits().row(t), logits, forward_tol<double>(Dt * H) * (1 + logits.cwiseAbs().maxCoeff()));
+        const Matrix<double> prob = softmax_of<double>(logits / tau);
+        Index chosen = 0;
+        for (Index e = 1; e < E; ++e) chosen = prob(0, e) > prob(0, chosen) ? e : chosen;
+        const auto got = choices_of(r, t);
+        REQUIRE(got.size() == std::size_t(form == moe::TaskForm::dense ? E : 1));
+        REQUIRE(got[0].first == chosen);
+        if (hardness == moe::Hardness::hard) {
+          const double one = (1 - prob(0, chosen)) + prob(0, chosen);  // gumbel_softmax's y_hard - y_soft + y_soft
+          REQUIRE(got[0].second == Approx(one).epsilon(1e-15));
+          for (std::size_t j = 1; j < got.size(); ++j) {
+            REQUIRE(got[j].second == 0.0);  // exactly
+            REQUIRE(got[j].first == (Index(j) <= chosen ? Index(j) - 1 : Index(j)));  // the others, by index
+          }
+        } else {
+          for (const auto& [e, w] : got) REQUIRE(w == Approx(prob(0, e)).epsilon(1e-12));
+        }
+        // every token of a segment routes as its first token, bit for bit
+        REQUIRE(got == choices_of(r, first));
+        REQUIRE(Matrix<double>(router.logits().row(t)) == Matrix<double>(router.logits().row(first)));
+      }
+    }
+}
+
+TEST_CASE("task router: generated draws keyed by (seed, step, segment id, expert), also at evaluation", "[task]") {
+  const Index T = 7, D = 3, E = 4, tasks = 6;
+  const Matrix<double> x = random_matrix<double>(T, D, 111);
+  auto router = moe::make_task_router<double>(D, E, tasks, 8, 64, moe::TaskForm::sparse, 9);
+  const std::vector<std::int32_t> segment{1, 1, 4, 4, 4, 5, 5};
+  router.set_step(3);
+  router.forward(x, {.segment = segment});
+  const moe::CounterRng rng(9, 3, moe::DrawStream::gumbel);
+  const auto draws = router.scorer().draws();
+  REQUIRE(draws.rows() == 3);
+  for (Index s = 0; s < 3; ++s)
+    for (Index e = 0; e < E; ++e) REQUIRE(draws(s, e) == rng.gumbel(std::uint64_t(std::array{1, 4, 5}[std::size_t(s)]), std::uint64_t(e)));
+  // clean logits + the draw on every token of the segment
+  REQUIRE(Matrix<double>(router.logits().row(3)) == Matrix<double>(router.scorer().clean_logits().row(1) + draws.row(1)));
+  // segment 4 draws alike at another place in the batch; a batch without ids is segment 0
+  router.set_step(3);
+  router.forward(x, {.segment = std::vector<std::int32_t>{4, 4, 4, 4, 4, 4, 4}});
+  REQUIRE(Matrix<double>(router.scorer().draws()) == Matrix<double>(draws.row(1)));
+  router.set_step(3);
+  router.forward(x);
+  REQUIRE(router.scorer().segments().size() == 1);
+  REQUIRE(router.scorer().segments()[0].task == 0);
+  REQUIRE(router.scorer().draws()(0, 0) == rng.gumbel(0, 0));
+  // the reference samples at evaluation too; a scorer told otherwise routes by the clean logits
+  router.set_training(false);
+  router.forward(x);
+  REQUIRE_FALSE(router.scorer().draws().isZero(0));
+  auto quiet = moe::TaskRouter<double>(moe::TaskScorer<double>(D, E, tasks, 8, {.draws = {.seed = 9}}), moe::StraightThroughGate<double>{},
+                                       moe::TopKSelector<double>(1));
+  quiet.set_training(false);
+  quiet.forward(x);
+  REQUIRE(quiet.scorer().draws().isZero(0));
+  REQUIRE(Matrix<double>(quiet.logits().row(0)) == Matrix<double>(quiet.scorer().clean_logits()));
+  auto plain = moe::TaskScorer<double>(D, E, tasks, 8, {.gumbel = false});  // the reference's "softmax" mode
+  Matrix<double> logits(T, E);
+  plain.forward(x, {}, logits);
+  REQUIRE(plain.draws().isZero(0));
+}
+
+TEST_CASE("task router: the preset's defaults and initialisation", "[task]") {
+  const Index D = 8, E = 3, tasks = 5, Dt = 32;
+  auto dense = moe::make_task_router<double>(D, E, tasks, Dt);
+  REQUIRE(dense.selector().k() == E);
+  REQUIRE(dense.selector().options().weighting == moe::Weighting::raw);
+  REQUIRE_FALSE(dense.selector().options().capacity.limited());
+  REQUIRE(dense.gate().temperature() == 5.0);
+  REQUIRE(dense.gate().options().hardness == moe::Hardness::hard);
+  REQUIRE(dense.scorer().hidden() == 64);
+  REQUIRE(dense.scorer().options().draws.at_evaluation);
+  REQUIRE(dense.causal());
+  REQUIRE(moe::make_task_router<double>(D, E, tasks, Dt, 16, moe::TaskForm::sparse).selector().k() == 1);
+  // nn.Embedding N(0, 1); nn.Linear U(-1/sqrt(fan_in), 1/sqrt(fan_in)), weights and biases
+  auto big = moe::make_task_router<double>(D, E, 64, 64, 64, moe::TaskForm::dense, 3);
+  auto p = parameters(big);
+  const auto rms = [](const Matrix<double>& m) { return std::sqrt(m.array().square().mean()); };
+  REQUIRE(rms(p.at("router.task_embedding")) == Approx(1.0).epsilon(0.05));
+  for (const char* name : {"router.w1", "router.b1", "router.w2", "router.b2"}) {
+    INFO(name);
+    const double bound = 1.0 / 8.0;  // fan_in 64 for both layers here
+    REQUIRE(p.at(name).cwiseAbs().maxCoeff() <= bound);
+    if (p.at(name).size() >= 64) REQUIRE(rms(p.at(name)) == Approx(bound / std::sqrt(3.0)).epsilon(0.25));
+  }
+  // loaded task vectors replace the table
+  const Matrix<double> z = random_matrix<double>(tasks, Dt, 120);
+  dense.scorer().set_task_embeddings(z);
+  REQUIRE(dense.scorer().task_embedding() == z);
+}
+
+TEST_CASE("StraightThroughGate: soft gradient against finite differences, hard forward, straight-through backward", "[task][gradient]") {
+  const Index T = 5, E = 4;
+  Matrix<double> logits = random_matrix<double>(T, E, 121, 2.0);
+  const Matrix<double> G = random_matrix<double>(T, E, 122);
+  for (const double tau : {0.3, 1.0, 5.0}) {
+    INFO("tau " << tau);
+    moe::StraightThroughGate<double> soft({.temperature = tau, .hardness = moe::Hardness::soft}),
+        hard({.temperature = 1.0, .hardness = moe::Hardness::hard});
+    hard.set_temperature(tau);
+    Matrix<double> scores(T, E), hard_scores(T, E);
+    const auto f = [&] {
+      soft.forward(logits, scores);
+      return scores.cwiseProduct(G).sum();
+    };
+    f();
+    require_close(scores, softmax_of<double>(logits / tau), 1e-15);
+    Matrix<double> dsoft = Matrix<double>::Zero(T, E), dhard = Matrix<double>::Zero(T, E);
+    soft.backward(logits, scores, G, dsoft);
+    require_gradient_close(dsoft, numeric_gradient(logits, f));
+    hard.forward(logits, hard_scores);
+    hard.backward(logits, hard_scores, G, dhard);
+    REQUIRE(dhard == dsoft);  // straight-through: the soft gradient
+    for (Index t = 0; t < T; ++t) {
+      Index chosen = 0;
+      scores.row(t).maxCoeff(&chosen);
+      REQUIRE(hard_scores(t, chosen) == (1 - scores(t, chosen)) + scores(t, chosen));
+      REQUIRE(hard_scores.row(t).sum() == hard_scores(t, chosen));  // the others exactly 0
+    }
+  }
+  // ties go to the lower expert
+  moe::StraightThroughGate<double> gate;
+  const Matrix<double> tied = Matrix<double>::Constant(1, E, 0.5);
+  Matrix<double> out(1, E);
+  gate.forward(tied, out);
+  REQUIRE(out(0, 0) == 1.0);
+  REQUIRE(out.rightCols(E - 1).isZero(0));
+}
+
+TEST_CASE("TaskScorer: backward against finite differences of the scorer alone", "[task][gradient]") {
+  const Index T = 9, D = 3, E = 4, tasks = 3, Dt = 5, H = 6;
+  const std::vector<std::int32_t> segment{0, 0, 1, 1, 1, 2, 2, 3, 3};
+  const std::vector<std::uint8_t> valid{1, 1, 1, 0, 1, 1, 1, 1, 0};
+  moe::TaskScorer<double> scorer(D, E, tasks, Dt, {.hidden = H, .seed = 4});
+  scorer.set_segment_tasks(std::vector<std::int32_t>{1, 0, 1, 2});  // task 1 twice
+  scorer.set_draw_state({.training = true, .step = 2});
+  const moe::TokenInputs<double> tokens{.valid = valid, .segment = segment};
+  const Matrix<double> x = random_matrix<double>(T, D, 131), R = random_matrix<double>(T, E, 132);
+  Matrix<double> logits(T, E);
+  const auto f = [&] {
+    scorer.forward(x, tokens, logits);
+    return logits.cwiseProduct(R).sum();
+  };
+  f();
+  moe::zero_grad(scorer);
+  Matrix<double> dx = Matrix<double>::Constant(T, D, 7.0);
+  scorer.backward(x, tokens, R, dx);
+  REQUIRE(dx.isZero(0));  // the router does not read x
+  const auto grads = gradients(scorer);
+  for (auto& [name, value] : parameters(scorer)) {
+    INFO(name);
+    require_gradient_close(grads.at(name), numeric_gradient(value, f));
+  }
+  REQUIRE(grads.at("router.task_embedding").row(1).cwiseAbs().maxCoeff() > 0);
+}
+
+TEST_CASE("task router layer: gradients by finite differences in the soft form; the dense hard form passes the same router gradient",
+          "[task][gradient]") {
+  const Index T = 8, D = 4, E = 3, tasks = 3, Dt = 4, H = 5;
+  const std::vector<std::int32_t> segment{0, 0, 0, 1, 1, 2, 2, 2};
+  const Matrix<double> g = random_matrix<double>(T, E, 141);
+  const std::vector<double> gumbel(g.data(), g.data() + g.size());
+  const moe::TokenInputs<double> tokens{.segment = segment, .gumbel = gumbel};
+  const Matrix<double> R = random_matrix<double>(T, D, 142);
+  const auto make = [&](moe::Hardness hardness, moe::TaskForm form) {
+    auto router = moe::make_task_router<double>(D, E, tasks, Dt, H, form, 6);
+    router.gate() = moe::StraightThroughGate<double>({.temperature = 0.8, .hardness = hardness});
+    return moe::MoELayer(std::move(router), moe::FFNExperts<double>(E, D, 5, moe::Activation::gelu, 7));
+  };
+  Matrix<double> x = random_matrix<double>(T, D, 143);
+  auto soft = make(moe::Hardness::soft, moe::TaskForm::dense);
+  const auto soft_grads = check_layer_gradients(soft, x, R, tokens);
+  REQUIRE(soft_grads.at("router.task_embedding").cwiseAbs().maxCoeff() > 0);
+  // hard and dense: the zero-weight blocks run too, and d w_j = <dy, block_j(x)> reaches the
+  // router through them, so its gradient is the soft one exactly (straight-through)
+  const auto router_grads = [&](auto& layer) {
+    Matrix<double> y(T, D), dx(T, D);
+    layer.forward(x, y, tokens);
+    moe::zero_grad(layer);
+    layer.backward(R, dx);
+    auto all = gradients(layer);
+    std::erase_if(all, [](const auto& kv) { return kv.first.rfind("router.", 0) != 0; });
+    return all;
+  };
+  auto hard = make(moe::Hardness::hard, moe::TaskForm::dense);
+  auto sparse = make(moe::Hardness::hard, moe::TaskForm::sparse);
+  const auto hard_grads = router_grads(hard), sparse_grads = router_grads(sparse);
+  const auto& r = hard.routing();
+  REQUIRE(r.num_slots() == T * E);
+  Index zero_slots = 0;
+  for (const double w : r.slot_weight) zero_slots += w == 0.0;
+  REQUIRE(zero_slots == T * (E - 1));
+  REQUIRE(hard_grads.size() == 5);
+  for (const auto& [name, grad] : hard_grads) {
+    INFO(name);
+    require_close(grad, soft_grads.at(name), 1e-14 * (1 + grad.cwiseAbs().maxCoeff()));
+  }
+  // the sparse form runs the chosen block alone: its router gradient misses the others' part
+  REQUIRE((hard_grads.at("router.w2") - sparse_grads.at("router.w2")).cwiseAbs().maxCoeff() > 1e-6);
+  REQUIRE(sparse.routing().num_slots() == T);
+}
+
+TEST_CASE("task router: bad configuration, segment ids and task vectors get named errors, nothing written", "[task][errors]") {
+  const Index T = 6, D = 3, E = 3, tasks = 3, Dt = 4;
+  REQUIRE_THROWS_AS(moe::TaskScorer<float>(D, E, tasks, Dt, {.hidden = 0}), moe::config_error);
+  REQUIRE_THROWS_AS(moe::TaskScorer<float>(D, E, 0, Dt), moe::config_error);
+  REQUIRE_THROWS_AS(moe::TaskScorer<float>(D, E, tasks, 0), moe::config_error);
+  REQUIRE_THROWS_AS(moe::TaskScorer<float>(D, 0, tasks, Dt), moe::config_error);
+  REQUIRE_THROWS_AS(moe::make_task_router<float>(D, E, 0, Dt), moe::config_error);
+  REQUIRE_THROWS_AS(moe::StraightThroughGate<float>({.temperature = 0.0}), moe::config_error);
+  REQUIRE_THROWS_AS(moe::StraightThroughGate<float>({.temperature = NAN}), moe::config_error);
+  REQUIRE_THROWS_AS(moe::gumbel_temperature(0, 2.0, -1e-4), moe::config_error);
+  REQUIRE_THROWS_AS(moe::gumbel_temperature(0, 2.0, 3e-4, 0.0), moe::config_error);
+  REQUIRE_THROWS_AS(moe::gumbel_temperature(0, 0.0), moe::config_error);
+  auto router = moe::make_task_router<float>(D, E, tasks, Dt);
+  REQUIRE_THROWS_AS(router.gate().set_temperature(-1.0), moe::config_error);
+  REQUIRE(router.gate().temperature() == 5.0);
+  const Matrix<float> x = random_matrix<float>(T, D, 151);
+  router.forward(x, {.segment = std::vector<std::int32_t>{0, 0, 1, 1, 2, 2}});
+  const auto slots = router.routing().slot_token;
+  const auto weights = router.routing().slot_weight;
+  const Matrix<float> logits = router.logits(), clean = router.scorer().clean_logits();
+  const auto unchanged = [&] {
+    REQUIRE(router.routing().slot_token == slots);
+    REQUIRE(router.routing().slot_weight == weights);
+    REQUIRE(Matrix<float>(router.logits()) == logits);
+    REQUIRE(Matrix<float>(router.scorer().clean_logits()) == clean);
+    REQUIRE(router.scorer().segments().size() == 3);
+  };
+  const auto rejects = [&](std::vector<std::int32_t> segment, const std::string& says) {
+    INFO(says);
+    try {
+      router.forward(x, {.segment = segment});
+      FAIL("no error");
+    } catch (const moe::value_error& e) {
+      const std::string what = e.what();
+      REQUIRE(what.find("tokens.segment") != std::string::npos);
+      REQUIRE(what.find(says) != std::string::npos);
+    }
+    unchanged();
+  };
+  rejects({0, 0, 1, 1, 3, 3}, "3 at token 4");       // no task embedding 3
+  rejects({0, 0, 2, 2, 1, 1}, "1 at token 4 after 2");  // decreasing
+  rejects({-1, 0, 0, 0, 0, 0}, "-1 at token 0");
+  // the task map: an entry without a task row is refused and leaves the map; ids past the map are refused
+  router.scorer().set_segment_tasks(std::vector<std::int32_t>{2, 0});
+  REQUIRE_THROWS_AS(router.scorer().set_segment_tasks(std::vector<std::int32_t>{0, 3}), moe::value_error);
+  REQUIRE(router.scorer().segment_tasks().size() == 2);
+  REQUIRE(router.scorer().segment_tasks()[0] == 2);
+  rejects({0, 0, 1, 1, 2, 2}, "set_segment_tasks");
+  // task vectors of the wrong shape, or not finite
+  const Matrix<float> z = router.scorer().task_embedding();
+  REQUIRE_THROWS_AS(router.scorer().set_task_embeddings(random_matrix<float>(tasks + 1, Dt, 152)), moe::shape_error);
+  REQUIRE_THROWS_AS(router.scorer().set_task_embeddings(random_matrix<float>(tasks, Dt - 1, 153)), moe::shape_error);
+  Matrix<float> bad = random_matrix<float>(tasks, Dt, 154);
+  bad(1, 2) = NAN;
+  REQUIRE_THROWS_AS(router.scorer().set_task_embeddings(bad), moe::value_error);
+  REQUIRE(router.scorer().task_embedding() == z);
+}
+
+TEST_CASE("gumbel_temperature: max(2 exp(-3e-4 step), 0.1), the reference's schedule", "[task]") {
+  const auto expected = [](double step) { return std::max(2.0 * std::exp(-0.0003 * step), 0.1); };
+  for (const std::uint64_t step : {0ull, 1000ull, 10000ull, 100000ull}) {
+    INFO("step " << step);
+    REQUIRE(moe::gumbel_temperature(step) == Approx(expected(double(step))).epsilon(1e-15));
+  }
+  REQUIRE(moe::gumbel_temperature(0) == 2.0);
+  REQUIRE(moe::gumbel_temperature(1000) == Approx(1.4816364413634358).epsilon(1e-15));
+  REQUIRE(moe::gumbel_temperature(10000) == 0.1);  // 2 e^-3 = 0.0996 is below the floor
+  REQUIRE(moe::gumbel_temperature(100000) == 0.1);
+  REQUIRE(moe::gumbel_temperature(2000, 1.0, 1e-3, 0.01) == Approx(std::exp(-2.0)).epsilon(1e-15));
 }

@@ -11,6 +11,7 @@
 #include "moe/gates/sinkhorn.hpp"
 #include "moe/gates/sigmoid.hpp"
 #include "moe/gates/softmax.hpp"
+#include "moe/gates/straight_through.hpp"
 #include "moe/losses/depth_predictor.hpp"
 #include "moe/losses/entropy.hpp"
 #include "moe/losses/importance.hpp"
@@ -29,6 +30,7 @@
 #include "moe/scorers/noisy_linear.hpp"
 #include "moe/scorers/normalized_slots.hpp"
 #include "moe/scorers/shared.hpp"
+#include "moe/scorers/task.hpp"
 #include "moe/selectors/depth_threshold.hpp"
 #include "moe/selectors/depth_top_c.hpp"
 #include "moe/selectors/dynamic_k.hpp"
@@ -428,7 +430,7 @@ SoftMoERouter<S> make_soft_moe_router(Index dim, Index experts, Index slots_per_
           SoftSlotsSelector<S>(slots_per_expert)};
 }
 
-// ---- learned routers (docs/routers.md, AttentionRouter, GliderRouter, HyperRouter) ------------
+// ---- learned routers (docs/routers.md, AttentionRouter, GliderRouter, TaskRouter, HyperRouter) -
 
 // Yuan 2.0-M32's attention router (IEIT-Yuan, "Yuan 2.0-M32: Mixture of Experts with Attention
 // Router", 2024) as its Hugging Face model code routes: per token q, k, v = W x in R^E (one
@@ -458,6 +460,28 @@ template <scalar S>
 GliderRouter<S> make_glider_router(Index dim, Index experts, Index k = 2, double alpha = 100.0, std::uint64_t seed = 0) {
   return {GliderScorer<S>(dim, experts, {.alpha = alpha, .seed = seed}), SoftmaxGate<S>{},
           TopKSelector<S>(k, {.weighting = Weighting::renormalize_before_drop, .renormalize_epsilon = 1e-6})};
+}
+
+// Task-level MoE (Ye, Zha, Ren, "Eliciting and Understanding Cross-Task Skills with Task-Level
+// Mixture-of-Experts", Findings of EMNLP 2022) as INK-USC/CrossTaskMoE routes one layer: the
+// segment's task embedding through a GELU MLP (hidden 64) to one logit per block, a Gumbel draw
+// per (segment, block), also at evaluation, then gumbel_softmax(tau, hard=True) (tau 5 until
+// set: gumbel_temperature(step) is the reference's schedule). The reference's blocks are whole
+// layers, 3 by default. TaskForm::dense is its training form: every block runs on every token
+// (k = E, the scores as weights: the chosen block's (1 - p) + p, the others 0, which still carry
+// the router's gradient); TaskForm::sparse is its use_sparse inference: only the chosen block.
+// Dropless, no loss.
+enum class TaskForm { dense, sparse };
+
+template <scalar S>
+using TaskRouter = Router<TaskScorer<S>, StraightThroughGate<S>, TopKSelector<S>>;
+
+template <scalar S>
+TaskRouter<S> make_task_router(Index dim, Index experts, Index tasks, Index task_dim, Index hidden = 64,
+                               TaskForm form = TaskForm::dense, std::uint64_t seed = 0) {
+  return {TaskScorer<S>(dim, experts, tasks, task_dim,
+                        {.hidden = hidden, .draws = {.seed = seed, .at_evaluation = true}, .seed = seed}),
+          StraightThroughGate<S>{}, TopKSelector<S>(form == TaskForm::dense ? experts : 1, {.weighting = Weighting::raw})};
 }
 
 // HyperRouter (Do et al., "HyperRouter: Towards Efficient Training and Inference of Sparse
