@@ -27,6 +27,7 @@ using moe::Index;
 using Matrix = moe::Matrix<S>;
 
 constexpr Index tasks = 6, skills = 3, dim = 16, hidden = 32, experts = 4, layers = 4;
+constexpr Index task_dim = 8;  // the task router's embedding width
 constexpr Index per_task = 64, batch = tasks * per_task;
 constexpr Index train_batches = 32, heldout_batches = 8;  // a fixed training set, cycled
 constexpr double capacity_factor = 2.0;  // room for one skill's two tasks on one expert
@@ -162,9 +163,11 @@ double evaluate(Stack<Router>& stack, const Data& data, Index first, Index count
 }
 
 // Trains a stack with Adam on the cycled training set; `on_step(stack, step)` runs before each
-// step (the task router's temperature schedule). Then evaluates it.
-template <class Router, class OnStep>
-Result study(const char* name, Stack<Router>& stack, const Data& data, const Config& cfg, OnStep on_step) {
+// step (the task router's temperature schedule), `to_inference(stack)` after training. Then
+// evaluates it.
+template <class Router, class OnStep, class ToInference>
+Result study(const char* name, Stack<Router>& stack, const Data& data, const Config& cfg, OnStep on_step,
+             ToInference to_inference) {
   std::printf("\n== %s\nstep   train batch mse   aux loss\n", name);
   moe::Adam<S> adam(S(3e-3));
   Matrix x, target, dy;
@@ -183,7 +186,8 @@ Result study(const char* name, Stack<Router>& stack, const Data& data, const Con
   }
   Result r;
   r.name = name;
-  stack.set_training(false);  // no noise, deterministic routes
+  stack.set_training(false);  // no noise (the task router keeps its Gumbel draw, as its reference)
+  to_inference(stack);
   r.train_mse = evaluate(stack, data, 0, train_batches, nullptr);
   r.heldout_mse = evaluate(stack, data, 1000, heldout_batches, &r);
   return r;
@@ -276,16 +280,34 @@ int main(int argc, char** argv) {
               long(tasks), long(skills), long(dim), long(layers), long(experts), long(hidden), long(batch),
               cfg.steps, cfg.seed);
   const auto no_schedule = [](auto&, long) {};
+  const auto as_trained = [](auto&) {};
   std::vector<Result> results;
 
   std::vector<moe::SwitchRouter<S>> own;
   for (Index l = 0; l < layers; ++l)
     own.push_back(moe::make_switch_router<S>(dim, experts, capacity_factor, seed + 10 * std::uint64_t(l)));
   Stack<moe::SwitchRouter<S>> independent(std::move(own), seed);
-  results.push_back(study("independent", independent, data, cfg, no_schedule));
+  results.push_back(study("independent", independent, data, cfg, no_schedule, as_trained));
 
   Stack<moe::OmniRouter<S>> omni(moe::make_omni_routers<S>(dim, experts, layers, capacity_factor, seed), seed);
-  results.push_back(study("omni", omni, data, cfg, no_schedule));
+  results.push_back(study("omni", omni, data, cfg, no_schedule, as_trained));
+
+  // Task-level routing: trained in the reference's dense form (every expert runs, the chosen one
+  // weighted ~1 and the others 0, which still carry the router's gradient) with its temperature
+  // schedule; evaluated in its sparse form (only the chosen expert runs: the same output).
+  std::vector<moe::TaskRouter<S>> by_task;
+  for (Index l = 0; l < layers; ++l)
+    by_task.push_back(moe::make_task_router<S>(dim, experts, tasks, task_dim, 64, moe::TaskForm::dense,
+                                               seed + 10 * std::uint64_t(l)));
+  Stack<moe::TaskRouter<S>> task(std::move(by_task), seed);
+  const auto anneal = [](auto& stack, long step) {
+    const double tau = moe::gumbel_temperature(std::uint64_t(step), 2.0, 3e-4, 0.1);
+    for (auto& l : stack.layer) l.router().gate().set_temperature(tau);
+  };
+  const auto sparse = [](auto& stack) {
+    for (auto& l : stack.layer) l.router().selector().set_k(1);
+  };
+  results.push_back(study("task", task, data, cfg, anneal, sparse));
 
   std::printf("\nrouter        train mse  held-out mse\n");
   std::FILE* loss = open_csv(cfg, "multilayer_loss.csv");
