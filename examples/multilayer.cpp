@@ -243,6 +243,7 @@ void report_task_experts(const Result& r, std::FILE* f) {
     }
   }
   std::printf("\npairs on one expert  ");
+  int all_same = 0, all_other = 0;
   for (Index l = 0; l < layers; ++l) {
     int same = 0, other = 0;
     for (Index a = 0; a < tasks; ++a)
@@ -250,8 +251,11 @@ void report_task_experts(const Result& r, std::FILE* f) {
         if (main[std::size_t(l * tasks + a)] == main[std::size_t(l * tasks + b)])
           ++(skill_of(a) == skill_of(b) ? same : other);
     std::printf(" %d/3 %2d/12", same, other);
+    all_same += same, all_other += other;
   }
-  std::printf("   (same skill, other)\n");
+  // 1 in E by chance for either kind of pair
+  std::printf("   (same skill, other)\nall layers: same-skill pairs together %d/12 (%.0f%%), other pairs %d/48 (%.0f%%)\n",
+              all_same, 100.0 * all_same / 12, all_other, 100.0 * all_other / 48);
 }
 
 Config parse(int argc, char** argv) {
