@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -194,6 +195,8 @@ Result study(const char* name, Stack<Router>& stack, const Data& data, const Con
 }
 
 std::FILE* open_csv(const Config& cfg, const std::string& file) {
+  std::error_code ignored;  // a failure shows as fopen's
+  std::filesystem::create_directories(cfg.out, ignored);
   const std::string path = cfg.out + "/" + file;
   std::FILE* f = std::fopen(path.c_str(), "w");
   if (!f) {
@@ -283,6 +286,7 @@ int main(int argc, char** argv) {
               "%ld tokens a batch, %ld steps, seed %ld\n",
               long(tasks), long(skills), long(dim), long(layers), long(experts), long(hidden), long(batch),
               cfg.steps, cfg.seed);
+  std::fclose(open_csv(cfg, "multilayer_loss.csv"));  // an unwritable --out fails now, not after training
   const auto no_schedule = [](auto&, long) {};
   const auto as_trained = [](auto&) {};
   std::vector<Result> results;
