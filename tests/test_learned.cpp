@@ -494,8 +494,8 @@ TEST_CASE("task router: the segment's task through the MLP, one Gumbel draw per 
         REQUIRE(got.size() == std::size_t(form == moe::TaskForm::dense ? E : 1));
         REQUIRE(got[0].first == chosen);
         if (hardness == moe::Hardness::hard) {
-          const double one = (1 - prob(0, chosen)) + prob(0, chosen);  // gumbel_softmax's y_hard - y_soft + y_soft
-          REQUIRE(got[0].second == Approx(one).epsilon(1e-15));
+          // gumbel_softmax's y_hard - y_soft + y_soft: (1 - p) + p, which rounds to exactly 1
+          REQUIRE(got[0].second == 1.0);
           for (std::size_t j = 1; j < got.size(); ++j) {
             REQUIRE(got[j].second == 0.0);  // exactly
             REQUIRE(got[j].first == (Index(j) <= chosen ? Index(j) - 1 : Index(j)));  // the others, by index
@@ -603,10 +603,19 @@ TEST_CASE("StraightThroughGate: soft gradient against finite differences, hard f
     for (Index t = 0; t < T; ++t) {
       Index chosen = 0;
       scores.row(t).maxCoeff(&chosen);
-      REQUIRE(hard_scores(t, chosen) == (1 - scores(t, chosen)) + scores(t, chosen));
+      REQUIRE(hard_scores(t, chosen) == 1.0);  // (1 - p) + p rounds to 1 for any p in [0, 1]
       REQUIRE(hard_scores.row(t).sum() == hard_scores(t, chosen));  // the others exactly 0
     }
   }
+  // (1 - p) + p is 1 in round-to-nearest for every p in [0, 1], in float and double
+  int not_one = 0;
+  for (int i = 0; i <= 100000; ++i) {
+    const double p = double(i) / 100000 * std::pow(2.0, -double(i % 60));
+    const float q = float(p);
+    not_one += (1 - p) + p != 1.0;
+    not_one += (1 - q) + q != 1.0f;
+  }
+  REQUIRE(not_one == 0);
   // ties go to the lower expert
   moe::StraightThroughGate<double> gate;
   const Matrix<double> tied = Matrix<double>::Constant(1, E, 0.5);
