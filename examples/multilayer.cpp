@@ -301,7 +301,7 @@ int main(int argc, char** argv) {
   results.push_back(study("omni", omni, data, cfg, no_schedule, as_trained));
 
   // Task-level routing: trained in the reference's dense form (every expert runs, the chosen one
-  // weighted ~1 and the others 0, which still carry the router's gradient) with its temperature
+  // weighted 1 and the others 0, which still carry the router's gradient) with its temperature
   // schedule; evaluated in its sparse form (only the chosen expert runs: the same output).
   std::vector<moe::TaskRouter<S>> by_task;
   for (Index l = 0; l < layers; ++l)
