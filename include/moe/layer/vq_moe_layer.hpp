@@ -232,7 +232,5 @@ private:
 
 template <class Router, class VQRouter, class Experts>
 VQMoELayer(Router, VQRouter, Experts) -> VQMoELayer<Router, VQRouter, Experts>;
-template <class Router, class VQRouter, class Experts, class Options>
-VQMoELayer(Router, VQRouter, Experts, Options) -> VQMoELayer<Router, VQRouter, Experts>;
 
 }  // namespace moe
