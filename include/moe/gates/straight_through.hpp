@@ -5,9 +5,10 @@
 // first argmax of p and the backward is p's (straight-through); soft, the scores are p.
 // The hard scores are computed as torch.nn.functional.gumbel_softmax(hard=True) computes them,
 // (y_hard - p) + p: the chosen score is (1 - p) + p, which rounds to exactly 1 (1 - p is exact for
-// p >= 1/2, else within half an ulp below 1, which the addition rounds back), the others to 0. The Gumbel noise of gumbel_softmax is not drawn here: a gate sees no TokenInputs
-// in forward, so the scorer adds it to the logits (TaskScorer). tau is the caller's to anneal
-// (gumbel_temperature).
+// p >= 1/2, else within half an ulp below 1, which the addition rounds back), the others to 0.
+// The Gumbel noise of gumbel_softmax is not drawn here: a gate sees no TokenInputs in forward,
+// so the scorer adds it to the logits (TaskScorer). tau is the caller's to anneal
+// (gumbel_temperature); set it before a forward, not between a forward and its backward.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
