@@ -38,9 +38,11 @@ void top_c_per_column(MatrixIn<S> values, Index capacity, std::span<const std::u
   std::vector<std::int32_t> idx;
   for (Index t = 0; t < values.rows(); ++t)
     if (valid.empty() || valid[std::size_t(t)]) idx.push_back(std::int32_t(t));
+  std::vector<S> column(std::size_t(values.rows()));
   for (Index e = 0; e < values.cols(); ++e) {
+    for (Index t = 0; t < values.rows(); ++t) column[std::size_t(t)] = values(t, e);  // plain reads in the sort (debug builds)
     auto col = idx;
-    std::stable_sort(col.begin(), col.end(), [&](auto a, auto b) { return values(a, e) > values(b, e); });
+    std::stable_sort(col.begin(), col.end(), [&](auto a, auto b) { return column[std::size_t(a)] > column[std::size_t(b)]; });
     if (token_order) std::sort(col.begin(), col.begin() + capacity);
     std::copy_n(col.begin(), capacity, out.begin() + e * capacity);
   }
