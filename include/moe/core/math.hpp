@@ -32,4 +32,17 @@ S normal_pdf(S z) {
   return S(std::numbers::inv_sqrtpi / std::numbers::sqrt2) * std::exp(S(-0.5) * z * z);
 }
 
+// GELU, the exact erf form (PyTorch's nn.GELU default, not the tanh approximation):
+// x Phi(x), and its derivative Phi(x) + x phi(x).
+template <class S>
+S gelu(S x) {
+  return S(0.5) * x * (S(1) + std::erf(x * S(std::numbers::sqrt2 / 2)));
+}
+
+template <class S>
+S gelu_grad(S x) {
+  const S cdf = S(0.5) * (S(1) + std::erf(x * S(std::numbers::sqrt2 / 2)));
+  return cdf + x * normal_pdf(x);
+}
+
 }  // namespace moe::detail

@@ -29,6 +29,7 @@
 #include "moe/core/workspace.hpp"
 #include "moe/errors.hpp"
 #include "moe/kernels/dispatch.hpp"
+#include "moe/kernels/softmax.hpp"
 #include "moe/layer/moe_layer.hpp"
 
 namespace moe {
@@ -133,12 +134,8 @@ public:
     continuous_.forward(x, yc_, tokens);
     fit(mix_, T, 2);
     mix_gemm_.template run<false, true>(x, mix_weight_, mix_);
-    for (Index t = 0; t < T; ++t) {
-      const S l0 = mix_(t, 0) + mix_bias_(0, 0), l1 = mix_(t, 1) + mix_bias_(0, 1), m = std::max(l0, l1);
-      const S e0 = std::exp(l0 - m), e1 = std::exp(l1 - m);
-      mix_(t, 0) = e0 / (e0 + e1);
-      mix_(t, 1) = e1 / (e0 + e1);
-    }
+    mix_.rowwise() += mix_bias_.row(0);
+    kernels::softmax_rows<S>(mix_, mix_);
     for (Index t = 0; t < T; ++t) y.row(t) = mix_(t, 0) * yc_.row(t) + mix_(t, 1) * yd_.row(t);
     fit(x_, T, input_dim());
     x_ = x;
@@ -170,7 +167,7 @@ public:
     mix_gemm_.run(dmix_, mix_weight_, dx, S(1), true);
     // the discrete path: the output LayerNorm, the experts (replayed), the input LayerNorm, z
     const TokenInputs<S> tokens{.valid = tokens_valid_, .segment = tokens_segment_};
-    for (Index t = 0; t < T; ++t) dpath_.row(t) = tokens.is_valid(t) ? (mix_(t, 1) * dy.row(t)).eval() : dy.row(t) * S(0);
+    for (Index t = 0; t < T; ++t) dpath_.row(t) = (tokens.is_valid(t) ? mix_(t, 1) : S(0)) * dy.row(t);
     affine_backward(dpath_, rn_);
     detail::layer_norm_backward_rows<S>(dpath_, rn_, r_inv_std_);
     const auto& rd = vq_.routing();

@@ -15,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "moe/core/math.hpp"
 #include "moe/core/rng.hpp"
 #include "moe/core/tensor.hpp"
 #include "moe/core/validate.hpp"
@@ -140,7 +141,7 @@ public:
       const Segment& seg = segments_[std::size_t(s)];
       pre.row(s).noalias() = task_embedding_.row(seg.task) * w1_.transpose();
       pre.row(s) += b1_.row(0);
-      for (Index i = 0; i < H; ++i) hidden(s, i) = gelu(pre(s, i));
+      for (Index i = 0; i < H; ++i) hidden(s, i) = detail::gelu(pre(s, i));
       clean.row(s).noalias() = hidden.row(s) * w2_.transpose();
       clean.row(s) += b2_.row(0);
       // one draw per (segment, expert): the caller's at the segment's first token, or keyed by
@@ -168,7 +169,7 @@ public:
       b2_grad_ += dl_;
       w2_grad_.noalias() += dl_.transpose() * hidden_.row(row);
       da_.noalias() = dl_ * w2_;
-      for (Index i = 0; i < H; ++i) da_(0, i) *= gelu_derivative(pre_(row, i));
+      for (Index i = 0; i < H; ++i) da_(0, i) *= detail::gelu_grad(pre_(row, i));
       b1_grad_ += da_;
       w1_grad_.noalias() += da_.transpose() * task_embedding_.row(seg.task);
       task_embedding_grad_.row(seg.task).noalias() += da_ * w1_;
@@ -185,16 +186,6 @@ public:
   }
 
 private:
-  static constexpr S inv_sqrt2 = S(0.70710678118654752440);
-
-  // nn.GELU(): x/2 (1 + erf(x / sqrt(2))), as PyTorch writes it.
-  static S gelu(S a) { return a * S(0.5) * (S(1) + std::erf(a * inv_sqrt2)); }
-  // Phi(a) + a phi(a)
-  static S gelu_derivative(S a) {
-    constexpr S inv_sqrt_2pi = S(0.39894228040143267794);
-    return S(0.5) * (S(1) + std::erf(a * inv_sqrt2)) + a * inv_sqrt_2pi * std::exp(S(-0.5) * a * a);
-  }
-
   std::int32_t task_of(std::int32_t id) const { return segment_task_.empty() ? id : segment_task_[std::size_t(id)]; }
 
   // Segment ids: each segment one contiguous run (>= 0, non-decreasing) and each id a task.

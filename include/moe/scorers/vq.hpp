@@ -17,7 +17,6 @@
 // tokens; after each training forward, code j moves toward an anchor token by
 // a_j = exp(-u_j K 10 / (1 - decay) - 1e-3): c_j <- (1 - a_j) c_j + a_j anchor_j, so a code no
 // token uses is re-initialised near the data and a used one does not move.
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -31,6 +30,7 @@
 #include "moe/core/workspace.hpp"
 #include "moe/errors.hpp"
 #include "moe/kernels/codebook.hpp"
+#include "moe/kernels/top_k.hpp"
 
 namespace moe {
 
@@ -112,9 +112,8 @@ public:
         codes_[t] = -1;
         continue;
       }
-      const S* row = logits.data() + t * logits.outerStride();
-      const Index j = Index(std::max_element(row, row + K) - row);  // the first maximum: ties to the lower code
-      codes_[t] = std::int32_t(j);
+      kernels::top_k_row(logits.data() + t * logits.outerStride(), K, 1, &codes_[t]);  // ties to the lower code
+      const Index j = codes_[t];
       sum += double((codebook_.row(j) - x.row(t)).squaredNorm());
       ++real;
     }
@@ -139,7 +138,7 @@ public:
       const Matrix<S>& q = forward_codebook();
       for (Index t = 0; t < T; ++t) {
         if (codes_[t] < 0) continue;
-        const auto diff = (q.row(codes_[t]) - x.row(t)).eval();  // q - x
+        const auto diff = q.row(codes_[t]) - x.row(t);  // q - x, an expression: nothing allocated
         codebook_grad_.row(codes_[t]) += scale * diff;
         dx.row(t) -= S(opt_.commitment) * scale * diff;
       }
@@ -177,7 +176,7 @@ private:
       const double a = std::exp(-(usage_[std::size_t(j)] * double(K) * 10) / (1 - decay) - 1e-3);
       const Index anchor = opt_.reinit == Reinit::closest ? closest_token(tokens, logits, j)
                                                           : drawn_token(tokens, logits, j, double(draw(j, 0)));
-      codebook_.row(j) = (S(1 - a) * codebook_.row(j) + S(a) * x.row(anchor)).eval();
+      codebook_.row(j) = S(1 - a) * codebook_.row(j) + S(a) * x.row(anchor);  // entry by entry: no aliasing
     }
   }
 

@@ -13,6 +13,7 @@
 #include "moe/concepts.hpp"
 #include "moe/core/validate.hpp"
 #include "moe/core/workspace.hpp"
+#include "moe/kernels/top_k.hpp"
 #include "moe/routing.hpp"
 
 namespace moe {
@@ -39,8 +40,7 @@ public:
         code_[t] = -1;
         continue;
       }
-      const S* row = in.rank.data() + t * in.rank.outerStride();
-      code_[t] = std::int32_t(std::max_element(row, row + K) - row);
+      kernels::top_k_row(in.rank.data() + t * in.rank.outerStride(), K, 1, &code_[t]);  // ties to the lower code
     }
     // counting sort by expert: slots in token order within each expert
     r.reset(T, experts_);
