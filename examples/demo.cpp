@@ -1,5 +1,6 @@
 // The main demo: one MoE layer per router preset on a synthetic batch, forward and backward,
 // then one table row per preset. Options: --tokens T --dim D --experts E --hidden H --reps N.
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -37,10 +38,11 @@ Settings parse(int argc, char** argv) {
 // prints the preset's row.
 template <class Router>
 void run(const char* name, Router router, const Settings& s, const moe::Matrix<float>& x,
-         const moe::TokenInputs<float>& tokens = {}) {
+         const moe::TokenInputs<float>& tokens = {}, moe::WeightedAt weighted_at = moe::WeightedAt::output) {
   using clock = std::chrono::steady_clock;
   const moe::Index experts = router.num_experts();  // E, or the one block of a depth router
   moe::MoELayer layer(std::move(router), moe::FFNExperts<float>(experts, s.dim, s.hidden));
+  layer.set_weighted_at(weighted_at);
   moe::Matrix<float> y(s.tokens, s.dim), dx(s.tokens, s.dim);
   const moe::Matrix<float> dy = moe::Matrix<float>::Ones(s.tokens, s.dim) / float(s.tokens);
   layer.forward(x, y, tokens);  // warm-up: sizes every workspace once
@@ -171,6 +173,17 @@ int main(int argc, char** argv) {
   for (moe::Index t = 0; t < s.tokens; ++t) sequence[std::size_t(t)] = std::int32_t(t / 512);
   run("DepthRouter", moe::make_depth_router<float>(s.dim), s, x, {.segment = sequence});
   run("MindSkipRouter", moe::make_mindskip_router<float>(s.dim), s, x, {.segment = sequence});
+  // the released models' routers, at the demo's E (k capped at E)
+  const auto k_of = [&](moe::Index k) { return std::min(k, s.experts); };
+  run("MixtralRouter", moe::make_mixtral_router<float>(s.dim, s.experts, k_of(2)), s, x);
+  run("Qwen2MoERouter", moe::make_qwen2_moe_router<float>(s.dim, s.experts, k_of(4)), s, x);
+  run("Qwen3MoERouter", moe::make_qwen3_moe_router<float>(s.dim, s.experts, k_of(8)), s, x);
+  run("OLMoERouter", moe::make_olmoe_router<float>(s.dim, s.experts, k_of(8)), s, x);
+  run("DbrxRouter", moe::make_dbrx_router<float>(s.dim, s.experts, k_of(4)), s, x);
+  if (s.experts % 8 == 0)  // V2's 8 groups, 3 kept, k = 6
+    run("DeepSeekV2Router", moe::make_deepseek_v2_router<float>(s.dim, s.experts), s, x);
+  run("GptOssRouter", moe::make_gpt_oss_router<float>(s.dim, s.experts, k_of(4)), s, x);
+  run("Llama4Router", moe::make_llama4_router<float>(s.dim, s.experts), s, x, {}, moe::WeightedAt::input);
   std::printf("\ncapacity: slots per expert (none: dropless); drop %%: (token, choice) pairs dropped; "
               "load CV: std/mean of tokens per expert;\nexp/tok: experts per real token; aux losses: "
               "each loss's raw value, in the preset's order (balance, then z-loss;\n"
@@ -206,6 +219,11 @@ int main(int argc, char** argv) {
               "DepthRouter, MindSkipRouter: one block (the FFN) and the skip path y = x + w f(x), per sequence of 512 "
               "tokens; DepthRouter runs the top 12.5%% of each\nsequence (aux loss: its predictor's BCE); MindSkipRouter "
               "decides per sequence, and in training runs every token times its 0/1 decision\n(aux loss: the share of "
-              "sequences that run the block).\n");
+              "sequences that run the block).\n"
+              "Released models' routers, each at the demo's E with its model's k (Mixtral 2, Qwen2-MoE 4, Qwen3-MoE 8, "
+              "OLMoE 8, DBRX 4, DeepSeek-V2 6 in 3 of 8 groups\n(E divisible by 8), gpt-oss 4, Llama 4 1): "
+              "aux losses as Hugging Face computes them per layer; DeepSeekV2Router's weights are 16 x the "
+              "probabilities;\nLlama4Router's weight scales the expert's input (the demo's experts have no shared "
+              "expert).\n");
   return 0;
 }
