@@ -39,7 +39,14 @@
 #include "moe/io/checkpoint.hpp"
 #include "moe/io/json.hpp"
 #include "moe/io/safetensors.hpp"
+#include "moe/gates/expert_bias.hpp"
+#include "moe/gates/sigmoid.hpp"
+#include "moe/gates/softmax.hpp"
 #include "moe/layer/swiglu_experts.hpp"
+#include "moe/router.hpp"
+#include "moe/scorers/linear.hpp"
+#include "moe/selectors/group_limited.hpp"
+#include "moe/selectors/top_k.hpp"
 #include "moe/selectors/weighting.hpp"
 
 namespace moe {
@@ -642,6 +649,51 @@ std::vector<Router> load_routers(const Checkpoint& ckpt, const ReleasedModelConf
     load_router(ckpt, config.family, layer, routers.back());
   }
   return routers;
+}
+
+// ---- presets from a config ------------------------------------------------------------------
+
+// Builds the family's router for a config and hands it to fn (each family's router is its own
+// type). seed: the router weights' initial values, until load_router replaces them.
+template <scalar S, class Fn>
+void visit_released_router(const ReleasedModelConfig& c, std::uint64_t seed, Fn&& fn) {
+  const std::string where = "visit_released_router";
+  const LinearScorer<S> linear(c.hidden_size, c.experts, {.bias = false, .seed = seed});
+  const Weighting norm = c.norm_topk_prob ? Weighting::renormalize_before_drop : Weighting::raw;
+  switch (c.family) {
+    case ModelFamily::mixtral:
+    case ModelFamily::qwen2_moe:
+    case ModelFamily::qwen3_moe:
+    case ModelFamily::olmoe: {
+      const Weighting w = c.family == ModelFamily::mixtral ? Weighting::renormalize_before_drop : norm;
+      fn(Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>>(linear, {}, TopKSelector<S>(c.k, {.weighting = w})));
+      return;
+    }
+    case ModelFamily::deepseek_v2:
+      detail::require<config_error>(c.topk_method == "greedy", where, "topk_method", c.topk_method, "greedy");
+      fn(Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>>(
+          linear, {}, TopKSelector<S>(c.k, {.weighting = norm, .scale = c.routed_scaling_factor})));
+      return;
+    case ModelFamily::deepseek_v3:
+      fn(Router<LinearScorer<S>, ExpertBiasGate<SigmoidGate<S>>, GroupLimitedTopKSelector<S>>(
+          linear, ExpertBiasGate<SigmoidGate<S>>(c.experts),
+          GroupLimitedTopKSelector<S>(c.k, {.count = c.groups, .keep = c.groups_kept},
+                                      {.weighting = norm, .scale = c.routed_scaling_factor})));
+      return;
+    case ModelFamily::dbrx:
+      detail::require<config_error>(!c.normalize_p || *c.normalize_p == 1.0, where, "moe_normalize_expert_weights",
+                                    c.normalize_p.value_or(0), "1 or null");
+      fn(Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>>(linear, {}, TopKSelector<S>(c.k, {.weighting = norm})));
+      return;
+    case ModelFamily::gpt_oss:
+      fn(Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>>(
+          LinearScorer<S>(c.hidden_size, c.experts, {.bias = true, .seed = seed}), {},
+          TopKSelector<S>(c.k, {.weighting = Weighting::softmax_of_kept_logits})));
+      return;
+    case ModelFamily::llama4:
+      fn(Router<LinearScorer<S>, SigmoidGate<S>, TopKSelector<S>>(linear, {}, TopKSelector<S>(c.k, {.weighting = Weighting::raw})));
+      return;
+  }
 }
 
 }  // namespace moe
