@@ -21,6 +21,11 @@ namespace moe {
 // The default third argument: no shared expert.
 struct NoSharedExpert {};
 
+// What a combine weight multiplies: the expert's output (every reference but one) or its input
+// (Llama 4: the expert sees x * w and its output is added as it is). The two differ for any
+// expert that is not linear.
+enum class WeightedAt { output, input };
+
 // The shared expert's diagnosis (none needed when there is none). A namespace-scope function:
 // clang cannot call a consteval member from the class's own static member initializers.
 template <class Shared>
@@ -108,6 +113,16 @@ public:
   }
   bool grad_enabled() const { return grad_enabled_; }
 
+  // WeightedAt::input: each expert sees its tokens scaled by their combine weights (Llama 4).
+  // For sparse routing and experts that compute something (not identity experts or a skip path).
+  void set_weighted_at(WeightedAt at) {
+    if constexpr (soft || identity_experts || skip_path)
+      detail::require<config_error>(at == WeightedAt::output, "MoELayer::set_weighted_at", "at", "input",
+                                    "WeightedAt::output for soft routing, identity experts and depth routing");
+    weighted_at_ = at;
+  }
+  WeightedAt weighted_at() const { return weighted_at_; }
+
   // y [T, D_out] = sum of the weighted expert outputs (+ the shared expert). `tokens` is copied,
   // so its buffers need not outlive the call. On a bad argument nothing is written.
   void forward(MatrixIn<S> x, MatrixOut<S> y, const TokenInputs<S>& tokens = {}) {
@@ -125,15 +140,17 @@ public:
     if constexpr (soft) {
       forward_soft(r, x, y);
     } else {
+      const bool on_input = weighted_at_ == WeightedAt::input;
+      const std::span<const S> weight(r.slot_weight);
       auto in = fit_rows(blocks_in_, r.num_slots(), input_dim());
-      kernels::gather_rows<S>(x, r.slot_token, in);
+      kernels::gather_rows<S>(x, r.slot_token, in, on_input ? weight : std::span<const S>());
       if constexpr (skip_path) y = x;  // the skip path; the block outputs are added to it
       if constexpr (identity_experts) {
-        kernels::combine_rows<S>(r, r.slot_weight, in, y, skip_path);
+        kernels::combine_rows<S>(r, weight, in, y, skip_path);
       } else {
         auto out = fit_rows(blocks_out_, r.num_slots(), output_dim());
         experts_.forward(in, r.expert_offsets, out);
-        kernels::combine_rows<S>(r, r.slot_weight, out, y, skip_path);
+        kernels::combine_rows<S>(r, on_input ? std::span<const S>() : weight, out, y, skip_path);
       }
     }
     if constexpr (has_shared) {
@@ -157,11 +174,27 @@ public:
       backward_soft(dy, dx);
     } else {
       const auto& r = router_.routing();
-      // d(expert outputs) = w_s dy_t, d(w_s) = <dy_t, expert output s>
       const Index slots = r.num_slots();
+      fit(dslot_weight_, r.num_slots());
+      if (weighted_at_ == WeightedAt::input) {
+        // d(expert outputs) = dy_t, d(expert inputs) by the experts, d(w_s) = <that, x_t>,
+        // dx_t += w_s d(expert input s)
+        if constexpr (!identity_experts) {
+          auto dout = fit_rows(dblocks_out_, slots, output_dim());
+          kernels::gather_rows<S>(dy, r.slot_token, dout);
+          auto din = fit_rows(dblocks_in_, slots, input_dim());
+          experts_.backward(blocks_in_.topRows(slots), dout, din);
+          for (Index s = 0; s < slots; ++s)
+            dslot_weight_[s] = r.slot_token[s] < 0 ? S(0) : x_.row(r.slot_token[s]).dot(din.row(s));
+          router_.backward(x_, tokens_view(), dslot_weight_, dx);
+          kernels::combine_rows<S>(r, r.slot_weight, din, dx, true);
+        }
+        if constexpr (has_shared) add_shared_backward(dy, dx);
+        return;
+      }
+      // d(expert outputs) = w_s dy_t, d(w_s) = <dy_t, expert output s>
       auto dout = fit_rows(dblocks_out_, slots, output_dim());
       kernels::gather_rows<S>(dy, r.slot_token, dout, r.slot_weight);
-      fit(dslot_weight_, r.num_slots());
       const Matrix<S>& expert_out = identity_experts ? blocks_in_ : blocks_out_;
       for (Index s = 0; s < r.num_slots(); ++s)
         dslot_weight_[s] = r.slot_token[s] < 0 ? S(0) : dy.row(r.slot_token[s]).dot(expert_out.row(s));
@@ -175,11 +208,7 @@ public:
       }
       if constexpr (skip_path) dx += dy;
     }
-    if constexpr (has_shared) {
-      fit(dshared_in_, x_.rows(), input_dim());
-      shared_.backward(x_, dy, dshared_in_);
-      dx += dshared_in_;
-    }
+    if constexpr (has_shared) add_shared_backward(dy, dx);
   }
 
   // Router, expert and shared-expert parameters with their gradients, for an optimizer.
@@ -204,6 +233,12 @@ public:
   const auto& routing() const { return router_.routing(); }
 
 private:
+  void add_shared_backward(MatrixIn<S> dy, MatrixOut<S> dx) requires has_shared {
+    fit(dshared_in_, x_.rows(), input_dim());
+    shared_.backward(x_, dy, dshared_in_);
+    dx += dshared_in_;
+  }
+
   // Soft routing: X~ = dispatch x [S, D], the experts on their blocks of p slots, y = combine Y~.
   // Each product by row blocks of its output (a thread per block with OpenMP): the blocks do
   // not depend on the thread count, so neither do the bits.
@@ -271,6 +306,7 @@ private:
   [[no_unique_address]] Shared shared_;
   // state of the last forward, and scratch
   bool grad_enabled_ = true, forwarded_ = false, backward_ready_ = false;
+  WeightedAt weighted_at_ = WeightedAt::output;
   Matrix<S> x_, blocks_in_, blocks_out_, dblocks_out_, dblocks_in_, shared_out_, dshared_in_;
   std::vector<S> dslot_weight_;
   Matrix<S> dcombine_, ddispatch_;  // soft routing: d(loss)/d(combine), d(loss)/d(dispatch)

@@ -37,9 +37,10 @@ inline void check_variable_overflow(std::string_view where, const Capacity& capa
 
 // The weightings the choice-list selectors offer (functions of the gate scores).
 inline void check_variable_weighting(std::string_view where, Weighting w) {
-  require<config_error>(w != Weighting::softmax_of_kept_logits, where, "weighting", "softmax_of_kept_logits",
+  require<config_error>(w != Weighting::softmax_of_kept_logits && w != Weighting::p_norm, where, "weighting",
+                        w == Weighting::p_norm ? "p_norm" : "softmax_of_kept_logits",
                         "raw, renormalize_before_drop or renormalize_after_drop (with a softmax gate, "
-                        "renormalize_before_drop is the softmax of the kept logits)");
+                        "renormalize_before_drop is the softmax of the kept logits; p_norm is TopKSelector's)");
 }
 
 template <class S>

@@ -2,9 +2,10 @@
 // Group-limited top-k: DeepSeek-AI, "DeepSeek-V3 Technical Report", arXiv 2412.19437 (node-limited
 // routing), as Megatron-Core's `moe_router_num_groups` / `moe_router_group_topk` do it
 // (docs/selectors.md, GroupLimitedTopKSelector). The E experts form G contiguous groups of E/G;
-// a group scores the sum of its top k/group_topk rank values; each token keeps its group_topk best
-// groups (ties to the lower group) and picks its ordinary top-k among their experts. Everything
-// after the choice (weights, capacity, slots, backward) is TopKSelector's own.
+// a group scores the sum of its top k/group_topk rank values (or of its top `Groups::top`: 1, its
+// maximum, is DeepSeek-V2's group_limited_greedy); each token keeps its group_topk best groups
+// (ties to the lower group) and picks its ordinary top-k among their experts. Everything after the
+// choice (weights, capacity, slots, backward) is TopKSelector's own.
 #include <algorithm>
 #include <bit>
 #include <limits>
@@ -30,6 +31,9 @@ public:
   struct Groups {
     Index count = 1;  // G: number of contiguous expert groups (Megatron moe_router_num_groups)
     Index keep = 1;   // group_topk: groups kept per token (Megatron moe_router_group_topk)
+    // How many of a group's largest rank values its score sums: 0 for k/keep (Megatron,
+    // DeepSeek-V3: 2 of 8/4), 1 for the group maximum (DeepSeek-V2).
+    Index top = 0;
   };
 
   GroupLimitedTopKSelector(Index k, Groups groups, Options opt = {}) : inner_(k, opt), groups_(groups) {
@@ -37,9 +41,13 @@ public:
     detail::require<config_error>(groups.count >= 1, where, "groups.count", groups.count, "groups.count >= 1");
     detail::require<config_error>(groups.keep >= 1 && groups.keep <= groups.count, where, "groups.keep",
                                   groups.keep, "1 <= groups.keep <= groups.count (" + std::to_string(groups.count) + ")");
-    detail::require<config_error>(k % groups.keep == 0, where, "k", k,
-                                  "k divisible by groups.keep (" + std::to_string(groups.keep) +
-                                      "): each kept group scores by its top k/groups.keep values");
+    detail::require<config_error>(groups.top >= 0, where, "groups.top", groups.top,
+                                  "groups.top >= 0 (0: k/groups.keep)");
+    if (groups.top == 0)
+      detail::require<config_error>(k % groups.keep == 0, where, "k", k,
+                                    "k divisible by groups.keep (" + std::to_string(groups.keep) +
+                                        "): each kept group scores by its top k/groups.keep values "
+                                        "(Groups::top sets another count)");
   }
 
   Index k() const { return inner_.k(); }
@@ -55,6 +63,9 @@ public:
       detail::fail<config_error>(where, "groups.count", groups_.count,
                                  "divides the number of experts (" + std::to_string(experts) + ")");
     const Index size = experts / groups_.count;
+    if (groups_.top > size)
+      detail::fail<config_error>(where, "groups.top", groups_.top,
+                                 "groups.top <= experts per group (" + std::to_string(size) + ")");
     if (groups_.keep * size < inner_.k())
       detail::fail<config_error>(where, "k", inner_.k(),
                                  "k <= groups.keep * experts per group (" + std::to_string(groups_.keep) + " * " +
@@ -100,7 +111,7 @@ public:
   // Per row: group scores, the kept groups, and rank copied for kept groups / `dropped` elsewhere.
   void mask_rows(MatrixIn<S> rank, MatrixOut<S> masked) const {
     const Index experts = rank.cols(), G = groups_.count, size = experts / G;
-    const Index per_group = inner_.k() / groups_.keep;
+    const Index per_group = groups_.top > 0 ? groups_.top : inner_.k() / groups_.keep;
     // The lowest finite value, not -inf: the SIMD top-k kernel keeps rows without -inf in
     // registers (with -inf it falls back to the scalar insertion, 5x slower at E = 256). Kept
     // ranks are scores plus a bias, far above it, and the kept groups hold at least k experts

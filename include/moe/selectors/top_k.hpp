@@ -48,6 +48,7 @@ public:
     double scale = 1.0;  // multiplies every combine weight (DeepSeek-V3 route_scale 2.5)
     // > 0: a renormalisation divides by sum + epsilon (GLIDER's 1e-6), not by max(sum, float eps)
     double renormalize_epsilon = 0.0;
+    double norm_p = 1.0;  // the q of Weighting::p_norm: finite and > 0
     Capacity capacity{};
     Padding padding = Padding::excluded;  // which tokens of a mask are routed and count in C
     SecondExpert second = SecondExpert::all;
@@ -185,6 +186,11 @@ public:
         }
       } else if (weighting == Weighting::raw) {
         for (Index c = first; c < last; ++c) weight[c] = scale * score[c];
+      } else if (weighting == Weighting::p_norm) {
+        for (Index c = first; c < last; c += Index(kk)) {
+          const S z = p_norm(score + c);
+          for (Index j = 0; j < Index(kk); ++j) weight[c + j] = scale * (score[c + j] / z);
+        }
       } else {
         for (Index c = first; c < last; c += Index(kk))
           kept_logit_weights(block.logits.row(token[c] - begin).data(), expert + c, weight + c);
@@ -235,6 +241,7 @@ public:
   void backward(const SelectorInput<S>& in, const routing_type& r, std::span<const S> dslot_weight,
                 MatrixOut<S> dscores, MatrixOut<S> dlogits) {
     const S scale = S(opt_.scale);
+    if (opt_.weighting == Weighting::p_norm) return add_p_norm_gradient(in, r, dslot_weight, dscores);
     if (opt_.weighting != Weighting::softmax_of_kept_logits)
       return detail::add_weighting_gradient<S>(opt_.weighting, scale, in.scores, r, dslot_weight, dscores, denominator());
     for (Index t = 0; t < r.num_tokens; ++t) {
@@ -259,6 +266,8 @@ private:
     detail::require<config_error>(k >= 1, "TopKSelector", "k", k, "k >= 1");
     detail::require<config_error>(std::isfinite(opt.scale), "TopKSelector", "scale", opt.scale,
                                   "finite");
+    detail::require<config_error>(std::isfinite(opt.norm_p) && opt.norm_p > 0, "TopKSelector", "norm_p", opt.norm_p,
+                                  "finite and > 0");
     detail::require<config_error>(std::isfinite(opt.renormalize_epsilon) && opt.renormalize_epsilon >= 0, "TopKSelector",
                                   "renormalize_epsilon", opt.renormalize_epsilon, "finite and >= 0 (0: clamp at float epsilon)");
     opt_.capacity.validate("TopKSelector");
@@ -314,6 +323,42 @@ private:
     for (Index c = r.token_offsets[t]; c < r.token_offsets[t + 1]; ++c)
       top = std::max(top, in.logits(t, r.choice_expert[c]));
     return top;
+  }
+
+  // ||p||_q over a token's k choice scores, as torch.norm computes it (no floor: DBRX divides by
+  // it as it is). q = 1 is the plain sum, so p_norm at q = 1 is renormalize_before_drop.
+  S p_norm(const S* p) const {
+    const S q = S(opt_.norm_p);
+    S sum = 0;
+    if (q == S(1)) {
+      for (Index j = 0; j < k_; ++j) sum += std::abs(p[j]);
+      return sum;
+    }
+    for (Index j = 0; j < k_; ++j) sum += std::pow(std::abs(p[j]), q);
+    return std::pow(sum, S(1) / q);
+  }
+
+  // w_i = scale p_i / N, N = (sum_j p_j^q)^(1/q) over the token's choices (dropped or not):
+  // dw_i/dp_j = scale (delta_ij / N - p_i p_j^(q-1) / N^(q+1)), scores being >= 0.
+  void add_p_norm_gradient(const SelectorInput<S>& in, const routing_type& r, std::span<const S> dslot_weight,
+                           MatrixOut<S> dscores) const {
+    const S scale = S(opt_.scale), q = S(opt_.norm_p);
+    for (Index t = 0; t < r.num_tokens; ++t) {
+      const Index lo = r.token_offsets[t], hi = r.token_offsets[t + 1];
+      if (lo == hi) continue;
+      S sum = 0, inner = 0;
+      for (Index c = lo; c < hi; ++c) {
+        const S p = in.scores(t, r.choice_expert[c]);
+        sum += std::pow(p, q);
+        if (r.choice_slot[c] >= 0) inner += dslot_weight[r.choice_slot[c]] * p;
+      }
+      const S n = std::pow(sum, S(1) / q);
+      for (Index c = lo; c < hi; ++c) {
+        const S p = in.scores(t, r.choice_expert[c]);
+        const S dw = r.choice_slot[c] >= 0 ? dslot_weight[r.choice_slot[c]] : S(0);
+        dscores(t, r.choice_expert[c]) += scale * (dw / n - inner * std::pow(p, q - 1) / (sum * n));
+      }
+    }
   }
 
   // Pre-drop weights of softmax_of_kept_logits: scale * softmax over the k chosen logits.

@@ -18,6 +18,8 @@ enum class Weighting {
   renormalize_before_drop,  // over the k choices, then zeroed if dropped (GShard paper, Megatron)
   renormalize_after_drop,   // over the surviving choices (fairseq/DeepSpeed top-2, DeepSpeed top-k)
   softmax_of_kept_logits,   // softmax over the k chosen logits (Shazeer KeepTopK, Mixtral)
+  p_norm,                   // p / ||p of the k choices||_q, q = Options::norm_p, then zeroed if
+                            // dropped (DBRX moe_normalize_expert_weights)
 };
 
 namespace detail {
