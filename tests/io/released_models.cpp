@@ -21,11 +21,6 @@
 #include <vector>
 
 #include <moe/moe.hpp>
-#include <moe/io/checkpoint.hpp>
-#include <moe/io/released_models.hpp>
-#if __has_include(<moe/presets/released.hpp>)
-#include <moe/presets/released.hpp>
-#endif
 
 namespace {
 

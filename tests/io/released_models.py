@@ -356,7 +356,7 @@ def family_cases():
                        "num_experts_per_tok": 4, "norm_topk_prob": True, "routed_scaling_factor": 2.5,
                        "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1,
                        "n_shared_experts": 1, "moe_intermediate_size": 6, "scoring_func": "sigmoid"},
-                      {1: "random", 2: "ties", 3: "negative"}, "BF16", 16, shards=2, experts=6))
+                      {1: "random", 2: "ties", 3: "negative"}, "BF16", 26, shards=2, experts=6))
     cases.append(Case("olmoe", "olmoe", {"experts": 8, "k": 2, "dim": D, "norm_topk_prob": False},
                       {"model_type": "olmoe", "hidden_size": D, "num_hidden_layers": 2, "num_experts": 8,
                        "num_experts_per_tok": 2, "norm_topk_prob": False, "intermediate_size": 6},
@@ -365,7 +365,7 @@ def family_cases():
                       {"model_type": "dbrx", "d_model": D, "n_layers": 2,
                        "ffn_config": {"moe_num_experts": 8, "moe_top_k": 2, "moe_normalize_expert_weights": 1,
                                       "ffn_hidden_size": 6, "moe_jitter_eps": 0.01}},
-                      {0: "random", 1: "ties"}, "BF16", 18))
+                      {0: "random", 1: "ties"}, "BF16", 28))
     cases.append(Case("gpt_oss", "gpt_oss", {"experts": 8, "k": 2, "dim": D},
                       {"model_type": "gpt_oss", "hidden_size": D, "num_hidden_layers": 2, "num_local_experts": 8,
                        "num_experts_per_tok": 2, "intermediate_size": 6},

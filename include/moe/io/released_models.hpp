@@ -13,8 +13,8 @@
 //   into SwiGLUExperts' blocks (the families that store them one tensor per expert);
 // - check_router_config: a config that contradicts a router (E, k, width, renormalisation, groups,
 //   scaling) is a config_error.
-// The presets built from a config are in moe/presets/released.hpp's make_*_router functions and
-// make_released_router (below, when that header is included).
+// - make_released_router / visit_released_router: the family's preset (moe/presets/released.hpp)
+//   with the config's values.
 //
 // Every load is all or nothing: names, shapes and dtypes are checked and every tensor read and
 // converted before the first parameter is written. Errors name the checkpoint, the tensor and the
@@ -39,14 +39,9 @@
 #include "moe/io/checkpoint.hpp"
 #include "moe/io/json.hpp"
 #include "moe/io/safetensors.hpp"
-#include "moe/gates/expert_bias.hpp"
-#include "moe/gates/sigmoid.hpp"
-#include "moe/gates/softmax.hpp"
 #include "moe/layer/swiglu_experts.hpp"
-#include "moe/router.hpp"
-#include "moe/scorers/linear.hpp"
-#include "moe/selectors/group_limited.hpp"
-#include "moe/selectors/top_k.hpp"
+#include "moe/presets/papers.hpp"
+#include "moe/presets/released.hpp"
 #include "moe/selectors/weighting.hpp"
 
 namespace moe {
@@ -577,9 +572,9 @@ ReleasedLoadReport load_shared_experts(const Checkpoint& ckpt, ModelFamily famil
 
 // ---- a config against a router -------------------------------------------------------------
 
-// Whether `router` routes as the config says: experts, k, width, and what the library's selector
-// options must be for the family (renormalisation, DeepSeek's groups and scaling factor). A
-// contradiction is a config_error naming the config field, its value and the router's.
+// Whether `router` routes as the config says: experts, k, width, and the family's weighting
+// (renormalisation, DBRX's p-norm, gpt-oss's softmax over the k), DeepSeek's groups and scaling
+// factor. A contradiction is a config_error naming the config field, its value and the router's.
 template <class Router>
 void check_router_config(const ReleasedModelConfig& c, Router& router, std::string_view where = "check_router_config") {
   const auto mismatch = [&](std::string_view field, const auto& config_value, const auto& router_value) {
@@ -592,47 +587,76 @@ void check_router_config(const ReleasedModelConfig& c, Router& router, std::stri
   if (router.input_dim() != c.hidden_size) mismatch("hidden_size", c.hidden_size, router.input_dim());
   auto& sel = router.selector();
   if (sel.k() != c.k) mismatch("num_experts_per_tok", c.k, sel.k());
-  if constexpr (requires { sel.options().weighting; sel.options().scale; }) {
-    const Weighting w = sel.options().weighting;
-    const bool renormalizes = w == Weighting::renormalize_before_drop || w == Weighting::renormalize_after_drop;
+  if constexpr (requires { sel.options().weighting; sel.options().scale; sel.options().norm_p; }) {
+    const auto& opt = sel.options();
+    const Weighting w = opt.weighting;
+    const bool renormalizes = w == Weighting::renormalize_before_drop || w == Weighting::renormalize_after_drop ||
+                              (w == Weighting::p_norm && opt.norm_p == 1.0);
+    const auto weighting_text = [&] {
+      switch (w) {
+        case Weighting::raw: return std::string("weights not renormalised");
+        case Weighting::renormalize_before_drop:
+        case Weighting::renormalize_after_drop: return std::string("renormalised weights");
+        case Weighting::softmax_of_kept_logits: return std::string("a softmax over the k kept logits");
+        case Weighting::p_norm: return "weights divided by their " + std::to_string(opt.norm_p) + "-norm";
+      }
+      return std::string("?");
+    };
     switch (c.family) {
+      case ModelFamily::mixtral:
+        if (!renormalizes) mismatch("(Mixtral renormalises)", "renormalised weights", weighting_text());
+        break;
       case ModelFamily::qwen2_moe:
       case ModelFamily::qwen3_moe:
       case ModelFamily::olmoe:
       case ModelFamily::deepseek_v2:
       case ModelFamily::deepseek_v3:
-        if (renormalizes != c.norm_topk_prob)
-          mismatch("norm_topk_prob", c.norm_topk_prob ? "true" : "false",
-                   renormalizes ? "renormalised weights" : "weights not renormalised");
+        if (renormalizes != c.norm_topk_prob) mismatch("norm_topk_prob", c.norm_topk_prob ? "true" : "false", weighting_text());
         break;
-      default: break;
+      case ModelFamily::dbrx:
+        if (c.normalize_p ? !(w == Weighting::p_norm && opt.norm_p == *c.normalize_p) &&
+                                !(*c.normalize_p == 1.0 && renormalizes)
+                          : w != Weighting::raw)
+          mismatch("ffn_config.moe_normalize_expert_weights",
+                   c.normalize_p ? std::to_string(*c.normalize_p) : std::string("null"), weighting_text());
+        break;
+      case ModelFamily::gpt_oss:
+        if (w != Weighting::softmax_of_kept_logits)
+          mismatch("(gpt-oss takes a softmax over the k logits)", "softmax_of_kept_logits", weighting_text());
+        break;
+      case ModelFamily::llama4:
+        if (w != Weighting::raw) mismatch("(Llama 4 weights sigmoid(logit) as it is)", "raw", weighting_text());
+        break;
     }
-    if (c.family == ModelFamily::deepseek_v2 || c.family == ModelFamily::deepseek_v3) {
-      if (std::abs(sel.options().scale - c.routed_scaling_factor) > 1e-12 * std::max(1.0, c.routed_scaling_factor))
-        mismatch("routed_scaling_factor", c.routed_scaling_factor, sel.options().scale);
-    }
+    const bool deepseek = c.family == ModelFamily::deepseek_v2 || c.family == ModelFamily::deepseek_v3;
+    const double scale = deepseek ? c.routed_scaling_factor : 1.0;
+    if (std::abs(opt.scale - scale) > 1e-12 * std::max(1.0, scale))
+      mismatch(deepseek ? "routed_scaling_factor" : "(no scaling factor)", scale, opt.scale);
   }
-  if (c.family == ModelFamily::deepseek_v3) {
-    if constexpr (requires { sel.groups().count; }) {
-      if (sel.groups().count != c.groups) mismatch("n_group", c.groups, sel.groups().count);
-      if (sel.groups().keep != c.groups_kept) mismatch("topk_group", c.groups_kept, sel.groups().keep);
-    } else {
-      detail::fail<config_error>(where, "n_group", c.groups, "a group-limited selector for DeepSeek-V3");
+  if (c.family == ModelFamily::deepseek_v2 || c.family == ModelFamily::deepseek_v3) {
+    const bool v3 = c.family == ModelFamily::deepseek_v3;
+    const bool grouped = v3 || c.topk_method == "group_limited_greedy";
+    if (!v3 && !grouped && c.topk_method != "greedy")
+      detail::fail<config_error>(where, "topk_method", detail::quoted(c.topk_method),
+                                 "\"greedy\" or \"group_limited_greedy\" for DeepSeek-V2");
+    // V2 scores a group by its maximum, V3 by the sum of its top 2 (Groups::top; 0 is k / keep).
+    const Index top = v3 ? 2 : 1;
+    if constexpr (requires { sel.groups().count; sel.groups().top; }) {
+      const auto& g = sel.groups();
+      const Index count = grouped ? c.groups : 1, keep = grouped ? c.groups_kept : 1;
+      if (g.count != count) mismatch(grouped ? "n_group" : "topk_method", count, g.count);
+      if (g.keep != keep) mismatch("topk_group", keep, g.keep);
+      const Index router_top = g.top > 0 ? g.top : sel.k() / g.keep;
+      if (grouped && router_top != top)
+        mismatch(v3 ? "(a group scores its top 2)" : "(a group scores its maximum)", top, router_top);
+    } else if (grouped) {
+      detail::fail<config_error>(where, "n_group", c.groups, "a group-limited selector");
     }
-    // HF scores a group by the sum of its top 2 biased scores; the library's selector by the sum
-    // of its top k / topk_group (2 for every released V3 config).
-    if (c.k % c.groups_kept != 0 || c.k / c.groups_kept != 2)
-      detail::fail<config_error>(where, "topk_group", c.groups_kept,
-                                 "num_experts_per_tok / topk_group = 2 (" + std::to_string(c.k) +
-                                     " here): the library scores a group by its top k / topk_group, "
-                                     "DeepSeek-V3 by its top 2");
-    if (c.scoring_func != "sigmoid")
+    const std::string score = v3 ? "sigmoid" : "softmax";
+    if (c.scoring_func != score)
       detail::fail<config_error>(where, "scoring_func", detail::quoted(c.scoring_func),
-                                 "\"sigmoid\", the score of DeepSeek-V3's preset");
+                                 "\"" + score + "\", the score of the family's preset");
   }
-  if (c.family == ModelFamily::deepseek_v2 && c.scoring_func != "softmax")
-    detail::fail<config_error>(where, "scoring_func", detail::quoted(c.scoring_func),
-                               "\"softmax\", the score of DeepSeek-V2's preset");
 }
 
 // Every MoE layer's router of a checkpoint, each into a copy of `prototype` (a preset built
@@ -653,46 +677,85 @@ std::vector<Router> load_routers(const Checkpoint& ckpt, const ReleasedModelConf
 
 // ---- presets from a config ------------------------------------------------------------------
 
-// Builds the family's router for a config and hands it to fn (each family's router is its own
-// type). seed: the router weights' initial values, until load_router replaces them.
+// The preset type of each family (moe/presets/released.hpp).
+template <ModelFamily F, scalar S>
+struct released_router {};
+template <scalar S> struct released_router<ModelFamily::mixtral, S> { using type = MixtralRouter<S>; };
+template <scalar S> struct released_router<ModelFamily::qwen2_moe, S> { using type = Qwen2MoERouter<S>; };
+template <scalar S> struct released_router<ModelFamily::qwen3_moe, S> { using type = Qwen3MoERouter<S>; };
+template <scalar S> struct released_router<ModelFamily::deepseek_v2, S> { using type = DeepSeekV2Router<S>; };
+template <scalar S> struct released_router<ModelFamily::deepseek_v3, S> { using type = DeepSeekV3Router<S>; };
+template <scalar S> struct released_router<ModelFamily::olmoe, S> { using type = OLMoERouter<S>; };
+template <scalar S> struct released_router<ModelFamily::dbrx, S> { using type = DbrxRouter<S>; };
+template <scalar S> struct released_router<ModelFamily::gpt_oss, S> { using type = GptOssRouter<S>; };
+template <scalar S> struct released_router<ModelFamily::llama4, S> { using type = Llama4Router<S>; };
+template <ModelFamily F, scalar S>
+using released_router_t = typename released_router<F, S>::type;
+
+// The family's preset with the config's experts, k, width and routing options; its weights are
+// random (seed) until load_router replaces them. A config the preset cannot express (DeepSeek-V2
+// with norm_topk_prob, an unknown topk_method or scoring_func) is a config_error.
+template <ModelFamily F, scalar S>
+released_router_t<F, S> make_released_router(const ReleasedModelConfig& c, std::uint64_t seed = 0) {
+  const std::string where = "make_released_router";
+  detail::require<config_error>(c.family == F, where, "config.family", family_name(c.family),
+                                "the family asked for, " + std::string(family_name(F)));
+  const Index D = c.hidden_size, E = c.experts, k = c.k;
+  if constexpr (F == ModelFamily::mixtral) {
+    return make_mixtral_router<S>(D, E, k, seed);
+  } else if constexpr (F == ModelFamily::qwen2_moe) {
+    return make_qwen2_moe_router<S>(D, E, k, c.norm_topk_prob, seed);
+  } else if constexpr (F == ModelFamily::qwen3_moe) {
+    return make_qwen3_moe_router<S>(D, E, k, c.norm_topk_prob, seed);
+  } else if constexpr (F == ModelFamily::olmoe) {
+    return make_olmoe_router<S>(D, E, k, c.norm_topk_prob, seed);
+  } else if constexpr (F == ModelFamily::dbrx) {
+    return make_dbrx_router<S>(D, E, k, c.normalize_p, seed);
+  } else if constexpr (F == ModelFamily::gpt_oss) {
+    return make_gpt_oss_router<S>(D, E, k, seed);
+  } else if constexpr (F == ModelFamily::llama4) {
+    return make_llama4_router<S>(D, E, k, seed);
+  } else if constexpr (F == ModelFamily::deepseek_v2) {
+    // The released V2 configs leave norm_topk_prob false, which the preset's weights follow.
+    detail::require<config_error>(!c.norm_topk_prob, where, "norm_topk_prob", "true",
+                                  "false: DeepSeek-V2's preset does not renormalise (as HF's DeepseekV2Moe)");
+    detail::require<config_error>(c.topk_method == "greedy" || c.topk_method == "group_limited_greedy", where,
+                                  "topk_method", detail::quoted(c.topk_method), "\"greedy\" or \"group_limited_greedy\"");
+    return make_deepseek_v2_router<S>(
+        D, E, k, c.groups, c.groups_kept, c.routed_scaling_factor,
+        c.topk_method == "greedy" ? DeepSeekV2TopK::greedy : DeepSeekV2TopK::group_limited_greedy, seed);
+  } else {
+    static_assert(F == ModelFamily::deepseek_v3);
+    // make_deepseek_v3_router's parts with the config's renormalisation and scaling factor; a
+    // group scores the sum of its top 2 biased scores, whatever k / topk_group is.
+    return {LinearScorer<S>(D, E, {.bias = false, .seed = seed}), ExpertBiasGate<SigmoidGate<S>>(E, {.update_rate = 1e-3}),
+            GroupLimitedTopKSelector<S>(k, {.count = c.groups, .keep = c.groups_kept, .top = 2},
+                                        {.weighting = c.norm_topk_prob ? Weighting::renormalize_before_drop : Weighting::raw,
+                                         .scale = c.routed_scaling_factor}),
+            NormalizedBalanceLoss<S>(S(1e-4), {.scope = BalanceScope::sequence, .count = BalanceCount::plain_top_k})};
+  }
+}
+
+// The preset for a config.json (the file or its directory).
+template <ModelFamily F, scalar S>
+released_router_t<F, S> make_released_router(const std::filesystem::path& config_json, std::uint64_t seed = 0) {
+  return make_released_router<F, S>(read_released_config(config_json, F), seed);
+}
+
+// Builds the family's preset for a config and hands it to fn: the way to write one piece of code
+// for a family chosen at run time (each family's router is its own type).
 template <scalar S, class Fn>
 void visit_released_router(const ReleasedModelConfig& c, std::uint64_t seed, Fn&& fn) {
-  const std::string where = "visit_released_router";
-  const LinearScorer<S> linear(c.hidden_size, c.experts, {.bias = false, .seed = seed});
-  const Weighting norm = c.norm_topk_prob ? Weighting::renormalize_before_drop : Weighting::raw;
   switch (c.family) {
-    case ModelFamily::mixtral:
-    case ModelFamily::qwen2_moe:
-    case ModelFamily::qwen3_moe:
-    case ModelFamily::olmoe: {
-      const Weighting w = c.family == ModelFamily::mixtral ? Weighting::renormalize_before_drop : norm;
-      fn(Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>>(linear, {}, TopKSelector<S>(c.k, {.weighting = w})));
-      return;
-    }
-    case ModelFamily::deepseek_v2:
-      detail::require<config_error>(c.topk_method == "greedy", where, "topk_method", c.topk_method, "greedy");
-      fn(Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>>(
-          linear, {}, TopKSelector<S>(c.k, {.weighting = norm, .scale = c.routed_scaling_factor})));
-      return;
-    case ModelFamily::deepseek_v3:
-      fn(Router<LinearScorer<S>, ExpertBiasGate<SigmoidGate<S>>, GroupLimitedTopKSelector<S>>(
-          linear, ExpertBiasGate<SigmoidGate<S>>(c.experts),
-          GroupLimitedTopKSelector<S>(c.k, {.count = c.groups, .keep = c.groups_kept},
-                                      {.weighting = norm, .scale = c.routed_scaling_factor})));
-      return;
-    case ModelFamily::dbrx:
-      detail::require<config_error>(!c.normalize_p || *c.normalize_p == 1.0, where, "moe_normalize_expert_weights",
-                                    c.normalize_p.value_or(0), "1 or null");
-      fn(Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>>(linear, {}, TopKSelector<S>(c.k, {.weighting = norm})));
-      return;
-    case ModelFamily::gpt_oss:
-      fn(Router<LinearScorer<S>, SoftmaxGate<S>, TopKSelector<S>>(
-          LinearScorer<S>(c.hidden_size, c.experts, {.bias = true, .seed = seed}), {},
-          TopKSelector<S>(c.k, {.weighting = Weighting::softmax_of_kept_logits})));
-      return;
-    case ModelFamily::llama4:
-      fn(Router<LinearScorer<S>, SigmoidGate<S>, TopKSelector<S>>(linear, {}, TopKSelector<S>(c.k, {.weighting = Weighting::raw})));
-      return;
+    case ModelFamily::mixtral: return fn(make_released_router<ModelFamily::mixtral, S>(c, seed));
+    case ModelFamily::qwen2_moe: return fn(make_released_router<ModelFamily::qwen2_moe, S>(c, seed));
+    case ModelFamily::qwen3_moe: return fn(make_released_router<ModelFamily::qwen3_moe, S>(c, seed));
+    case ModelFamily::deepseek_v2: return fn(make_released_router<ModelFamily::deepseek_v2, S>(c, seed));
+    case ModelFamily::deepseek_v3: return fn(make_released_router<ModelFamily::deepseek_v3, S>(c, seed));
+    case ModelFamily::olmoe: return fn(make_released_router<ModelFamily::olmoe, S>(c, seed));
+    case ModelFamily::dbrx: return fn(make_released_router<ModelFamily::dbrx, S>(c, seed));
+    case ModelFamily::gpt_oss: return fn(make_released_router<ModelFamily::gpt_oss, S>(c, seed));
+    case ModelFamily::llama4: return fn(make_released_router<ModelFamily::llama4, S>(c, seed));
   }
 }
 
