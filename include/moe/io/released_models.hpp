@@ -403,6 +403,7 @@ inline bool text_only_names(const Checkpoint& ckpt, ModelFamily family, Index la
 }
 
 // A tensor the checkpoint must hold, of a float dtype and the given shape, or a shape_error.
+// A 1-D shape [n] (a PyTorch vector) may also be stored as [1, n].
 inline void require_tensor(const Checkpoint& ckpt, const std::string& name, const std::vector<std::uint64_t>& shape,
                            std::string_view where, std::string_view what) {
   if (!ckpt.contains(name))
@@ -410,7 +411,8 @@ inline void require_tensor(const Checkpoint& ckpt, const std::string& name, cons
   const TensorInfo& t = ckpt.info(name);
   require<shape_error>(is_float_dtype(t.dtype), where, name, "dtype " + std::string(dtype_name(t.dtype)),
                        "a float dtype (F16, BF16, F32, F64) for " + std::string(what));
-  require<shape_error>(t.shape == shape, where, name, "shape " + bracketed(t.shape),
+  const bool as_row = shape.size() == 1 && t.shape == std::vector<std::uint64_t>{1, shape[0]};
+  require<shape_error>(t.shape == shape || as_row, where, name, "shape " + bracketed(t.shape),
                        "shape " + bracketed(shape) + ", " + std::string(what));
 }
 
