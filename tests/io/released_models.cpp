@@ -7,8 +7,9 @@
 //     ("hidden.<layer>", [T, D]) and writes "chosen.<layer>" (1 where a token chose an expert)
 //     and "weights.<layer>" (its combine weight), both [T, E] F32.
 //   released_models experts <checkpoint> <family> <layer> <x.safetensors> <out.safetensors>
-//     loads the layer's routed experts (and shared expert, if the family has one) and writes
-//     every expert's output for the tokens "x": "expert.<e>" and "shared", [T, D].
+//     loads the layer's routed experts (and shared expert, if the family has one; Qwen2-MoE's
+//     with its sigmoid gate) and writes every expert's output for the tokens "x": "expert.<e>"
+//     and "shared", [T, D].
 //   released_models expect-error <good checkpoint> <bad checkpoint> <family> <layer>
 //     builds the preset from the good checkpoint's config.json, loads the good layer, then checks
 //     the bad config against it and loads the bad layer: prints "error <class>: <message>" and
@@ -109,11 +110,17 @@ int experts(const std::string& checkpoint, const std::string& family, Index laye
     names.push_back("expert." + std::to_string(e));
   }
   if (config.shared_hidden > 0) {
-    moe::SwiGLUExperts<float> shared(1, D, config.shared_hidden);
-    moe::load_shared_experts(ckpt, config.family, layer, shared);
     Matrix<float> y(T, D);
     const std::vector<Index> all{0, T};
-    shared.forward(x, all, y);
+    if (config.family == ModelFamily::qwen2_moe) {  // sigmoid-gated
+      moe::SigmoidGatedExpert<moe::SwiGLUExperts<float>> shared(moe::SwiGLUExperts<float>(1, D, config.shared_hidden));
+      moe::load_shared_experts(ckpt, config.family, layer, shared);
+      shared.forward(x, all, y);
+    } else {
+      moe::SwiGLUExperts<float> shared(1, D, config.shared_hidden);
+      moe::load_shared_experts(ckpt, config.family, layer, shared);
+      shared.forward(x, all, y);
+    }
     outputs.push_back(y);
     names.push_back("shared");
   }

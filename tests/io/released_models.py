@@ -257,6 +257,10 @@ def shared_names(family, layer):
     return q + "gate_proj.weight", q + "up_proj.weight", q + "down_proj.weight"
 
 
+def shared_gate_name(layer):
+    return layer_prefix("qwen2_moe", layer) + "mlp.shared_expert_gate.weight"
+
+
 class Case:
     """One family's checkpoint: config.json fields, the MoE layers, and per layer the router
     tensors and hidden states, with a kind: random, ties, negative (V3), saturated (Llama 4)."""
@@ -308,6 +312,8 @@ class Case:
                     S = self.cfg["shared"]
                     for name, shape in zip(shared_names(self.family, layer), ((S, D), (S, D), (D, S))):
                         tensors[name] = (self.randn(*shape, scale=shape[1] ** -0.5), self.dtype)
+                    if self.family == "qwen2_moe":
+                        tensors[shared_gate_name(layer)] = (self.randn(1, D, scale=D ** -0.5), self.dtype)
             params[layer] = p
             hidden[layer] = x.to(torch.float32).to(torch.float64)
         write_checkpoint(directory, tensors, self.config, self.shards)
@@ -495,6 +501,9 @@ def check_experts(binary, case, tmp):
     line = f"  {case.name} layer {layer}: {case.cfg['experts']} experts, worst error / tolerance = {worst:.2f}"
     if case.cfg.get("shared"):
         ref, tol = mlp(shared_names(case.family, layer), case.cfg["shared"])
+        if case.family == "qwen2_moe":
+            # Qwen2MoeSparseMoeBlock: sigmoid(shared_expert_gate(x)) * shared_expert(x)
+            ref = torch.sigmoid(x @ stored(case.tensors[shared_gate_name(layer)][0], case.dtype).t()) * ref
         err = (got["shared"] - ref).abs().max().item()
         line += f"; shared expert {err / tol:.2f}"
         ok = ok and err <= tol

@@ -39,6 +39,7 @@
 #include "moe/io/checkpoint.hpp"
 #include "moe/io/json.hpp"
 #include "moe/io/safetensors.hpp"
+#include "moe/layer/sigmoid_gated_expert.hpp"
 #include "moe/layer/swiglu_experts.hpp"
 #include "moe/presets/papers.hpp"
 #include "moe/presets/released.hpp"
@@ -559,8 +560,8 @@ ReleasedLoadReport load_experts(const Checkpoint& ckpt, ModelFamily family, Inde
 }
 
 // Loads layer `layer`'s shared expert into `shared` (one SwiGLU expert; DeepSeek's
-// n_shared_experts are stored as one MLP of n times the width). Qwen2-MoE's sigmoid gate on the
-// shared expert (shared_expert_gate) is not loaded: the library's shared expert is ungated.
+// n_shared_experts are stored as one MLP of n times the width). Qwen2-MoE's shared expert has a
+// sigmoid gate: the overload for a SigmoidGatedExpert below loads it too.
 template <scalar S>
 ReleasedLoadReport load_shared_experts(const Checkpoint& ckpt, ModelFamily family, Index layer,
                                        SwiGLUExperts<S>& shared) {
@@ -570,6 +571,32 @@ ReleasedLoadReport load_shared_experts(const Checkpoint& ckpt, ModelFamily famil
                                "1: the shared experts are stored as one MLP");
   return detail::load_swiglu(ckpt, {shared_expert_tensor_names(family, layer)}, shared, where,
                              "the shared expert of " + detail::layer_text(family, layer));
+}
+
+// The name of Qwen2-MoE's shared-expert gate ([1, D]: out = sigmoid(x . w) * shared(x)).
+inline std::string shared_expert_gate_name(Index layer) {
+  return layer_prefix(ModelFamily::qwen2_moe, layer) + "mlp.shared_expert_gate.weight";
+}
+
+// Qwen2-MoE's gated shared expert: the expert as above and its gate into `gate.weight`. All or
+// nothing: the gate is checked and read before the expert, and written after it.
+template <scalar S>
+ReleasedLoadReport load_shared_experts(const Checkpoint& ckpt, ModelFamily family, Index layer,
+                                       SigmoidGatedExpert<SwiGLUExperts<S>>& shared) {
+  const std::string where = detail::call_site("load_shared_experts", ckpt.directory()) + " [" +
+                            std::string(family_name(family)) + ", layer " + std::to_string(layer) + "]";
+  detail::require<config_error>(family == ModelFamily::qwen2_moe, where, "family", family_name(family),
+                                "qwen2_moe: the family whose shared expert has a sigmoid gate");
+  const std::string gate = shared_expert_gate_name(layer);
+  detail::require_tensor(ckpt, gate, {1, std::uint64_t(shared.input_dim())}, where,
+                         "the shared expert's gate [1, D] of " + detail::layer_text(family, layer));
+  const Matrix<S> w = detail::as_matrix<S>(ckpt.read(gate));
+  ReleasedLoadReport report = load_shared_experts(ckpt, family, layer, shared.expert());
+  shared.for_each_parameter([&](std::string_view name, auto value, auto) {
+    if (name == "gate.weight") value = w;
+  });
+  report.tensors.push_back(gate);
+  return report;
 }
 
 // ---- a config against a router -------------------------------------------------------------

@@ -4,7 +4,10 @@
 // dtype, shape and byte range, then the raw little-endian, row-major data.
 //
 // - write_safetensors / read_safetensors: named 2-D float or double tensors and string
-//   metadata to a file; a whole file, validated, into memory.
+//   metadata to a file; a whole file, validated, into memory; or only the tensors a filter
+//   selects (each read after a seek), or only the header (read_safetensors_header).
+// - F16 and BF16 (and F32 <-> F64) convert to a parameter's or a matrix's scalar on request
+//   (LoadOptions::convert_dtype, MatrixOptions::convert_dtype): f16_to_float, bf16_to_float.
 // - save / load: anything with for_each_parameter (routers, experts, MoELayer), each tensor
 //   named as for_each_parameter names the parameter and shaped [rows, cols] as stored.
 //
@@ -61,8 +64,9 @@ static_assert(std::endian::native == std::endian::little,
               "moe/io/safetensors.hpp copies tensors between memory and file as they are: the "
               "format is little-endian, so a big-endian host would need a byte swap");
 
-// The element types of the format. Only F32 and F64 load into parameters; the others are
-// recognised so a file holding them is read, validated and reported by name.
+// The element types of the format. F32 and F64 load into parameters, and F16 and BF16 with
+// conversion; the others are recognised so a file holding them is read, validated and reported
+// by name.
 enum class Dtype : std::uint8_t {
   boolean, u8, i8, f8_e5m2, f8_e4m3, i16, u16, f16, bf16, i32, u32, f32, i64, u64, f64
 };
