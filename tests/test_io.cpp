@@ -1045,3 +1045,64 @@ TEST_CASE("read_released_config: each family's fields, its MoE layers, JSON beyo
     REQUIRE_THROWS_AS(moe::read_released_config(file, F::mixtral), moe::format_error);
   }
 }
+
+TEST_CASE("load_router: DeepSeek-V3's weight and selection bias, all or nothing; config checks", "[io][released]") {
+  TempDir dir;
+  using F = moe::ModelFamily;
+  write_bytes(dir / "config.json", R"({"model_type": "deepseek_v3", "hidden_size": 6, "num_hidden_layers": 2,
+    "n_routed_experts": 8, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5})");
+  const Matrix<float> w = random_matrix<float>(8, 6, 3);
+  const Matrix<double> b = random_matrix<double>(1, 8, 4);  // F64 in the file: converted to float
+  const std::vector<moe::TensorView> tensors{{"model.layers.1.mlp.gate.weight", w},
+                                             {"model.layers.1.mlp.gate.e_score_correction_bias", b}};
+  moe::write_safetensors(dir / "model.safetensors", tensors);
+  const moe::Checkpoint ckpt(dir.path());
+  const moe::ReleasedModelConfig config = moe::read_released_config(ckpt.config_path(), F::deepseek_v3);
+  REQUIRE(config.moe_layers == std::vector<Index>{1});
+
+  auto router = moe::make_released_router<F::deepseek_v3, float>(config, 5);
+  moe::check_router_config(config, router);
+  CHECK(router.selector().groups().top == 2);
+  CHECK(router.selector().options().scale == 2.5);
+  const auto report = moe::load_router(ckpt, F::deepseek_v3, 1, router);
+  CHECK(report.tensors.size() == 2);
+  CHECK(router.scorer().weight() == w);
+  CHECK(router.gate().bias() == b.cast<float>());
+
+  SECTION("a layer without a gate: shape_error, nothing written") {
+    auto fresh = moe::make_released_router<F::deepseek_v3, float>(config, 6);
+    const auto before = snapshot(fresh);
+    const Matrix<float> bias_before = fresh.gate().bias();
+    REQUIRE_THROWS_AS(moe::load_router(ckpt, F::deepseek_v3, 0, fresh), moe::shape_error);
+    REQUIRE_THROWS_WITH(moe::load_router(ckpt, F::deepseek_v3, 0, fresh),
+                        Contains("'model.layers.0.mlp.gate.weight' = absent"));
+    CHECK(same_parameters(snapshot(fresh), before));
+    CHECK(fresh.gate().bias() == bias_before);
+  }
+  SECTION("the weight present, the selection bias absent: the weight is not written either") {
+    const std::vector<moe::TensorView> only_weight{{"model.layers.1.mlp.gate.weight", w}};
+    moe::write_safetensors(dir / "model.safetensors", only_weight);
+    auto fresh = moe::make_released_router<F::deepseek_v3, float>(config, 6);
+    const auto before = snapshot(fresh);
+    REQUIRE_THROWS_AS(moe::load_router(moe::Checkpoint(dir.path()), F::deepseek_v3, 1, fresh), moe::shape_error);
+    CHECK(same_parameters(snapshot(fresh), before));
+  }
+  SECTION("a router the family does not fit, a config that contradicts it") {
+    auto no_bias_gate = moe::make_released_router<F::qwen3_moe, float>(
+        moe::ReleasedModelConfig{.family = F::qwen3_moe, .hidden_size = 6, .num_layers = 2, .experts = 8, .k = 4});
+    REQUIRE_THROWS_WITH(moe::load_router(ckpt, F::deepseek_v3, 1, no_bias_gate),
+                        Contains("ExpertBiasGate"));
+    auto oss = moe::make_gpt_oss_router<float>(6, 8, 4);
+    REQUIRE_THROWS_AS(moe::load_router(ckpt, F::deepseek_v3, 1, oss), moe::config_error);  // a bias V3 lacks
+    moe::ReleasedModelConfig other = config;
+    other.k = 2;
+    REQUIRE_THROWS_WITH(moe::check_router_config(other, router), Contains("'num_experts_per_tok' = 2"));
+    other = config;
+    other.routed_scaling_factor = 1.0;
+    REQUIRE_THROWS_WITH(moe::check_router_config(other, router), Contains("'routed_scaling_factor' = 1"));
+    other = config;
+    other.groups_kept = 1;
+    REQUIRE_THROWS_AS(moe::check_router_config(other, router), moe::config_error);
+  }
+}

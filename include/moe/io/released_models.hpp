@@ -90,19 +90,19 @@ struct ReleasedModelConfig {
   // never renormalises; DBRX divides by a p-norm (normalize_p).
   bool norm_topk_prob = false;
   // DBRX's moe_normalize_expert_weights: the k weights divided by their p-norm; none: not divided.
-  std::optional<double> normalize_p;
+  std::optional<double> normalize_p{};
   // DeepSeek: expert groups, groups kept per token, the weights' factor, the selection method
   // ("greedy", "group_limited_greedy" or V3's "noaux_tc") and the score ("softmax", "sigmoid").
   Index groups = 1;
   Index groups_kept = 1;
   double routed_scaling_factor = 1.0;
-  std::string topk_method;
-  std::string scoring_func;
+  std::string topk_method{};
+  std::string scoring_func{};
   // The hidden width of one routed expert, and of the shared expert(s) taken together (0: none).
   Index expert_hidden = 0;
   Index shared_hidden = 0;
   // The layers whose MLP is a MoE block, ascending.
-  std::vector<Index> moe_layers;
+  std::vector<Index> moe_layers{};
 
   bool is_moe_layer(Index layer) const {
     return std::binary_search(moe_layers.begin(), moe_layers.end(), layer);
