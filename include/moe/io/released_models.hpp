@@ -30,6 +30,7 @@
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -184,8 +185,8 @@ struct ConfigFields {
 // present; the others take the defaults of the family's configuration class in transformers.
 // A model_type naming another family is a config_error.
 inline ReleasedModelConfig read_released_config(const std::filesystem::path& path, ModelFamily family) {
-  const std::filesystem::path file =
-      std::filesystem::is_directory(path) ? path / "config.json" : path;
+  std::error_code ec;
+  const std::filesystem::path file = std::filesystem::is_directory(path, ec) ? path / "config.json" : path;
   const std::string where = detail::call_site("read_released_config", file);
   const std::string text = detail::read_text_file(file, where);
   const detail::JsonValue root = detail::read_json_object(text, where, "config");
@@ -668,6 +669,9 @@ void check_router_config(const ReleasedModelConfig& c, Router& router, std::stri
     if (!v3 && !grouped && c.topk_method != "greedy")
       detail::fail<config_error>(where, "topk_method", detail::quoted(c.topk_method),
                                  "\"greedy\" or \"group_limited_greedy\" for DeepSeek-V2");
+    if (v3 && c.topk_method != "noaux_tc")
+      detail::fail<config_error>(where, "topk_method", detail::quoted(c.topk_method),
+                                 "\"noaux_tc\", DeepSeek-V3's (the only method of its HF router)");
     // V2 scores a group by its maximum, V3 by the sum of its top 2 (Groups::top; 0 is k / keep).
     const Index top = v3 ? 2 : 1;
     if constexpr (requires { sel.groups().count; sel.groups().top; }) {
