@@ -7,10 +7,13 @@
 //   dead      experts no token chose
 //
 //   route_checkpoint <checkpoint file or dir> <family> [--hidden FILE.safetensors] [--tokens N]
-//                    [--seed S] [--config FILE]
+//                    [--seed S] [--config FILE] [--k K] [--groups G] [--groups-kept G2]
+//                    [--scale F] [--norm-topk-prob 0|1]
 //   route_checkpoint --write-example <dir> <family>
 //
-// The preset comes from the config.json beside the checkpoint (or --config). Hidden states are
+// The preset comes from the config.json beside the checkpoint (or --config). Without one, the
+// flags give k and the routing options (the family's defaults otherwise), the router tensors'
+// shape gives E and D, and the layers holding a router are the MoE layers. Hidden states are
 // the tensors "hidden.<layer>" of --hidden (or its only tensor, for every layer), otherwise N
 // synthetic Gaussian tokens (default 1024). --write-example writes a tiny random checkpoint and
 // config.json of the family, for trying the program without downloading a model.
@@ -22,6 +25,8 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -39,6 +44,9 @@ struct Settings {
   ModelFamily family = ModelFamily::mixtral;
   long tokens = 1024, seed = 1;
   bool write_example = false;
+  // without a config.json
+  long k = 0, groups = 0, groups_kept = 0, norm_topk_prob = -1;
+  double scale = 0;
 };
 
 [[noreturn]] void usage(const char* why) {
@@ -46,6 +54,7 @@ struct Settings {
                "route_checkpoint: %s\n"
                "usage: route_checkpoint <checkpoint file or dir> <family> [--hidden FILE.safetensors] [--tokens N]"
                " [--seed S] [--config FILE]\n"
+               "                        [--k K] [--groups G] [--groups-kept G2] [--scale F] [--norm-topk-prob 0|1]\n"
                "       route_checkpoint --write-example <dir> <family>\n"
                "families: mixtral qwen2_moe qwen3_moe deepseek_v2 deepseek_v3 olmoe dbrx gpt_oss llama4\n",
                why);
@@ -76,11 +85,23 @@ Settings parse(int argc, char** argv) {
     const std::string option = argv[i], value = argv[i + 1];
     if (option == "--hidden") s.hidden = value;
     else if (option == "--config") s.config = value;
-    else if (option == "--tokens" || option == "--seed") {
+    else if (option == "--scale") {
+      char* end = nullptr;
+      s.scale = std::strtod(value.c_str(), &end);
+      if (*end != '\0' || !(s.scale > 0)) usage("--scale takes a positive number");
+    } else if (option == "--tokens" || option == "--seed" || option == "--k" || option == "--groups" ||
+               option == "--groups-kept" || option == "--norm-topk-prob") {
       char* end = nullptr;
       const long v = std::strtol(value.c_str(), &end, 10);
-      if (*end != '\0' || v < (option == "--tokens" ? 1 : 0)) usage((option + " takes a whole number").c_str());
-      (option == "--tokens" ? s.tokens : s.seed) = v;
+      const long least = option == "--seed" || option == "--norm-topk-prob" ? 0 : 1;
+      if (*end != '\0' || v < least || (option == "--norm-topk-prob" && v > 1))
+        usage((option + " takes a whole number").c_str());
+      if (option == "--tokens") s.tokens = v;
+      else if (option == "--seed") s.seed = v;
+      else if (option == "--k") s.k = v;
+      else if (option == "--groups") s.groups = v;
+      else if (option == "--groups-kept") s.groups_kept = v;
+      else s.norm_topk_prob = v;
     } else {
       usage(("unknown option " + option).c_str());
     }
@@ -198,16 +219,57 @@ LayerStats statistics(Router& router, const moe::SparseRouting<float>& r) {
   return st;
 }
 
+// A config from the checkpoint and the flags, when there is no config.json: the family's defaults
+// (those of an empty config.json), E and D from the first router weight, and as MoE layers
+// every layer whose router the checkpoint holds.
+moe::ReleasedModelConfig config_from_flags(const moe::Checkpoint& ckpt, const Settings& s) {
+  if (s.k < 1) throw std::invalid_argument("no config.json beside the checkpoint: give --config FILE or --k K");
+  const fs::path empty = fs::temp_directory_path() / ("route_checkpoint_" + std::to_string(std::random_device{}()) + ".json");
+  std::ofstream(empty) << (s.family == ModelFamily::dbrx ? R"({"d_model": 1, "n_layers": 1, "ffn_config": {"moe_num_experts": 1, "moe_top_k": 1}})"
+                           : s.family == ModelFamily::llama4 ? R"({"text_config": {"hidden_size": 1, "num_hidden_layers": 1, "num_local_experts": 1, "num_experts_per_tok": 1}})"
+                           : R"({"hidden_size": 1, "num_hidden_layers": 1, "num_local_experts": 1, "num_experts": 1, "n_routed_experts": 1, "num_experts_per_tok": 1})");
+  moe::ReleasedModelConfig c = moe::read_released_config(empty, s.family);
+  fs::remove(empty);
+  c.moe_layers.clear();
+  // the layers: every index whose router weight is present, up to the largest layer number seen
+  Index last = -1;
+  for (const std::string& name : ckpt.tensor_names())
+    for (const std::string prefix : {"model.layers.", "transformer.blocks.", "language_model.model.layers."})
+      if (name.rfind(prefix, 0) == 0) last = std::max<Index>(last, std::atol(name.c_str() + prefix.size()));
+  for (Index i = 0; i <= last; ++i) {
+    const bool text_only = !ckpt.contains(moe::router_tensor_names(s.family, i).weight);
+    const std::string weight = moe::router_tensor_names(s.family, i, text_only).weight;
+    if (!ckpt.contains(weight)) continue;
+    if (c.moe_layers.empty()) {
+      const auto& shape = ckpt.info(weight).shape;
+      if (shape.size() != 2) throw std::invalid_argument(weight + " is not a matrix");
+      c.experts = Index(shape[0]);
+      c.hidden_size = Index(shape[1]);
+    }
+    c.moe_layers.push_back(i);
+  }
+  if (c.moe_layers.empty()) throw std::invalid_argument("the checkpoint holds no router of the family");
+  c.num_layers = last + 1;
+  c.k = s.k;
+  if (s.groups > 0) c.groups = s.groups, c.groups_kept = s.groups_kept > 0 ? s.groups_kept : 1;
+  if (s.groups > 0 && s.family == ModelFamily::deepseek_v2) c.topk_method = "group_limited_greedy";
+  if (s.scale > 0) c.routed_scaling_factor = s.scale;
+  if (s.norm_topk_prob >= 0) c.norm_topk_prob = s.norm_topk_prob == 1;
+  return c;
+}
+
 int run(const Settings& s) {
   const moe::Checkpoint ckpt(s.checkpoint);
   const fs::path config_path = s.config.empty() ? ckpt.config_path() : s.config;
-  const moe::ReleasedModelConfig config = moe::read_released_config(config_path, s.family);
+  const bool from_flags = s.config.empty() && !fs::exists(config_path);
+  const moe::ReleasedModelConfig config =
+      from_flags ? config_from_flags(ckpt, s) : moe::read_released_config(config_path, s.family);
   std::optional<moe::SafetensorsFile> hidden;
   if (!s.hidden.empty()) hidden = moe::read_safetensors(s.hidden);
 
   std::printf("%s: %zu shard(s), %zu tensors; config %s: D = %ld, E = %ld, k = %ld, %zu MoE layer(s) of %ld\n",
               s.checkpoint.string().c_str(), ckpt.shards().size(), ckpt.tensor_names().size(),
-              config_path.string().c_str(), long(config.hidden_size), long(config.experts), long(config.k),
+              from_flags ? "from the flags" : config_path.string().c_str(), long(config.hidden_size), long(config.experts), long(config.k),
               config.moe_layers.size(), long(config.num_layers));
   std::printf("%6s %8s %8s %7s %9s %9s %6s\n", "layer", "min load", "max load", "load CV", "entropy", "margin",
               "dead");
