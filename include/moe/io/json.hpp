@@ -132,13 +132,13 @@ inline void append_json_string(std::string& out, std::string_view s) {
   out += '"';
 }
 
-// Reads one JSON document. `where` names the file for messages; `base` is the offset of the
-// text inside the file, so positions are reported as file bytes (and header bytes).
 enum class JsonDialect : std::uint8_t {
   safetensors_header,  // strings, non-negative integers, arrays, objects
   full,                // also negative and fractional numbers, true, false, null
 };
 
+// Reads one JSON document. `where` names the file for messages; `base` is the offset of the
+// text inside the file, so positions are reported as file bytes (and header bytes).
 class JsonReader {
 public:
   // A safetensors header nests three deep (header, entry, shape), a config.json a few more.
