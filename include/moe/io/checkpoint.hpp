@@ -4,7 +4,8 @@
 // index `model.safetensors.index.json` whose "weight_map" says which shard holds each tensor.
 // A Checkpoint reads the index (or the headers) once, and then only the tensors asked for: each
 // shard's header is read and checked in full the first time one of its tensors is wanted, and
-// each tensor's bytes after a seek to them.
+// each tensor's bytes after a seek to them. The headers are cached inside a const Checkpoint: one
+// object is not to be used from several threads at once (open one per thread).
 //
 // Errors (errors.hpp), each naming the checkpoint and the tensor or shard:
 // - io_error: the path, an index's shard ("missing shard") or a shard cannot be opened or read;
