@@ -6,9 +6,16 @@
 //   4. bad files, each written byte by byte here (never by the code under test): the error
 //      class, a message naming the file and the tensor, and every parameter left as it was
 //   5. a failed save leaves neither a partial file nor a temporary behind
-// The PyTorch comparison is tests/io/torch_interop.py (ctest io.torch_interop).
+//   6. half floats (F16, BF16) against bit patterns worked out by hand; reading part of a file;
+//      sharded checkpoints and their errors; config.json of released models (moe/io/checkpoint.hpp,
+//      moe/io/released_models.hpp)
+// The PyTorch comparisons are tests/io/torch_interop.py (ctest io.torch_interop) and
+// tests/io/released_models.py (ctest io.released_models: each family's router against its gate
+// re-implemented in PyTorch).
 #include "support.hpp"
 
+#include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -18,6 +25,8 @@
 #include <string>
 #include <vector>
 
+#include <moe/io/checkpoint.hpp>
+#include <moe/io/released_models.hpp>
 #include <moe/io/safetensors.hpp>
 
 using namespace moe_test;
@@ -705,5 +714,395 @@ TEST_CASE("save: replaces a file whole, and a failed save leaves no partial file
     REQUIRE_THROWS_AS(moe::save(dir / "m.safetensors", model, {{"bad", "\xff"}}), moe::config_error);
     CHECK(read_bytes(dir / "m.safetensors") == "old");
     CHECK(no_temporaries());
+  }
+}
+
+// ================================================================================================
+// 6. Half floats, reading part of a file, sharded checkpoints, config.json of released models
+// ================================================================================================
+
+namespace {
+
+std::uint32_t float_bits(float f) { return std::bit_cast<std::uint32_t>(f); }
+
+template <class T>
+std::string le_bytes(std::initializer_list<T> values) {
+  return raw_bytes(std::vector<T>(values));
+}
+
+}  // namespace
+
+TEST_CASE("half floats: every F16 class and BF16 decode to the float bits worked out by hand", "[io][half]") {
+  // F16: sign | 5 exponent bits (bias 15) | 10 fraction bits; float: sign | 8 (bias 127) | 23.
+  struct Case {
+    std::uint16_t half;
+    std::uint32_t single;
+    const char* what;
+  };
+  const Case f16[] = {
+      {0x0000, 0x00000000, "+0"},
+      {0x8000, 0x80000000, "-0"},
+      {0x0001, 0x33800000, "smallest subnormal 2^-24: float exponent 127 - 24 = 103"},
+      {0x8001, 0xB3800000, "-2^-24"},
+      {0x0200, 0x38000000, "subnormal 2^-15: fraction bit 9 becomes the implicit bit"},
+      {0x03FF, 0x387FC000, "largest subnormal 1023 x 2^-24 = 1.998046875 x 2^-15"},
+      {0x0400, 0x38800000, "smallest normal 2^-14"},
+      {0x3C00, 0x3F800000, "1"},
+      {0xC000, 0xC0000000, "-2"},
+      {0x3555, 0x3EAAA000, "0.333251953125: exponent 13 - 15 = -2, fraction 0x155 << 13"},
+      {0x7BFF, 0x477FE000, "max 65504"},
+      {0x7C00, 0x7F800000, "+inf"},
+      {0xFC00, 0xFF800000, "-inf"},
+      {0x7E00, 0x7FC00000, "quiet NaN"},
+      {0x7C01, 0x7F802000, "signalling NaN, payload 1 kept (<< 13)"},
+      {0xFE01, 0xFFC02000, "negative quiet NaN with payload"},
+  };
+  for (const Case& c : f16) {
+    CAPTURE(c.what, c.half);
+    CHECK(float_bits(moe::f16_to_float(c.half)) == c.single);
+  }
+  // The same values from the definitions, as a second opinion on the hand-written bits.
+  CHECK(moe::f16_to_float(0x0001) == std::ldexp(1.0f, -24));
+  CHECK(moe::f16_to_float(0x03FF) == 1023.0f * std::ldexp(1.0f, -24));
+  CHECK(moe::f16_to_float(0x7BFF) == 65504.0f);
+  CHECK(moe::f16_to_float(0x3555) == 0.333251953125f);
+
+  // BF16: the top 16 bits of a float.
+  const Case bf16[] = {
+      {0x0000, 0x00000000, "+0"},         {0x8000, 0x80000000, "-0"},
+      {0x3F80, 0x3F800000, "1"},          {0xC049, 0xC0490000, "-3.140625"},
+      {0x0001, 0x00010000, "a subnormal"}, {0x7F7F, 0x7F7F0000, "max"},
+      {0x7F80, 0x7F800000, "+inf"},       {0xFF80, 0xFF800000, "-inf"},
+      {0x7FC1, 0x7FC10000, "NaN, payload kept"},
+  };
+  for (const Case& c : bf16) {
+    CAPTURE(c.what, c.half);
+    CHECK(float_bits(moe::bf16_to_float(c.half)) == c.single);
+  }
+  CHECK(moe::bf16_to_float(0xC049) == -3.140625f);
+}
+
+TEST_CASE("half floats: load and to_matrix convert F16 and BF16 when asked, and only then", "[io][half]") {
+  TempDir dir;
+  const fs::path file = dir / "half.safetensors";
+  // router.weight [4, 6] in F16: 1, -0.5, 2^-24 (subnormal), 65504, then zeros; bias [4] in BF16.
+  std::vector<std::uint16_t> w(24, 0x0000);
+  w[0] = 0x3C00, w[1] = 0xB800, w[2] = 0x0001, w[23] = 0x7BFF;
+  const std::vector<std::uint16_t> b{0x3F80, 0xC049, 0x8000, 0x4000};
+  const std::string header = "{" + entry("router.weight", "F16", "[4,6]", 0, 48) + "," +
+                             entry("router.bias", "BF16", "[4]", 48, 56) + "}";
+  write_bytes(file, safetensors_bytes(header, raw_bytes(w) + raw_bytes(b)));
+
+  Matrix<double> want_w = Matrix<double>::Zero(4, 6);
+  want_w(0, 0) = 1, want_w(0, 1) = -0.5, want_w(0, 2) = std::ldexp(1.0, -24), want_w(3, 5) = 65504;
+  Matrix<double> want_b(1, 4);
+  want_b << 1, -3.140625, -0.0, 2;
+
+  auto f = make_scorer<float>(1);
+  auto d = make_scorer<double>(1);
+  const auto before = snapshot(f);
+  REQUIRE_THROWS_AS(moe::load(file, f, {.vector_as_row = true}), moe::shape_error);
+  REQUIRE_THROWS_WITH(moe::load(file, f, {.vector_as_row = true}), Contains("F16") && Contains("convert_dtype"));
+  CHECK(same_parameters(snapshot(f), before));
+
+  moe::load(file, f, {.vector_as_row = true, .convert_dtype = true});
+  moe::load(file, d, {.vector_as_row = true, .convert_dtype = true});
+  CHECK(f.weight() == want_w.cast<float>());
+  CHECK(d.weight() == want_w);
+  CHECK(f.bias() == want_b.cast<float>());
+  CHECK(d.bias() == want_b);
+  CHECK(std::signbit(d.bias()(0, 2)));  // -0 kept
+
+  const moe::SafetensorsFile read = moe::read_safetensors(file);
+  REQUIRE_THROWS_AS(moe::to_matrix<float>(*read.find("router.weight")), moe::shape_error);
+  CHECK(moe::to_matrix<double>(*read.find("router.weight"), {.convert_dtype = true}) == want_w);
+  CHECK(moe::to_matrix<float>(*read.find("router.bias"), {.convert_dtype = true}) == want_b.cast<float>());
+  // integers are not floats: no conversion
+  write_bytes(file, safetensors_bytes("{" + entry("i", "I32", "[2]", 0, 8) + "}", le_bytes<std::int32_t>({1, 2})));
+  REQUIRE_THROWS_AS(moe::to_matrix<float>(*moe::read_safetensors(file).find("i"), {.convert_dtype = true}),
+                    moe::shape_error);
+}
+
+TEST_CASE("read_safetensors(path, select) and read_safetensors_header: part of a file, the header checked in full",
+          "[io][partial]") {
+  TempDir dir;
+  const fs::path file = dir / "three.safetensors";
+  const std::string header = "{\"__metadata__\":{\"m\":\"v\"}," + entry("c", "F32", "[2]", 16, 24) + "," +
+                             entry("a", "F64", "[1,1]", 0, 8) + "," + entry("b", "I64", "[1]", 8, 16) + "}";
+  const std::string data = le_bytes<double>({1.5}) + le_bytes<std::int64_t>({-7}) + le_bytes<float>({2.5f, -4.0f});
+  write_bytes(file, safetensors_bytes(header, data));
+
+  const moe::SafetensorsHeader h = moe::read_safetensors_header(file);
+  CHECK(h.metadata == moe::Metadata{{"m", "v"}});
+  REQUIRE(h.tensors.size() == 3);
+  CHECK(h.tensors[0].name == "c");
+  CHECK(h.tensors[0].begin == 16);
+  CHECK(h.tensors[0].end == 24);
+  CHECK(h.find("b")->dtype == moe::Dtype::i64);
+  CHECK(h.data_start == 8 + header.size());
+  CHECK(h.file_size == 8 + header.size() + data.size());
+
+  const moe::SafetensorsFile part =
+      moe::read_safetensors(file, [](std::string_view name) { return name == "c" || name == "a"; });
+  REQUIRE(part.tensors.size() == 2);
+  CHECK(part.tensors[0].name == "c");  // header order
+  CHECK(part.tensors[1].name == "a");
+  CHECK(part.find("b") == nullptr);
+  CHECK(moe::to_matrix<float>(*part.find("c")) == (Matrix<float>(1, 2) << 2.5f, -4.0f).finished());
+  CHECK(moe::to_matrix<double>(*part.find("a"))(0, 0) == 1.5);
+
+  // A fault in a tensor not selected is still found.
+  const std::string gap = "{" + entry("a", "F64", "[1,1]", 0, 8) + "," + entry("c", "F32", "[2]", 16, 24) + "}";
+  write_bytes(file, safetensors_bytes(gap, data));
+  REQUIRE_THROWS_AS(moe::read_safetensors(file, [](std::string_view n) { return n == "a"; }), moe::format_error);
+  REQUIRE_THROWS_AS(moe::read_safetensors_header(file), moe::format_error);
+  // Truncated inside a selected tensor: format_error from the offsets, before any read.
+  write_bytes(file, safetensors_bytes(header, data.substr(0, 20)));
+  REQUIRE_THROWS_AS(moe::read_safetensors(file, [](std::string_view n) { return n == "c"; }), moe::format_error);
+}
+
+namespace {
+
+// Two shards and an index, as Hugging Face writes a sharded checkpoint.
+struct ShardedFixture {
+  TempDir dir;
+  Matrix<float> a = random_matrix<float>(2, 3, 1), b = random_matrix<float>(4, 1, 2);
+  Matrix<double> c = random_matrix<double>(1, 5, 3);
+
+  ShardedFixture() {
+    const std::vector<moe::TensorView> first{{"a", a}, {"b", b}};
+    const std::vector<moe::TensorView> second{{"c", c}};
+    moe::write_safetensors(dir / "model-00001-of-00002.safetensors", first);
+    moe::write_safetensors(dir / "model-00002-of-00002.safetensors", second);
+  }
+  void write_index(const std::string& weight_map) const {
+    write_bytes(dir / "model.safetensors.index.json",
+                "{\"metadata\": {\"total_size\": 72}, \"weight_map\": {" + weight_map + "}}\n");
+  }
+  void write_good_index() const {
+    write_index("\"a\": \"model-00001-of-00002.safetensors\", \"b\": \"model-00001-of-00002.safetensors\", "
+                "\"c\": \"model-00002-of-00002.safetensors\"");
+  }
+};
+
+void check_reads_all(const moe::Checkpoint& ckpt, const ShardedFixture& f) {
+  CHECK(ckpt.tensor_names() == std::vector<std::string>{"a", "b", "c"});
+  CHECK(ckpt.contains("c"));
+  CHECK_FALSE(ckpt.contains("d"));
+  CHECK(ckpt.info("c").shape == std::vector<std::uint64_t>{1, 5});
+  const std::vector<std::string> names{"c", "a", "b"};
+  const std::vector<moe::StoredTensor> t = ckpt.read(names);
+  REQUIRE(t.size() == 3);
+  CHECK(t[0].name == "c");
+  CHECK(moe::to_matrix<double>(t[0]) == f.c);
+  CHECK(moe::to_matrix<float>(t[1]) == f.a);
+  CHECK(moe::to_matrix<float>(t[2]) == f.b);
+}
+
+}  // namespace
+
+TEST_CASE("Checkpoint: shards through an index, a directory of shards, one file", "[io][checkpoint]") {
+  ShardedFixture f;
+  SECTION("the directory's index") {
+    f.write_good_index();
+    const moe::Checkpoint ckpt(f.dir.path());
+    CHECK(ckpt.shards().size() == 2);
+    check_reads_all(ckpt, f);
+  }
+  SECTION("the index file itself") {
+    f.write_good_index();
+    check_reads_all(moe::Checkpoint(f.dir / "model.safetensors.index.json"), f);
+  }
+  SECTION("a directory without an index: the headers say who holds what") {
+    check_reads_all(moe::Checkpoint(f.dir.path()), f);
+  }
+  SECTION("one file") {
+    const moe::Checkpoint ckpt(f.dir / "model-00002-of-00002.safetensors");
+    CHECK(ckpt.tensor_names() == std::vector<std::string>{"c"});
+    CHECK(moe::to_matrix<double>(ckpt.read(std::string("c"))) == f.c);
+  }
+}
+
+TEST_CASE("Checkpoint: missing shard, tensor absent, an index that lies", "[io][checkpoint][errors]") {
+  ShardedFixture f;
+  SECTION("an index naming a shard the directory does not hold") {
+    f.write_index("\"a\": \"model-00001-of-00002.safetensors\", \"c\": \"model-00003-of-00003.safetensors\"");
+    REQUIRE_THROWS_AS(moe::Checkpoint(f.dir.path()), moe::io_error);
+    REQUIRE_THROWS_WITH(moe::Checkpoint(f.dir.path()),
+                        Contains("weight_map.c") && Contains("model-00003-of-00003") && Contains("missing shard"));
+  }
+  SECTION("a tensor the checkpoint does not hold") {
+    f.write_good_index();
+    const moe::Checkpoint ckpt(f.dir.path());
+    const std::vector<std::string> names{"a", "gate"};
+    REQUIRE_THROWS_AS(ckpt.read(names), moe::shape_error);
+    REQUIRE_THROWS_WITH(ckpt.read(names), Contains("'gate' = absent") && Contains("tensor absent"));
+    REQUIRE_THROWS_AS(ckpt.info("gate"), moe::shape_error);
+  }
+  SECTION("an index sending a tensor to a shard without it") {
+    f.write_index("\"a\": \"model-00002-of-00002.safetensors\", \"c\": \"model-00002-of-00002.safetensors\"");
+    const moe::Checkpoint ckpt(f.dir.path());
+    REQUIRE_THROWS_AS(ckpt.read(std::string("c")), moe::format_error);
+    REQUIRE_THROWS_WITH(ckpt.read(std::string("c")), Contains("'a' = absent from model-00002-of-00002"));
+  }
+  SECTION("a shard name leaving the directory") {
+    f.write_index("\"a\": \"../model-00001-of-00002.safetensors\"");
+    REQUIRE_THROWS_AS(moe::Checkpoint(f.dir.path()), moe::format_error);
+  }
+  SECTION("an index without a weight_map, or not JSON") {
+    write_bytes(f.dir / "model.safetensors.index.json", "{\"metadata\": {}}");
+    REQUIRE_THROWS_WITH(moe::Checkpoint(f.dir.path()), Contains("'weight_map' = absent"));
+    write_bytes(f.dir / "model.safetensors.index.json", "{\"weight_map\": {\"a\": 1}}");
+    REQUIRE_THROWS_AS(moe::Checkpoint(f.dir.path()), moe::format_error);
+    write_bytes(f.dir / "model.safetensors.index.json", "{\"weight_map\": {\"a\": \"x\",}}");
+    REQUIRE_THROWS_WITH(moe::Checkpoint(f.dir.path()), Contains("argument 'index' = byte 25: '}'"));
+  }
+  SECTION("a directory without an index where two files hold one tensor") {
+    const std::vector<moe::TensorView> again{{"a", f.a}};
+    moe::write_safetensors(f.dir / "model-extra.safetensors", again);
+    REQUIRE_THROWS_AS(moe::Checkpoint(f.dir.path()), moe::format_error);
+    REQUIRE_THROWS_WITH(moe::Checkpoint(f.dir.path()), Contains("each tensor in one shard only"));
+  }
+  SECTION("nothing to read") {
+    TempDir empty;
+    REQUIRE_THROWS_AS(moe::Checkpoint(empty.path()), moe::io_error);
+    REQUIRE_THROWS_AS(moe::Checkpoint(f.dir / "absent.safetensors"), moe::io_error);
+  }
+}
+
+TEST_CASE("read_released_config: each family's fields, its MoE layers, JSON beyond a header's", "[io][released]") {
+  TempDir dir;
+  const fs::path file = dir / "config.json";
+  using F = moe::ModelFamily;
+  SECTION("Qwen2-MoE: decoder_sparse_step and mlp_only_layers; numbers, booleans and null") {
+    write_bytes(file, R"({"model_type": "qwen2_moe", "hidden_size": 64, "num_hidden_layers": 6,
+      "num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": false, "decoder_sparse_step": 2,
+      "mlp_only_layers": [3], "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32,
+      "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "bos_token_id": -1, "rope_scaling": null,
+      "tie_word_embeddings": false, "architectures": ["Qwen2MoeForCausalLM"], "nested": {"x": [1.5, -2, true]}})");
+    const moe::ReleasedModelConfig c = moe::read_released_config(dir.path(), F::qwen2_moe);
+    CHECK(c.hidden_size == 64);
+    CHECK(c.experts == 60);
+    CHECK(c.k == 4);
+    CHECK_FALSE(c.norm_topk_prob);
+    CHECK(c.expert_hidden == 16);
+    CHECK(c.shared_hidden == 32);
+    // (i + 1) % 2 == 0 gives 1, 3, 5; mlp_only_layers takes 3 away
+    CHECK(c.moe_layers == std::vector<Index>{1, 5});
+    CHECK(c.is_moe_layer(5));
+    CHECK_FALSE(c.is_moe_layer(3));
+  }
+  SECTION("DeepSeek-V3: groups, scaling, first_k_dense_replace, the V3 defaults") {
+    write_bytes(file, R"({"model_type": "deepseek_v3", "hidden_size": 32, "num_hidden_layers": 3,
+      "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+      "routed_scaling_factor": 2.5, "first_k_dense_replace": 1, "n_shared_experts": 1,
+      "moe_intermediate_size": 8})");
+    const moe::ReleasedModelConfig c = moe::read_released_config(file, F::deepseek_v3);
+    CHECK(c.groups == 4);
+    CHECK(c.groups_kept == 2);
+    CHECK(c.routed_scaling_factor == 2.5);
+    CHECK(c.norm_topk_prob);  // DeepseekV3Config's default
+    CHECK(c.topk_method == "noaux_tc");
+    CHECK(c.scoring_func == "sigmoid");
+    CHECK(c.shared_hidden == 8);
+    CHECK(c.moe_layers == std::vector<Index>{1, 2});
+  }
+  SECTION("Llama 4: the text model's fields under text_config, every interleave_moe_layer_step-th layer") {
+    write_bytes(file, R"({"model_type": "llama4", "text_config": {"model_type": "llama4_text",
+      "hidden_size": 16, "num_hidden_layers": 4, "num_local_experts": 8, "num_experts_per_tok": 1,
+      "interleave_moe_layer_step": 2, "intermediate_size": 8}, "vision_config": {"hidden_size": 3}})");
+    moe::ReleasedModelConfig c = moe::read_released_config(file, F::llama4);
+    CHECK(c.hidden_size == 16);
+    CHECK(c.moe_layers == std::vector<Index>{1, 3});
+    write_bytes(file, R"({"text_config": {"hidden_size": 16, "num_hidden_layers": 4, "num_local_experts": 8,
+      "num_experts_per_tok": 1, "interleave_moe_layer_step": 2, "moe_layers": [0, 2]}})");
+    c = moe::read_released_config(file, F::llama4);
+    CHECK(c.moe_layers == std::vector<Index>{0, 2});
+  }
+  SECTION("DBRX: d_model, n_layers and ffn_config; a null p-norm means no division") {
+    write_bytes(file, R"({"model_type": "dbrx", "d_model": 24, "n_layers": 2, "ffn_config":
+      {"moe_num_experts": 16, "moe_top_k": 4, "moe_normalize_expert_weights": null}})");
+    moe::ReleasedModelConfig c = moe::read_released_config(file, F::dbrx);
+    CHECK(c.hidden_size == 24);
+    CHECK(c.experts == 16);
+    CHECK_FALSE(c.normalize_p.has_value());
+    CHECK(c.moe_layers == std::vector<Index>{0, 1});
+    write_bytes(file, R"({"d_model": 24, "n_layers": 2, "ffn_config": {"moe_num_experts": 16, "moe_top_k": 4}})");
+    c = moe::read_released_config(file, F::dbrx);
+    CHECK(c.normalize_p == 1.0);  // DbrxFFNConfig's default
+  }
+  SECTION("errors: a missing field, another family, malformed JSON") {
+    write_bytes(file, R"({"model_type": "mixtral", "hidden_size": 8, "num_hidden_layers": 2, "num_experts_per_tok": 2})");
+    REQUIRE_THROWS_AS(moe::read_released_config(file, F::mixtral), moe::format_error);
+    REQUIRE_THROWS_WITH(moe::read_released_config(file, F::mixtral), Contains("'num_local_experts' = absent"));
+    REQUIRE_THROWS_AS(moe::read_released_config(file, F::olmoe), moe::config_error);
+    write_bytes(file, R"({"hidden_size": 8, "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 5})");
+    REQUIRE_THROWS_AS(moe::read_released_config(file, F::mixtral), moe::format_error);
+    write_bytes(file, R"({"hidden_size": 8.5e, "x": 1})");
+    REQUIRE_THROWS_WITH(moe::read_released_config(file, F::mixtral),
+                        Contains("argument 'config' = byte 20") && Contains("exponent"));
+    write_bytes(file, R"({"hidden_size": tru})");
+    REQUIRE_THROWS_AS(moe::read_released_config(file, F::mixtral), moe::format_error);
+  }
+}
+
+TEST_CASE("load_router: DeepSeek-V3's weight and selection bias, all or nothing; config checks", "[io][released]") {
+  TempDir dir;
+  using F = moe::ModelFamily;
+  write_bytes(dir / "config.json", R"({"model_type": "deepseek_v3", "hidden_size": 6, "num_hidden_layers": 2,
+    "n_routed_experts": 8, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5})");
+  const Matrix<float> w = random_matrix<float>(8, 6, 3);
+  const Matrix<double> b = random_matrix<double>(1, 8, 4);  // F64 in the file: converted to float
+  const std::vector<moe::TensorView> tensors{{"model.layers.1.mlp.gate.weight", w},
+                                             {"model.layers.1.mlp.gate.e_score_correction_bias", b}};
+  moe::write_safetensors(dir / "model.safetensors", tensors);
+  const moe::Checkpoint ckpt(dir.path());
+  const moe::ReleasedModelConfig config = moe::read_released_config(ckpt.config_path(), F::deepseek_v3);
+  REQUIRE(config.moe_layers == std::vector<Index>{1});
+
+  auto router = moe::make_released_router<F::deepseek_v3, float>(config, 5);
+  moe::check_router_config(config, router);
+  CHECK(router.selector().groups().top == 2);
+  CHECK(router.selector().options().scale == 2.5);
+  const auto report = moe::load_router(ckpt, F::deepseek_v3, 1, router);
+  CHECK(report.tensors.size() == 2);
+  CHECK(router.scorer().weight() == w);
+  CHECK(router.gate().bias() == b.cast<float>());
+
+  SECTION("a layer without a gate: shape_error, nothing written") {
+    auto fresh = moe::make_released_router<F::deepseek_v3, float>(config, 6);
+    const auto before = snapshot(fresh);
+    const Matrix<float> bias_before = fresh.gate().bias();
+    REQUIRE_THROWS_AS(moe::load_router(ckpt, F::deepseek_v3, 0, fresh), moe::shape_error);
+    REQUIRE_THROWS_WITH(moe::load_router(ckpt, F::deepseek_v3, 0, fresh),
+                        Contains("'model.layers.0.mlp.gate.weight' = absent"));
+    CHECK(same_parameters(snapshot(fresh), before));
+    CHECK(fresh.gate().bias() == bias_before);
+  }
+  SECTION("the weight present, the selection bias absent: the weight is not written either") {
+    const std::vector<moe::TensorView> only_weight{{"model.layers.1.mlp.gate.weight", w}};
+    moe::write_safetensors(dir / "model.safetensors", only_weight);
+    auto fresh = moe::make_released_router<F::deepseek_v3, float>(config, 6);
+    const auto before = snapshot(fresh);
+    REQUIRE_THROWS_AS(moe::load_router(moe::Checkpoint(dir.path()), F::deepseek_v3, 1, fresh), moe::shape_error);
+    CHECK(same_parameters(snapshot(fresh), before));
+  }
+  SECTION("a router the family does not fit, a config that contradicts it") {
+    auto no_bias_gate = moe::make_released_router<F::qwen3_moe, float>(
+        moe::ReleasedModelConfig{.family = F::qwen3_moe, .hidden_size = 6, .num_layers = 2, .experts = 8, .k = 4});
+    REQUIRE_THROWS_WITH(moe::load_router(ckpt, F::deepseek_v3, 1, no_bias_gate),
+                        Contains("ExpertBiasGate"));
+    auto oss = moe::make_gpt_oss_router<float>(6, 8, 4);
+    REQUIRE_THROWS_AS(moe::load_router(ckpt, F::deepseek_v3, 1, oss), moe::config_error);  // a bias V3 lacks
+    moe::ReleasedModelConfig other = config;
+    other.k = 2;
+    REQUIRE_THROWS_WITH(moe::check_router_config(other, router), Contains("'num_experts_per_tok' = 2"));
+    other = config;
+    other.routed_scaling_factor = 1.0;
+    REQUIRE_THROWS_WITH(moe::check_router_config(other, router), Contains("'routed_scaling_factor' = 1"));
+    other = config;
+    other.groups_kept = 1;
+    REQUIRE_THROWS_AS(moe::check_router_config(other, router), moe::config_error);
   }
 }

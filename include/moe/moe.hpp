@@ -80,3 +80,5 @@
 #include "moe/layer/optimizer.hpp"
 
 #include "moe/io/safetensors.hpp"
+#include "moe/io/checkpoint.hpp"
+#include "moe/io/released_models.hpp"

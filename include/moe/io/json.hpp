@@ -1,10 +1,15 @@
 #pragma once
-// The little JSON a safetensors header needs (docs/saving.md): objects, arrays, strings with
-// escapes and non-negative integers. Anything else, or anything malformed, is a format_error
-// naming the byte where reading stopped. Files are untrusted, so the reader checks UTF-8,
-// rejects duplicate keys and bounds its nesting depth instead of trusting the text.
+// The JSON of the files the library reads (docs/saving.md). A safetensors header needs only
+// objects, arrays, strings with escapes and non-negative integers, and the strict dialect accepts
+// nothing else; the full dialect (a Hugging Face config.json, an index of shards) adds negative
+// and fractional numbers, true, false and null. Anything malformed is a format_error naming the
+// byte where reading stopped. Files are untrusted, so the reader checks UTF-8, rejects duplicate
+// keys and bounds its nesting depth instead of trusting the text.
+#include <cerrno>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -20,11 +25,15 @@ struct JsonMember;
 
 // A parsed value with the byte where it starts, so a later check can still point at it.
 struct JsonValue {
-  enum class Kind : std::uint8_t { string, integer, array, object };
+  // integer: a non-negative integer (`number` holds it too); number: any other number (full
+  // dialect only).
+  enum class Kind : std::uint8_t { string, integer, array, object, number, boolean, null };
   Kind kind = Kind::integer;
   std::size_t offset = 0;
   std::string string;
   std::uint64_t integer = 0;
+  double number = 0;
+  bool boolean = false;
   std::vector<JsonValue> items;      // array
   std::vector<JsonMember> members;   // object, in text order, keys unique
 
@@ -123,15 +132,22 @@ inline void append_json_string(std::string& out, std::string_view s) {
   out += '"';
 }
 
+enum class JsonDialect : std::uint8_t {
+  safetensors_header,  // strings, non-negative integers, arrays, objects
+  full,                // also negative and fractional numbers, true, false, null
+};
+
 // Reads one JSON document. `where` names the file for messages; `base` is the offset of the
 // text inside the file, so positions are reported as file bytes (and header bytes).
 class JsonReader {
 public:
-  // A safetensors header nests three deep (header, entry, shape): far below this.
+  // A safetensors header nests three deep (header, entry, shape), a config.json a few more.
   static constexpr int max_depth = 32;
 
-  JsonReader(std::string_view text, std::string_view where, std::size_t base)
-      : text_(text), where_(where), base_(base) {}
+  // `base`: the text's offset in its file; `subject`: what messages call the text ("header").
+  JsonReader(std::string_view text, std::string_view where, std::size_t base,
+             JsonDialect dialect = JsonDialect::safetensors_header, std::string_view subject = "header")
+      : text_(text), where_(where), base_(base), dialect_(dialect), subject_(subject) {}
 
   // One value, then nothing but whitespace (writers pad the header with spaces).
   JsonValue parse_document() {
@@ -145,9 +161,10 @@ public:
   // A byte position, as messages show it.
   std::string describe(std::size_t pos) const {
     std::ostringstream os;
-    os << "byte " << base_ + pos << " (header byte " << pos << ")";
+    os << "byte " << base_ + pos;
+    if (base_ != 0) os << " (" << subject_ << " byte " << pos << ")";
     if (pos >= text_.size()) {
-      os << ": end of header";
+      os << ": end of " << subject_;
     } else {
       const auto c = static_cast<unsigned char>(text_[pos]);
       if (c >= 0x20 && c < 0x7F) os << ": '" << char(c) << "'";
@@ -157,7 +174,7 @@ public:
   }
 
   [[noreturn]] void fail_at(std::size_t pos, std::string_view rule) const {
-    fail<format_error>(where_, "header", describe(pos), rule);
+    fail<format_error>(where_, subject_, describe(pos), rule);
   }
 
 private:
@@ -188,14 +205,62 @@ private:
     } else if (c == '"') {
       v.kind = JsonValue::Kind::string;
       v.string = parse_string();
+    } else if (dialect_ == JsonDialect::full && (c == '-' || (c >= '0' && c <= '9'))) {
+      parse_number(v);
     } else if (c == '-' || (c >= '0' && c <= '9')) {
       v.kind = JsonValue::Kind::integer;
       v.integer = parse_integer();
+      v.number = double(v.integer);
+    } else if (dialect_ == JsonDialect::full && (c == 't' || c == 'f' || c == 'n')) {
+      const std::string_view word = c == 't' ? "true" : c == 'f' ? "false" : "null";
+      if (text_.substr(pos_, word.size()) != word) fail_at(pos_, "true, false or null");
+      pos_ += word.size();
+      v.kind = c == 'n' ? JsonValue::Kind::null : JsonValue::Kind::boolean;
+      v.boolean = c == 't';
     } else {
-      fail_at(pos_, "a JSON string, integer, array or object (nothing else belongs in a "
-                    "safetensors header)");
+      fail_at(pos_, dialect_ == JsonDialect::full
+                        ? "a JSON value"
+                        : "a JSON string, integer, array or object (nothing else belongs in a "
+                          "safetensors header)");
     }
     return v;
+  }
+
+  // The full dialect's numbers: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? by the grammar,
+  // read by strtod; a non-negative integer below 2^64 is also kept exactly as `integer`.
+  void parse_number(JsonValue& v) {
+    const std::size_t start = pos_;
+    const auto digits = [&] {
+      const std::size_t from = pos_;
+      while (!at_end() && peek() >= '0' && peek() <= '9') ++pos_;
+      return pos_ - from;
+    };
+    if (peek() == '-') ++pos_;
+    const std::size_t int_start = pos_;
+    const std::size_t n = digits();
+    if (n == 0) fail_at(pos_, "a digit in a number");
+    if (n > 1 && text_[int_start] == '0') fail_at(int_start, "a number without leading zeros");
+    bool integral = true;
+    if (!at_end() && peek() == '.') {
+      ++pos_;
+      if (digits() == 0) fail_at(pos_, "a digit after the decimal point");
+      integral = false;
+    }
+    if (!at_end() && (peek() == 'e' || peek() == 'E')) {
+      ++pos_;
+      if (!at_end() && (peek() == '+' || peek() == '-')) ++pos_;
+      if (digits() == 0) fail_at(pos_, "a digit in the exponent");
+      integral = false;
+    }
+    const std::string literal(text_.substr(start, pos_ - start));
+    errno = 0;
+    v.number = std::strtod(literal.c_str(), nullptr);
+    if (errno == ERANGE && std::abs(v.number) > 1) fail_at(start, "a number within double's range");
+    v.kind = JsonValue::Kind::number;
+    if (integral && text_[start] != '-' && n <= 19) {  // below 10^19 < 2^64
+      v.kind = JsonValue::Kind::integer;
+      v.integer = std::strtoull(literal.c_str(), nullptr, 10);
+    }
   }
 
   void parse_object(JsonValue& v, int depth) {
@@ -335,6 +400,8 @@ private:
   std::string_view text_;
   std::string_view where_;
   std::size_t base_;
+  JsonDialect dialect_;
+  std::string subject_;
   std::size_t pos_ = 0;
 };
 

@@ -4,7 +4,10 @@
 // dtype, shape and byte range, then the raw little-endian, row-major data.
 //
 // - write_safetensors / read_safetensors: named 2-D float or double tensors and string
-//   metadata to a file; a whole file, validated, into memory.
+//   metadata to a file; a whole file, validated, into memory; or only the tensors a filter
+//   selects (each read after a seek), or only the header (read_safetensors_header).
+// - F16 and BF16 (and F32 <-> F64) convert to a parameter's or a matrix's scalar on request
+//   (LoadOptions::convert_dtype, MatrixOptions::convert_dtype): f16_to_float, bf16_to_float.
 // - save / load: anything with for_each_parameter (routers, experts, MoELayer), each tensor
 //   named as for_each_parameter names the parameter and shaped [rows, cols] as stored.
 //
@@ -61,8 +64,9 @@ static_assert(std::endian::native == std::endian::little,
               "moe/io/safetensors.hpp copies tensors between memory and file as they are: the "
               "format is little-endian, so a big-endian host would need a byte swap");
 
-// The element types of the format. Only F32 and F64 load into parameters; the others are
-// recognised so a file holding them is read, validated and reported by name.
+// The element types of the format. F32 and F64 load into parameters, and F16 and BF16 with
+// conversion; the others are recognised so a file holding them is read, validated and reported
+// by name.
 enum class Dtype : std::uint8_t {
   boolean, u8, i8, f8_e5m2, f8_e4m3, i16, u16, f16, bf16, i32, u32, f32, i64, u64, f64
 };
@@ -94,6 +98,36 @@ constexpr std::optional<Dtype> dtype_from_name(std::string_view name) {
 template <scalar S>
 inline constexpr Dtype dtype_of = std::same_as<S, float> ? Dtype::f32 : Dtype::f64;
 
+// The two 16-bit float formats of checkpoints, from their bits to float: exact, since float holds
+// every value of both. bfloat16 is the top half of a float. IEEE binary16 has 5 exponent bits
+// (bias 15) and 10 fraction bits: zeros, subnormals (fraction x 2^-24), normals, infinities, and
+// NaNs with their payload and quiet bit kept.
+constexpr float bf16_to_float(std::uint16_t bits) {
+  return std::bit_cast<float>(std::uint32_t(bits) << 16);
+}
+
+constexpr float f16_to_float(std::uint16_t bits) {
+  const std::uint32_t sign = std::uint32_t(bits & 0x8000u) << 16;
+  const std::uint32_t exponent = (bits >> 10) & 0x1Fu;
+  std::uint32_t fraction = bits & 0x3FFu;
+  if (exponent == 0x1F) return std::bit_cast<float>(sign | 0x7F800000u | (fraction << 13));  // inf, NaN
+  if (exponent != 0) return std::bit_cast<float>(sign | ((exponent + 127 - 15) << 23) | (fraction << 13));
+  if (fraction == 0) return std::bit_cast<float>(sign);  // +-0
+  // Subnormal: fraction x 2^-24. Shift the leading 1 up to the implicit bit (bit 10); each
+  // shift lowers the exponent from -14 by one.
+  std::uint32_t shifts = 0;
+  while ((fraction & 0x400u) == 0) {
+    fraction <<= 1;
+    ++shifts;
+  }
+  return std::bit_cast<float>(sign | ((127 - 14 - shifts) << 23) | ((fraction & 0x3FFu) << 13));
+}
+
+// Whether a dtype is one of the float formats LoadOptions::convert_dtype converts.
+constexpr bool is_float_dtype(Dtype d) {
+  return d == Dtype::f16 || d == Dtype::bf16 || d == Dtype::f32 || d == Dtype::f64;
+}
+
 // The header's "__metadata__": free-form strings (a step count, a config, a format tag).
 using Metadata = std::map<std::string, std::string>;
 
@@ -119,6 +153,35 @@ struct SafetensorsFile {
 
   const StoredTensor* find(std::string_view name) const {
     for (const StoredTensor& t : tensors)
+      if (t.name == name) return &t;
+    return nullptr;
+  }
+};
+
+// One tensor's entry in a header: its dtype, shape and where its bytes are, without the bytes.
+struct TensorInfo {
+  std::string name;
+  Dtype dtype = Dtype::f32;
+  std::vector<std::uint64_t> shape;
+  std::uint64_t begin = 0, end = 0;  // data_offsets: bytes [begin, end) of the data part
+
+  std::uint64_t num_elements() const {
+    std::uint64_t n = 1;
+    for (const std::uint64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+// A file's header, as read_safetensors_header returns it: validated as a whole file is.
+struct SafetensorsHeader {
+  std::filesystem::path path;
+  Metadata metadata;
+  std::vector<TensorInfo> tensors;  // in header order
+  std::uint64_t data_start = 0;     // 8 + header size: the file offset of the data part
+  std::uint64_t file_size = 0;
+
+  const TensorInfo* find(std::string_view name) const {
+    for (const TensorInfo& t : tensors)
       if (t.name == name) return &t;
     return nullptr;
   }
@@ -333,8 +396,13 @@ inline std::vector<std::uint64_t> read_integers(const JsonValue& entry, std::str
   return out;
 }
 
-// Reads and validates a whole file; `where` names the caller and the file in messages.
-inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_view where) {
+// An open file and its size, or an io_error.
+struct OpenFile {
+  std::ifstream in;
+  std::uint64_t size = 0;
+};
+
+inline OpenFile open_for_reading(const std::filesystem::path& path, std::string_view where) {
   std::error_code ec;
   const auto status = std::filesystem::status(path, ec);
   if (!std::filesystem::is_regular_file(status)) {
@@ -348,16 +416,28 @@ inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_
     fail<io_error>(where, "path", quoted(path.string()),
                    "a file whose size can be read (" + ec.message() + ")");
   errno = 0;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail<io_error>(where, "path", quoted(path.string()), "a readable file (" + os_reason(errno) + ")");
-  const auto read_exactly = [&](void* to, std::uint64_t n, std::string_view what) {
-    in.read(static_cast<char*>(to), std::streamsize(n));
-    if (std::uint64_t(in.gcount()) != n)
-      fail<io_error>(where, "path", quoted(path.string()),
-                     "a file read in full (" + std::string(what) +
-                         " ended early: was it changed while being read?)");
-  };
+  OpenFile f{std::ifstream(path, std::ios::binary), file_size};
+  if (!f.in) fail<io_error>(where, "path", quoted(path.string()), "a readable file (" + os_reason(errno) + ")");
+  return f;
+}
 
+// Exactly n bytes from the stream, or an io_error saying what ended early.
+inline void read_exactly(std::ifstream& in, const std::filesystem::path& path, std::string_view where, void* to,
+                         std::uint64_t n, std::string_view what) {
+  in.read(static_cast<char*>(to), std::streamsize(n));
+  if (std::uint64_t(in.gcount()) != n)
+    fail<io_error>(where, "path", quoted(path.string()),
+                   "a file read in full (" + std::string(what) +
+                       " ended early: was it changed while being read?)");
+}
+
+// Reads and validates the header of an open file, positioned at its start: header size, JSON,
+// dtypes, and that the tensors' byte ranges tile the data exactly. Reads no tensor data.
+inline SafetensorsHeader scan_header(std::ifstream& in, const std::filesystem::path& path, std::uint64_t file_size,
+                                     std::string_view where) {
+  const auto read_exactly = [&](void* to, std::uint64_t n, std::string_view what) {
+    detail::read_exactly(in, path, where, to, n, what);
+  };
   if (file_size < 8)
     fail<format_error>(where, "header_size", "absent: the file has " + std::to_string(file_size) + " bytes",
                        "8 bytes of header size (the file is truncated)");
@@ -377,8 +457,10 @@ inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_
   const JsonValue root = json.parse_document();
   if (root.kind != JsonValue::Kind::object) json.fail_at(root.offset, "a JSON object");
 
-  SafetensorsFile file;
+  SafetensorsHeader file;
   file.path = path;
+  file.data_start = 8 + n;
+  file.file_size = file_size;
   const std::uint64_t data_size = file_size - 8 - n;
   struct Range {
     std::uint64_t begin, end;
@@ -405,7 +487,7 @@ inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_
       if (field.key != "dtype" && field.key != "shape" && field.key != "data_offsets")
         fail<format_error>(where, name + "." + field.key, json.describe(field.value.offset),
                            "only \"dtype\", \"shape\" and \"data_offsets\" in a tensor's entry");
-    StoredTensor t;
+    TensorInfo t;
     t.name = name;
     const JsonValue* dtype = v.find("dtype");
     if (!dtype) fail<format_error>(where, name, json.describe(v.offset), "an entry with \"dtype\"");
@@ -439,6 +521,8 @@ inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_
                           "end <= " + std::to_string(data_size) +
                               ", the size of the data in the file (the file is truncated, or the "
                               "offsets are wrong)");
+    t.begin = begin;
+    t.end = end;
     ranges.push_back({begin, end, file.tensors.size()});
     file.tensors.push_back(std::move(t));
   }
@@ -476,13 +560,53 @@ inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_
                            byte_range(covered, data_size) + " belong to no tensor)");
   }
 
-  // The data, in file order: each tensor's bytes are read once, straight into place.
-  for (const Range& r : ranges) {
-    StoredTensor& t = file.tensors[r.tensor];
-    t.bytes.resize(r.end - r.begin);
-    read_exactly(t.bytes.data(), t.bytes.size(), "tensor '" + t.name + "'");
+  return file;
+}
+
+// Reads the data of the tensors of `header` that `select` keeps (all when empty), in file
+// order, each straight into place after a seek to it.
+inline SafetensorsFile read_tensors(std::ifstream& in, SafetensorsHeader header,
+                                    const std::function<bool(std::string_view)>& select, std::string_view where) {
+  SafetensorsFile file;
+  file.path = header.path;
+  file.metadata = std::move(header.metadata);
+  std::vector<std::size_t> order;    // indices into file.tensors, sorted by offset below
+  std::vector<std::uint64_t> begin;  // each selected tensor's data offset
+  for (TensorInfo& info : header.tensors) {
+    if (select && !select(info.name)) continue;
+    StoredTensor t;
+    t.name = std::move(info.name);
+    t.dtype = info.dtype;
+    t.shape = std::move(info.shape);
+    t.bytes.resize(info.end - info.begin);
+    order.push_back(file.tensors.size());
+    begin.push_back(info.begin);
+    file.tensors.push_back(std::move(t));
+  }
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return begin[a] < begin[b]; });
+  std::uint64_t position = header.data_start;  // the stream is just past the header
+  for (const std::size_t i : order) {
+    StoredTensor& t = file.tensors[i];
+    const std::uint64_t at = header.data_start + begin[i];
+    if (at != position) {
+      in.seekg(std::streamoff(at));
+      if (!in)
+        fail<io_error>(where, "path", quoted(header.path.string()),
+                       "a file that can be read at byte " + std::to_string(at) + " (tensor '" + t.name + "')");
+    }
+    read_exactly(in, header.path, where, t.bytes.data(), t.bytes.size(), "tensor '" + t.name + "'");
+    position = at + t.bytes.size();
   }
   return file;
+}
+
+// Reads and validates a whole file, or the tensors `select` keeps; `where` names the caller and
+// the file in messages. The header is checked in full either way.
+inline SafetensorsFile read_file(const std::filesystem::path& path, std::string_view where,
+                                 const std::function<bool(std::string_view)>& select = {}) {
+  OpenFile f = open_for_reading(path, where);
+  SafetensorsHeader header = scan_header(f.in, path, f.size, where);
+  return read_tensors(f.in, std::move(header), select, where);
 }
 
 }  // namespace detail
@@ -500,14 +624,92 @@ inline SafetensorsFile read_safetensors(const std::filesystem::path& path) {
   return detail::read_file(path, detail::call_site("read_safetensors", path));
 }
 
-// A stored F32 or F64 tensor of shape [rows, cols] (or [n], read as [1, n]) as a matrix of the
-// same dtype. A shape_error otherwise: no silent conversion.
+// Reads only the tensors `select` keeps (by name), each after a seek to its bytes: the way to take
+// a few tensors out of a checkpoint of many gigabytes. The header is still checked in full; the
+// result lists the selected tensors in header order.
+inline SafetensorsFile read_safetensors(const std::filesystem::path& path,
+                                        const std::function<bool(std::string_view)>& select) {
+  const std::string where = detail::call_site("read_safetensors", path);
+  detail::require<config_error>(bool(select), where, "select", "an empty function",
+                                "a function choosing tensors by name (or the overload without it)");
+  return detail::read_file(path, where, select);
+}
+
+// Reads and checks the header only: names, dtypes, shapes and offsets of every tensor, and the
+// metadata. No tensor data is read.
+inline SafetensorsHeader read_safetensors_header(const std::filesystem::path& path) {
+  const std::string where = detail::call_site("read_safetensors_header", path);
+  detail::OpenFile f = detail::open_for_reading(path, where);
+  return detail::scan_header(f.in, path, f.size, where);
+}
+
+namespace detail {
+
+// The elements of a float tensor (F16, BF16, F32, F64) as V: exact but for F64 -> float, which
+// rounds to nearest and is a value_error where a finite value overflows.
+template <scalar V>
+std::vector<std::byte> convert_float(const StoredTensor& t, std::string_view where, std::string_view source,
+                                     std::string_view param) {
+  const std::size_t n = std::size_t(t.num_elements());
+  std::vector<std::byte> out(n * sizeof(V));
+  const std::byte* in = t.bytes.data();
+  for (std::size_t i = 0; i < n; ++i) {
+    V v;
+    switch (t.dtype) {
+      case Dtype::f64: {
+        double d;
+        std::memcpy(&d, in + i * sizeof(double), sizeof(double));
+        v = V(d);
+        if (std::isfinite(d) && !std::isfinite(v)) {
+          std::ostringstream text;
+          text << d << " at element " << i;
+          fail<value_error>(where, source, text.str(),
+                            "within float's range to convert F64 -> F32 for " + std::string(param));
+        }
+        break;
+      }
+      case Dtype::f32: {
+        float f;
+        std::memcpy(&f, in + i * sizeof(float), sizeof(float));
+        v = V(f);
+        break;
+      }
+      case Dtype::f16:
+      case Dtype::bf16: {
+        std::uint16_t h;
+        std::memcpy(&h, in + i * 2, 2);
+        v = V(t.dtype == Dtype::f16 ? f16_to_float(h) : bf16_to_float(h));
+        break;
+      }
+      default:
+        fail<shape_error>(where, source, "dtype " + std::string(dtype_name(t.dtype)),
+                          "a float dtype (F16, BF16, F32, F64) to convert for " + std::string(param));
+    }
+    std::memcpy(out.data() + i * sizeof(V), &v, sizeof(V));
+  }
+  return out;
+}
+
+}  // namespace detail
+
+// How to_matrix treats a tensor of another dtype than the matrix's.
+struct MatrixOptions {
+  // F16, BF16, F32 and F64 converted to the matrix's scalar (as LoadOptions::convert_dtype does)
+  // instead of being a shape_error.
+  bool convert_dtype = false;
+};
+
+// A stored tensor of shape [rows, cols] (or [n], read as [1, n]) as a matrix: of the same dtype,
+// or, with options.convert_dtype, of any float dtype converted. A shape_error otherwise: no
+// silent conversion.
 template <scalar S>
-Matrix<S> to_matrix(const StoredTensor& t) {
+Matrix<S> to_matrix(const StoredTensor& t, const MatrixOptions& options = {}) {
   constexpr std::string_view where = "to_matrix";
-  detail::require<shape_error>(t.dtype == dtype_of<S>, where, t.name,
+  const bool convert = options.convert_dtype && is_float_dtype(t.dtype) && t.dtype != dtype_of<S>;
+  detail::require<shape_error>(t.dtype == dtype_of<S> || convert, where, t.name,
                                "dtype " + std::string(dtype_name(t.dtype)),
-                               "dtype " + std::string(dtype_name(dtype_of<S>)) + ", the matrix's");
+                               "dtype " + std::string(dtype_name(dtype_of<S>)) + ", the matrix's" +
+                                   (is_float_dtype(t.dtype) ? " (MatrixOptions::convert_dtype converts)" : ""));
   detail::require<shape_error>(t.shape.size() == 1 || t.shape.size() == 2, where, t.name,
                                "shape " + detail::bracketed(t.shape), "a 2-D shape [rows, cols] or 1-D [n]");
   for (const std::uint64_t d : t.shape)
@@ -516,7 +718,13 @@ Matrix<S> to_matrix(const StoredTensor& t) {
   const Index rows = t.shape.size() == 2 ? Index(t.shape[0]) : 1;
   const Index cols = Index(t.shape.back());
   Matrix<S> m(rows, cols);
-  if (m.size() > 0) std::memcpy(m.data(), t.bytes.data(), t.bytes.size());
+  if (m.size() == 0) return m;
+  if (convert) {
+    const std::vector<std::byte> converted = detail::convert_float<S>(t, where, t.name, "the matrix");
+    std::memcpy(m.data(), converted.data(), converted.size());
+  } else {
+    std::memcpy(m.data(), t.bytes.data(), t.bytes.size());
+  }
   return m;
 }
 
@@ -542,8 +750,9 @@ struct LoadOptions {
   std::function<std::string(std::string_view)> name_map{};
   // A 1-D tensor [n] loads into a [1, n] parameter (PyTorch stores a bias as [n]).
   bool vector_as_row = false;
-  // A tensor of the other float dtype (F32 <-> F64) is converted instead of rejected; F64 -> F32
-  // rounds to nearest, and a finite value beyond float's range is a value_error.
+  // A tensor of another float dtype (F16, BF16, F32, F64) is converted to the parameter's instead
+  // of rejected: exactly but for F64 -> F32, which rounds to nearest, and a finite value beyond
+  // float's range is a value_error.
   bool convert_dtype = false;
   // A parameter whose tensor the file lacks keeps its value instead of being an error.
   bool allow_missing = false;
@@ -560,34 +769,6 @@ struct LoadReport {
 };
 
 namespace detail {
-
-// The tensor's F32 or F64 elements as V, or a value_error if a finite F64 overflows a float.
-template <scalar V>
-std::vector<std::byte> convert_float(const StoredTensor& t, std::string_view where,
-                                     std::string_view source, std::string_view param) {
-  const std::size_t n = std::size_t(t.num_elements());
-  std::vector<std::byte> out(n * sizeof(V));
-  for (std::size_t i = 0; i < n; ++i) {
-    V v;
-    if (t.dtype == Dtype::f64) {
-      double in;
-      std::memcpy(&in, t.bytes.data() + i * sizeof(double), sizeof(double));
-      v = V(in);
-      if (std::isfinite(in) && !std::isfinite(v)) {
-        std::ostringstream text;
-        text << in << " at element " << i;
-        fail<value_error>(where, source, text.str(),
-                          "within float's range to convert F64 -> F32 for " + std::string(param));
-      }
-    } else {
-      float in;
-      std::memcpy(&in, t.bytes.data() + i * sizeof(float), sizeof(float));
-      v = V(in);
-    }
-    std::memcpy(out.data() + i * sizeof(V), &v, sizeof(V));
-  }
-  return out;
-}
 
 // Row-major bytes into a matrix view of any strides. Cannot fail.
 template <class View>
@@ -657,11 +838,11 @@ LoadReport load(const std::filesystem::path& path, Model& model, const LoadOptio
     reader = s.parameter;
 
     const StoredTensor& t = file.tensors[found->second];
-    const bool is_float = t.dtype == Dtype::f32 || t.dtype == Dtype::f64;
+    const bool is_float = is_float_dtype(t.dtype);
     if (t.dtype != dtype_of<V> && !(options.convert_dtype && is_float))
       detail::fail<shape_error>(where, source, "dtype " + std::string(dtype_name(t.dtype)),
                                 "dtype " + std::string(dtype_name(dtype_of<V>)) + ", as " + param +
-                                    (is_float ? " (LoadOptions::convert_dtype converts F32 <-> F64)" : ""));
+                                    (is_float ? " (LoadOptions::convert_dtype converts F16, BF16, F32, F64)" : ""));
     const auto rows = std::uint64_t(value.rows()), cols = std::uint64_t(value.cols());
     const bool same_shape = t.shape == std::vector<std::uint64_t>{rows, cols};
     const bool as_row = t.shape.size() == 1 && rows == 1 && t.shape[0] == cols;
