@@ -38,6 +38,23 @@ static void BM_GroupLimitedRoute(benchmark::State& state) {
   time_route(state, router, T, E, {.segment = segment});
 }
 
+// Released models' routers on given logits, as Hugging Face runs their gates, with the balance
+// loss their training computes: model 0 = Qwen3-MoE (softmax, top-8 of 128, renormalised, HF's
+// load-balancing loss), 1 = DeepSeek-V2 (softmax, top-6 among 3 of 8 groups scored by their
+// maximum, weights 16 p, sequence-wise balance loss over sequences of 4096).
+static void BM_ReleasedRoute(benchmark::State& state) {
+  const Index T = state.range(0), E = state.range(1), k = state.range(2), model = state.range(3);
+  std::vector<std::int32_t> segment(static_cast<std::size_t>(T));
+  for (Index t = 0; t < T; ++t) segment[static_cast<std::size_t>(t)] = std::int32_t(t / 4096);
+  if (model == 0) {
+    auto router = moe::make_qwen3_moe_router<float>(8, E, k);
+    time_route(state, router, T, E);
+  } else {
+    auto router = moe::make_deepseek_v2_router<float>(8, E, k, 8, 3);
+    time_route(state, router, T, E, {.segment = segment});
+  }
+}
+
 // DeepSpeed's stochastic gating of given logits, with generated draws: k = 1 top1gating (random
 // token selection: a U(0, 1) draw per choice of an overflowing expert, and a partial sort), k = 2
 // top2gating (the second expert sampled by one U(0, 1) draw per token through the cumulative
@@ -114,6 +131,12 @@ static void group_limited_shapes(benchmark::internal::Benchmark* b) {
   shapes(b, {{16384, 256, 8, 8}}, {64, 16, 4, 4});
 }
 BENCHMARK(BM_GroupLimitedRoute)->Apply(group_limited_shapes)->Unit(benchmark::kMicrosecond);
+static void released_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"T", "E", "k", "model"});
+  shapes(b, {{16384, 128, 8, 0}, {16384, 160, 6, 1}}, {64, 16, 8, 0});
+  if (smoke_run()) b->Args({64, 16, 6, 1});
+}
+BENCHMARK(BM_ReleasedRoute)->Apply(released_shapes)->Unit(benchmark::kMicrosecond);
 static void noisy_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"T", "E", "k"});
   shapes(b, {{16384, 8, 1}, {16384, 64, 1}, {16384, 8, 2}, {16384, 64, 2}}, {64, 8, 2});

@@ -249,6 +249,41 @@ def route_deepseek_v3(logits, bias, k, groups, groups_kept, route_scale=2.5):
     return weights * route_scale, indices
 
 
+def route_qwen3_moe(logits, k, norm_topk_prob=True):
+    """Qwen3-MoE's gate as Hugging Face writes it (Qwen3MoeSparseMoeBlock), with the
+    load-balancing loss its training adds (load_balancing_loss_func, one layer)."""
+    experts = logits.shape[1]
+    routing_weights = F.softmax(logits, dim=1, dtype=torch.float)
+    routing_weights, selected = torch.topk(routing_weights, k, dim=-1)
+    if norm_topk_prob:
+        routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+    probs = F.softmax(logits, dim=-1)
+    expert_mask = F.one_hot(selected, experts)
+    tokens_per_expert = torch.mean(expert_mask.float(), dim=0)
+    aux = torch.sum(tokens_per_expert * torch.mean(probs, dim=0).unsqueeze(0)) * experts
+    return routing_weights, selected, aux
+
+
+def route_deepseek_v2(logits, k, groups, groups_kept, scaling, seq_len, alpha=3e-3):
+    """DeepSeek-V2's MoEGate (its hub code), group_limited_greedy, with its training-time
+    sequence-wise balance loss over sequences of seq_len tokens."""
+    tokens, experts = logits.shape
+    scores = logits.softmax(dim=-1)
+    group_scores = scores.view(tokens, groups, -1).max(dim=-1).values
+    group_idx = torch.topk(group_scores, k=groups_kept, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(tokens, groups, experts // groups).reshape(tokens, -1)
+    masked = scores.masked_fill(~score_mask.bool(), 0.0)
+    weight, idx = torch.topk(masked, k=k, dim=-1, sorted=False)
+    weight = weight * scaling
+    bsz = tokens // seq_len
+    seq_scores = scores.view(bsz, seq_len, -1)
+    ce = torch.zeros(bsz, experts).scatter_add_(1, idx.view(bsz, -1), torch.ones(bsz, seq_len * k))
+    ce = ce.div_(seq_len * k / experts)
+    aux = (ce * seq_scores.mean(dim=1)).sum(dim=1).mean() * alpha
+    return weight, idx, aux
+
+
 def route_deepspeed_top1(logits, capacity_factor, min_capacity=8):
     """DeepSpeed top1gating with random token selection (use_rts, its default)."""
     tokens, experts = logits.shape
@@ -337,6 +372,13 @@ def router_cases(reps):
     bias = torch.randn(E) * 1e-3
     cases.append((f"DeepSeek-V3 grouped top-k T:{T}/E:{E}/k:{k}", f"BM_GroupLimitedRoute/T:{T}/E:{E}/k:{k}/G:{G}",
                   timed(lambda: route_deepseek_v3(logits, bias, k, G, G // 2), reps)))
+    T = 16384
+    logits = torch.randn(T, 128) * 2
+    cases.append((f"Qwen3-MoE gate + aux T:{T}/E:128/k:8", f"BM_ReleasedRoute/T:{T}/E:128/k:8/model:0",
+                  timed(lambda: route_qwen3_moe(logits, 8), reps)))
+    logits = torch.randn(T, 160) * 2
+    cases.append((f"DeepSeek-V2 grouped gate + seq aux T:{T}/E:160/k:6", f"BM_ReleasedRoute/T:{T}/E:160/k:6/model:1",
+                  timed(lambda: route_deepseek_v2(logits, 6, 8, 3, 16.0, 4096), reps)))
     for T, E in [(16384, 8), (16384, 64), (16384, 256)]:
         logits = torch.randn(T, E) * 2
         cases.append((f"Dynamic_MoE top-p 0.4 T:{T}/E:{E}", f"BM_TopPRoute/T:{T}/E:{E}",

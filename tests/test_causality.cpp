@@ -238,6 +238,22 @@ std::vector<Row> rows() {
   r.push_back(row("top-2 dropless, SwiGLU experts and a shared expert", true, [] {
     return moe::MoELayer(moe::make_topk_router<S>(D, E, 2, 24), moe::SwiGLUExperts<S>(E, D, H), moe::SwiGLUExperts<S>(1, D, H));
   }));
+  // ---- the released models' routers: dropless, every stage per token
+  r.push_back(row("MixtralRouter", true, [] { return layer(moe::make_mixtral_router<S>(D, E, 2, 26)); }));
+  r.push_back(row("Qwen2MoERouter with its sigmoid-gated shared expert", true, [] {
+    return moe::MoELayer(moe::make_qwen2_moe_router<S>(D, E, 4, false, 27), moe::SwiGLUExperts<S>(E, D, H),
+                         moe::SigmoidGatedExpert(moe::SwiGLUExperts<S>(1, D, H)));
+  }));
+  r.push_back(row("Qwen3MoERouter", true, [] { return layer(moe::make_qwen3_moe_router<S>(D, E, 4, true, 28)); }));
+  r.push_back(row("OLMoERouter", true, [] { return layer(moe::make_olmoe_router<S>(D, E, 4, false, 29)); }));
+  r.push_back(row("DbrxRouter (p = 2)", true, [] { return layer(moe::make_dbrx_router<S>(D, E, 3, 2.0, 30)); }));
+  r.push_back(row("DeepSeekV2Router (group maximum)", true, [] { return layer(moe::make_deepseek_v2_router<S>(D, E, 3, 4, 2, 16.0, moe::DeepSeekV2TopK::group_limited_greedy, 31)); }));
+  r.push_back(row("GptOssRouter", true, [] { return layer(moe::make_gpt_oss_router<S>(D, E, 4, 32)); }));
+  r.push_back(row("Llama4Router (weights on the input, shared expert)", true, [] {
+    moe::MoELayer l(moe::make_llama4_router<S>(D, E, 1, 33), moe::SwiGLUExperts<S>(E, D, H), moe::SwiGLUExperts<S>(1, D, H));
+    l.set_weighted_at(moe::WeightedAt::input);
+    return l;
+  }));
   r.push_back(row("top-2 dropless, identity experts", true,
                   [] { return moe::MoELayer(moe::make_topk_router<S>(D, E, 2, 25), moe::IdentityExperts<S>(E, D)); }));
   return r;

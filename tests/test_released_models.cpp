@@ -198,6 +198,32 @@ TEST_CASE("DeepSeek-V2 groups score their maximum, not the sum of their top two"
   REQUIRE(std::vector<int>(r.choice_expert.begin(), r.choice_expert.end()) == std::vector<int>{0, 3, 4, 1});
 }
 
+TEST_CASE("DeepSeek-V2's sequence-wise loss counts the group-limited choices", "[loss][released]") {
+  // seq_aux of its MoEGate: per sequence, ce_e = count_e E / (L k) over the experts chosen,
+  // times the mean score of e over the sequence, summed over e, averaged over sequences, times alpha
+  const Index T = 40, D = 6, E = 16, k = 4, L = 10;
+  auto router = moe::make_deepseek_v2_router<double>(D, E, k, 4, 2, 16.0, moe::DeepSeekV2TopK::group_limited_greedy, 3);
+  router.scorer().weight() *= 3.0;
+  const Matrix<double> x = random_matrix<double>(T, D, 4);
+  std::vector<std::int32_t> segment(T);
+  for (Index t = 0; t < T; ++t) segment[t] = std::int32_t(t / L);
+  const auto& r = router.forward(x, {.segment = segment});
+  const Matrix<double> p = softmax_of<double>(router.logits());
+  double want = 0;
+  for (Index b = 0; b < T / L; ++b) {
+    std::vector<double> ce(E, 0.0), mean(E, 0.0);
+    for (Index t = b * L; t < (b + 1) * L; ++t) {
+      const Choices c = model_route({.k = k, .groups = 4, .keep = 2}, router.logits().row(t).data(), E);
+      for (const int e : c.expert) ce[e] += double(E) / double(L * k);
+      for (Index e = 0; e < E; ++e) mean[e] += p(t, e) / double(L);
+    }
+    for (Index e = 0; e < E; ++e) want += ce[e] * mean[e] / double(T / L);
+  }
+  REQUIRE(r.num_choices() == T * k);
+  REQUIRE(router.loss_values()[0] == Approx(want).epsilon(forward_tol<double>(E * L)));
+  REQUIRE(router.aux_loss() == Approx(3e-3 * want).epsilon(forward_tol<double>(E * L)));
+}
+
 TEST_CASE("released presets: gradients match finite differences", "[router][released][gradient]") {
   const auto check = [](auto router, std::uint64_t seed) {
     const Index T = 12, D = router.input_dim(), E = router.num_experts();

@@ -57,8 +57,8 @@ using DbrxRouter = SoftmaxTopKRouter<S>;
 // `greedy` top-k (V2-Lite) or `group_limited_greedy`: the E experts form n_group groups, a group
 // scores its largest probability, each token keeps its topk_group best groups and takes its top-k
 // among their experts. Weights are the probabilities times routed_scaling_factor (16 for V2, 1 for
-// V2-Lite), not renormalised. The sequence-wise balance loss (seq_aux, alpha 0.003) counts plain
-// top-k choices.
+// V2-Lite), not renormalised. The sequence-wise balance loss (seq_aux, alpha 0.003) counts the
+// choices made (group limit included), as that code's loss reads topk_idx.
 template <scalar S>
 using DeepSeekV2Router = Router<LinearScorer<S>, SoftmaxGate<S>, GroupLimitedTopKSelector<S>, NormalizedBalanceLoss<S>>;
 enum class DeepSeekV2TopK { greedy, group_limited_greedy };
@@ -136,7 +136,7 @@ DeepSeekV2Router<S> make_deepseek_v2_router(Index dim, Index experts = 160, Inde
           GroupLimitedTopKSelector<S>(k, {.count = grouped ? groups : 1, .keep = grouped ? groups_kept : 1, .top = 1},
                                       {.weighting = Weighting::raw, .scale = routed_scaling_factor,
                                        .padding = Padding::megatron}),
-          NormalizedBalanceLoss<S>(S(3e-3), {.scope = BalanceScope::sequence, .count = BalanceCount::plain_top_k})};
+          NormalizedBalanceLoss<S>(S(3e-3), {.scope = BalanceScope::sequence, .count = BalanceCount::routing})};
 }
 
 template <scalar S>
