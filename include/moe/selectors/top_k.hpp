@@ -136,11 +136,16 @@ public:
   // Each real token of the block (rows [begin, begin + rows) of the batch) picks its top-k, in
   // rank order, with its pre-drop combine weights; only the scratch is written, so disjoint
   // blocks may run in parallel.
-  void select_rows(const SelectorInput<S>& block, Index begin) {
+  void select_rows(const SelectorInput<S>& block, Index begin) { select_rows(block, begin, nullptr); }
+
+  // The same with a rank narrower than the scores: column j of row i of `block.rank` is expert
+  // column_of[i * rank.cols() + j] (increasing along a row, so ties still go to the lower
+  // expert). A selector that rules experts out (GroupLimitedTopKSelector) ranks only the rest.
+  void select_rows(const SelectorInput<S>& block, Index begin, const std::int32_t* column_of) {
     const Index end = begin + block.scores.rows();
     if (begin >= end) return;
     // locals: the compiler cannot tell that the stores below leave the members alone
-    const Index experts = block.scores.cols(), k = k_;
+    const Index ranked = block.rank.cols(), k = k_;
     const Index* offsets = token_offsets_.data();
     std::int32_t* __restrict const expert = choice_expert_.data();
     std::int32_t* __restrict const token = choice_token_.data();
@@ -159,6 +164,9 @@ public:
       if (last - first == (end - begin) * k) {  // no padding: whole rows at a time, and flat
         // loops the compiler vectorizes (the kernel interleaves rows)
         kernels::top_k_rows<S>(block.rank, k, expert + first);
+        if (column_of)
+          for (Index i = 0; i < last - first; ++i)
+            expert[first + i] = column_of[(i / Index(kk)) * ranked + expert[first + i]];
         for (Index i = 0; i < last - first; ++i) {
           const Index row = i / Index(kk);
           token[first + i] = std::int32_t(begin + row);
@@ -168,7 +176,9 @@ public:
         for (Index t = begin; t < end; ++t) {
           const Index c = offsets[t];
           if (c == offsets[t + 1]) continue;  // padding
-          kernels::top_k_row(block.rank.row(t - begin).data(), experts, k, expert + c);
+          kernels::top_k_row(block.rank.row(t - begin).data(), ranked, k, expert + c);
+          if (column_of)
+            for (Index j = 0; j < Index(kk); ++j) expert[c + j] = column_of[(t - begin) * ranked + expert[c + j]];
           for (Index j = 0; j < Index(kk); ++j) {
             token[c + j] = std::int32_t(t);
             score[c + j] = scores[(t - begin) * stride + expert[c + j]];
