@@ -24,8 +24,6 @@ Exit status: 0 when everything agrees, 1 on a mismatch, 77 when torch cannot be 
 """
 import json
 import os
-import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -35,6 +33,8 @@ try:
 except ImportError as error:  # a machine without torch: skipped, not passed
     print(f"released_models: skipped, torch cannot be imported ({error})")
     sys.exit(77)
+
+from safetensors_format import DTYPES, read_safetensors, write_safetensors  # noqa: E402 (after torch)
 
 torch.set_default_dtype(torch.float64)
 EPS32 = torch.finfo(torch.float32).eps
@@ -53,48 +53,9 @@ def forward_tol(n):
 
 # ---- safetensors with the standard library ---------------------------------------------------
 
-DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2), "F64": (torch.float64, 8)}
-
-
 def stored(tensor, dtype):
     """The tensor as the checkpoint holds it: rounded to `dtype`, back in float64."""
     return tensor.to(DTYPES[dtype][0]).to(torch.float64)
-
-
-def tensor_bytes(tensor, dtype):
-    t = tensor.detach().to(DTYPES[dtype][0]).contiguous().reshape(-1)
-    if dtype in ("F16", "BF16"):
-        return struct.pack(f"<{t.numel()}h", *t.view(torch.int16).tolist())
-    return struct.pack(f"<{t.numel()}{'f' if dtype == 'F32' else 'd'}", *t.tolist())
-
-
-def write_safetensors(path, tensors):
-    """tensors: name -> (tensor, dtype)."""
-    header, data = {}, bytearray()
-    for name, (tensor, dtype) in tensors.items():
-        raw = tensor_bytes(tensor, dtype)
-        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    text = json.dumps(header).encode("utf-8")
-    text += b" " * (-(8 + len(text)) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + bytes(data))
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        raw = f.read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n].decode("utf-8"))
-    header.pop("__metadata__", None)
-    out = {}
-    for name, entry in header.items():
-        assert entry["dtype"] == "F32", entry
-        begin, end = entry["data_offsets"]
-        count = (end - begin) // 4
-        values = struct.unpack(f"<{count}f", raw[8 + n + begin:8 + n + end])
-        out[name] = torch.tensor(values, dtype=torch.float64).reshape(entry["shape"])
-    return out
 
 
 def write_checkpoint(directory, tensors, config, shards=1):
@@ -275,7 +236,7 @@ class Case:
         return torch.randn(*shape, generator=self.gen, dtype=torch.float64) * scale
 
     def build(self, directory):
-        cfg, E, D = self.cfg, self.cfg["experts"], self.cfg["dim"]
+        E, D = self.cfg["experts"], self.cfg["dim"]
         tensors, params, hidden = {}, {}, {}
         # Tensors every real checkpoint has, which the loader must leave alone.
         tensors["model.embed_tokens.weight"] = (self.randn(5, D), self.dtype)
@@ -405,7 +366,7 @@ def check_routes(binary, case, tmp):
     if code != 0:
         print(f"  {case.name}: the driver failed ({code}):\n{text}")
         return False
-    got = read_safetensors(out_path)
+    got = read_safetensors(out_path, torch.float64)
     ok = True
     E, D = case.cfg["experts"], case.cfg["dim"]
     scale = case.cfg.get("routed_scaling_factor", 1.0)
@@ -438,7 +399,7 @@ def check_routes(binary, case, tmp):
             tied = [1, E // 2 + 1, E - 1]
             decided = ((chosen[:, tied].sum(dim=1) > 0) & (chosen[:, tied].sum(dim=1) < 3)).sum().item()
             if decided == 0:
-                print(f"    the tie decided nothing: make the shared row stronger")
+                print("    the tie decided nothing: make the shared row stronger")
                 ok = False
         if case.family == "deepseek_v3":
             # The selection bias must not enter a weight: weights from s + b differ from the true
@@ -447,7 +408,7 @@ def check_routes(binary, case, tmp):
             biased = (s + case.params[layer]["expert_bias"]) * chosen
             biased = biased / biased.sum(dim=1, keepdim=True) * scale
             if (biased - weights).abs().max().item() <= 10 * tol:
-                print(f"    the bias is too small to tell whether it enters the weights")
+                print("    the bias is too small to tell whether it enters the weights")
                 ok = False
         if kind == "negative":
             c_all = s + case.params[layer]["expert_bias"]
@@ -483,7 +444,7 @@ def check_experts(binary, case, tmp):
     if code != 0:
         print(f"  {case.name} experts: the driver failed ({code}):\n{text}")
         return False
-    got = read_safetensors(out_path)
+    got = read_safetensors(out_path, torch.float64)
     I = case.experts_hidden
 
     def mlp(names, width):

@@ -11,9 +11,7 @@ logits and layer output y; and compares them with the same computation in PyTorc
 Exit status: 0 on agreement, 1 on a mismatch or a bad output file, 77 when torch cannot be
 imported (ctest then reports the test as skipped, not passed).
 """
-import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,8 @@ try:
 except ImportError as error:  # a machine without torch: skipped, not passed
     print(f"torch_interop: skipped, torch cannot be imported ({error})")
     sys.exit(77)
+
+from safetensors_format import read_safetensors, write_safetensors  # noqa: E402 (after torch)
 
 T, D, E, H, K = 64, 32, 8, 48, 2
 SEED = 20240611
@@ -35,48 +35,6 @@ EPS = torch.finfo(torch.float32).eps
 
 def forward_tol(n):
     return 8 * n * EPS
-
-
-# ---- safetensors with the standard library ---------------------------------------------------
-
-def write_safetensors(path, tensors, metadata):
-    """tensors: name -> float32 torch tensor (written row-major, little-endian)."""
-    header = {"__metadata__": metadata}
-    data = bytearray()
-    for name, tensor in tensors.items():
-        values = tensor.detach().to(torch.float32).contiguous().reshape(-1).tolist()
-        begin = len(data)
-        data += struct.pack(f"<{len(values)}f", *values)
-        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [begin, len(data)]}
-    text = json.dumps(header).encode("utf-8")
-    text += b" " * (-(8 + len(text)) % 8)  # data 8-byte aligned, as the library writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + bytes(data))
-
-
-def read_safetensors(path):
-    """name -> float32 torch tensor, checking the file as a strict reader would."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n].decode("utf-8"))
-    data = raw[8 + n:]
-    metadata = header.pop("__metadata__", {})
-    assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()), metadata
-    out, end = {}, 0
-    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
-        assert set(entry) == {"dtype", "shape", "data_offsets"}, entry
-        assert entry["dtype"] == "F32", entry
-        begin, stop = entry["data_offsets"]
-        count = 1
-        for dim in entry["shape"]:
-            count *= dim
-        assert begin == end and stop - begin == 4 * count, (name, entry)
-        values = struct.unpack(f"<{count}f", data[begin:stop])
-        out[name] = torch.tensor(values, dtype=torch.float32).reshape(entry["shape"])
-        end = stop
-    assert end == len(data), "bytes no tensor covers"
-    return out
 
 
 # ---- the model in PyTorch --------------------------------------------------------------------

@@ -131,18 +131,23 @@ constexpr bool is_float_dtype(Dtype d) {
 // The header's "__metadata__": free-form strings (a step count, a config, a format tag).
 using Metadata = std::map<std::string, std::string>;
 
-// One tensor of a file, as read: validated, its bytes copied out of the file.
-struct StoredTensor {
+// One tensor's entry in a header: its dtype, shape and where its bytes are, without the bytes.
+struct TensorInfo {
   std::string name;
   Dtype dtype = Dtype::f32;
   std::vector<std::uint64_t> shape;  // outermost first; empty for a scalar
-  std::vector<std::byte> bytes;      // little-endian, row-major: numel x dtype_size bytes
+  std::uint64_t begin = 0, end = 0;  // data_offsets: bytes [begin, end) of the data part
 
   std::uint64_t num_elements() const {
     std::uint64_t n = 1;
     for (const std::uint64_t d : shape) n *= d;
     return n;
   }
+};
+
+// One tensor of a file, as read: validated, its bytes copied out of the file.
+struct StoredTensor : TensorInfo {
+  std::vector<std::byte> bytes;  // little-endian, row-major: numel x dtype_size bytes
 };
 
 // A whole file, as read_safetensors returns it.
@@ -158,19 +163,6 @@ struct SafetensorsFile {
   }
 };
 
-// One tensor's entry in a header: its dtype, shape and where its bytes are, without the bytes.
-struct TensorInfo {
-  std::string name;
-  Dtype dtype = Dtype::f32;
-  std::vector<std::uint64_t> shape;
-  std::uint64_t begin = 0, end = 0;  // data_offsets: bytes [begin, end) of the data part
-
-  std::uint64_t num_elements() const {
-    std::uint64_t n = 1;
-    for (const std::uint64_t d : shape) n *= d;
-    return n;
-  }
-};
 
 // A file's header, as read_safetensors_header returns it: validated as a whole file is.
 struct SafetensorsHeader {
@@ -570,24 +562,20 @@ inline SafetensorsFile read_tensors(std::ifstream& in, SafetensorsHeader header,
   SafetensorsFile file;
   file.path = header.path;
   file.metadata = std::move(header.metadata);
-  std::vector<std::size_t> order;    // indices into file.tensors, sorted by offset below
-  std::vector<std::uint64_t> begin;  // each selected tensor's data offset
+  std::vector<std::size_t> order;  // indices into file.tensors, sorted by offset below
   for (TensorInfo& info : header.tensors) {
     if (select && !select(info.name)) continue;
-    StoredTensor t;
-    t.name = std::move(info.name);
-    t.dtype = info.dtype;
-    t.shape = std::move(info.shape);
-    t.bytes.resize(info.end - info.begin);
+    StoredTensor t{std::move(info), {}};
+    t.bytes.resize(t.end - t.begin);
     order.push_back(file.tensors.size());
-    begin.push_back(info.begin);
     file.tensors.push_back(std::move(t));
   }
-  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return begin[a] < begin[b]; });
+  std::sort(order.begin(), order.end(),
+            [&](std::size_t a, std::size_t b) { return file.tensors[a].begin < file.tensors[b].begin; });
   std::uint64_t position = header.data_start;  // the stream is just past the header
   for (const std::size_t i : order) {
     StoredTensor& t = file.tensors[i];
-    const std::uint64_t at = header.data_start + begin[i];
+    const std::uint64_t at = header.data_start + t.begin;
     if (at != position) {
       in.seekg(std::streamoff(at));
       if (!in)
